@@ -1,0 +1,32 @@
+"""The Qwen MoE adapters (light: model code is imported only when a model is built)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from mach.adapter import MoeArchAdapter
+
+if TYPE_CHECKING:
+    import mlx.core as mx
+    import mlx.nn as nn
+
+
+class Qwen3MoeAdapter(MoeArchAdapter):
+    name = "qwen3_moe"
+    model_types = ("qwen3_moe",)
+    architectures = ("Qwen3MoeForCausalLM",)
+    description = "Qwen3-MoE: Qwen3-30B-A3B, Qwen3-235B-A22B, Qwen3-Coder-30B-A3B"
+    kv_cache_kind = "standard"
+    specdec_kind = None
+    swiglu_variant = "swiglu"
+    has_expert_bias = False
+
+    def build_model(self, config: dict[str, Any]) -> nn.Module:
+        from mach_adapter_qwen.qwen3_moe import Model, ModelArgs
+
+        return Model(ModelArgs.from_config(config))
+
+    def sanitize(self, weights: dict[str, mx.array], config: dict[str, Any]) -> dict[str, mx.array]:
+        from mach_adapter_qwen.qwen3_moe import ModelArgs, sanitize
+
+        return sanitize(weights, ModelArgs.from_config(config))

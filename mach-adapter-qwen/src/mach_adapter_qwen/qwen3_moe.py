@@ -1,0 +1,190 @@
+"""Qwen3-MoE: GQA attention with q/k RMSNorm, softmax top-k router, SwiGLU experts."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mach.cache.base import LayerCache
+from mach.experts.layouts import split_gate_up, stack_per_expert
+from mach.experts.switch import SwitchSpec, UnboundSwitchGLU
+from mach.layers.attention import attend
+from mach.layers.rope import make_rope
+from mach.layers.routing import softmax_topk
+
+
+@dataclass
+class ModelArgs:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    num_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    intermediate_size: int = 0
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    norm_topk_prob: bool = False
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    rope: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ModelArgs:
+        names = {f.name for f in fields(cls)}
+        args = cls(**{k: v for k, v in config.items() if k in names and k != "rope"})
+        args.rope = {k: config[k] for k in ("rope_theta", "rope_parameters", "rope_scaling")
+                     if k in config}  # fmt: skip
+        if args.head_dim is None:
+            args.head_dim = args.hidden_size // args.num_attention_heads
+        return args
+
+    def is_sparse(self, layer: int) -> bool:
+        return (
+            layer not in self.mlp_only_layers
+            and self.num_experts > 0
+            and (layer + 1) % self.decoder_sparse_step == 0
+        )
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        assert args.head_dim is not None
+        dim, hd = args.hidden_size, args.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            args.num_attention_heads,
+            args.num_key_value_heads,
+            hd,
+        )
+        self.scale = hd**-0.5
+        bias = args.attention_bias
+        self.q_proj = nn.Linear(dim, self.n_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, dim, bias=bias)
+        self.q_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
+        self.k_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
+        self.rope = make_rope(hd, args.rope)
+
+    def __call__(self, x: mx.array, cache: LayerCache | None) -> mx.array:
+        b, length, _ = x.shape
+        q = self.q_norm(self.q_proj(x).reshape(b, length, self.n_heads, -1)).transpose(0, 2, 1, 3)
+        k = self.k_norm(self.k_proj(x).reshape(b, length, self.n_kv_heads, -1))
+        k = k.transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(b, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        offset = cache.offset if cache is not None else 0
+        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        out = attend(q, k, v, cache, self.scale)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, length, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.top_k = args.num_experts_per_tok
+        self.norm_topk_prob = args.norm_topk_prob
+        self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=False)
+        self.switch_mlp = UnboundSwitchGLU(
+            SwitchSpec(args.num_experts, args.hidden_size, args.moe_intermediate_size)
+        )
+
+    def __call__(self, x: mx.array) -> mx.array:
+        indices, weights = softmax_topk(self.gate(x), self.top_k, self.norm_topk_prob)
+        y = self.switch_mlp(x, indices)
+        return (y * weights[..., None]).sum(axis=-2)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.mlp: nn.Module = (
+            SparseMoeBlock(args)
+            if args.is_sparse(layer)
+            else MLP(args.hidden_size, args.intermediate_size)
+        )
+
+    def __call__(self, x: mx.array, cache: LayerCache | None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Qwen3MoeModel(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, tokens: mx.array, cache: Sequence[LayerCache] | None) -> mx.array:
+        h = self.embed_tokens(tokens)
+        caches: Sequence[LayerCache | None] = cache if cache is not None else [None] * len(
+            self.layers
+        )
+        for layer, layer_cache in zip(self.layers, caches):
+            h = layer(h, layer_cache)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.model = Qwen3MoeModel(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(self, tokens: mx.array, cache: Sequence[LayerCache] | None = None) -> mx.array:
+        h = self.model(tokens, cache)
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        return self.model.layers
+
+
+_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.")
+_PROJECTIONS = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}
+
+
+def sanitize(weights: dict[str, mx.array], args: ModelArgs) -> dict[str, mx.array]:
+    """HF per-expert, HF fused and mlx-community stacked names -> engine names."""
+    weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+    if args.tie_word_embeddings:
+        weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
+    blocks = sorted({m.group(1) for k in weights if (m := _EXPERTS.match(k))})
+    for block in blocks:
+        fused = f"{block}.experts.gate_up_proj"
+        if fused in weights:
+            split_gate_up(weights, fused, f"{block}.switch_mlp")
+            weights[f"{block}.switch_mlp.down_proj.weight"] = weights.pop(
+                f"{block}.experts.down_proj"
+            )
+        else:
+            stack_per_expert(weights, f"{block}.experts", f"{block}.switch_mlp", _PROJECTIONS)
+    return weights

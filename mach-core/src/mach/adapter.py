@@ -1,0 +1,85 @@
+"""``MoeArchAdapter``: everything mach needs to know about one architecture."""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from enum import Enum
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+if TYPE_CHECKING:
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from mach.cache.base import LayerCache
+
+KvCacheKind = Literal["standard", "hybrid_gdn", "compressed", "rotating"]
+SpecDecKind = Literal["specdec_v7", "mtp_eagle3"]
+SwigluVariant = Literal["swiglu", "geglu", "clamped_swiglu"]
+
+
+class ExpertLayout(str, Enum):
+    """How routed experts sit on disk."""
+
+    SLICED = "sliced"
+    """One record or tensor set per expert (HF per-expert names, the engine's sidecar)."""
+    STACKED = "stacked"
+    """All experts of a layer concatenated on axis 0 (HF fused, mlx-community)."""
+
+
+_SLICED_NAME = re.compile(r"\.experts\.\d+\.")
+_STACKED_NAME = re.compile(r"\.(switch_mlp|switch_glu)\.|\.experts\.(gate_up_proj|down_proj)\b")
+
+
+class MoeArchAdapter(ABC):
+    """One architecture key: model construction, weight naming and capabilities.
+
+    Subclass it in an adapter distribution and register the subclass from a
+    ``register_archs`` hook. Class attributes are the static capability fields reported by
+    ``mach archs``; methods build the MLX model and map on-disk tensor names to engine names.
+    """
+
+    name: ClassVar[str]
+    """The arch key, e.g. ``qwen3_moe``."""
+    model_types: ClassVar[tuple[str, ...]] = ()
+    """``config.json`` ``model_type`` values this adapter claims."""
+    architectures: ClassVar[tuple[str, ...]] = ()
+    """``config.json`` ``architectures`` entries this adapter claims."""
+    description: ClassVar[str] = ""
+
+    kv_cache_kind: ClassVar[KvCacheKind] = "standard"
+    specdec_kind: ClassVar[SpecDecKind | None] = None
+    swiglu_variant: ClassVar[SwigluVariant] = "swiglu"
+    has_expert_bias: ClassVar[bool] = False
+    layouts: ClassVar[tuple[ExpertLayout, ...]] = (ExpertLayout.SLICED, ExpertLayout.STACKED)
+    routed_quantization: ClassVar[tuple[str, ...]] = ("float", "affine4", "affine8")
+    expert_stores: ClassVar[tuple[str, ...]] = ("resident",)
+    cache_backends: ClassVar[tuple[str, ...]] = ("kv",)
+
+    def model_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The dict the model is built from (wrappers keep it under ``text_config``)."""
+        return config
+
+    @abstractmethod
+    def build_model(self, config: dict[str, Any]) -> nn.Module:
+        """Build the family's MLX module with its routed-expert blocks unbound."""
+
+    def sanitize(self, weights: dict[str, mx.array], config: dict[str, Any]) -> dict[str, mx.array]:
+        """Map every on-disk naming of the family to engine names (lazy arrays, no reads)."""
+        return weights
+
+    def classify_layout(self, tensor_names: Iterable[str]) -> ExpertLayout:
+        """Whether the checkpoint stores routed experts per expert or stacked on axis 0."""
+        names = list(tensor_names)
+        if any(_SLICED_NAME.search(n) for n in names):
+            return ExpertLayout.SLICED
+        if any(_STACKED_NAME.search(n) for n in names):
+            return ExpertLayout.STACKED
+        return ExpertLayout.SLICED
+
+    def make_cache(self, model: nn.Module) -> list[LayerCache]:
+        """One fresh per-sequence cache per decoder layer."""
+        from mach.cache.kv import KVCache
+
+        return [KVCache() for _ in model.layers]

@@ -1,0 +1,63 @@
+"""The protocol every per-sequence cache follows, and the per-model ``SequenceCache``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class LayerCache(Protocol):
+    """One decoder layer's state for one batch of sequences."""
+
+    @property
+    def offset(self) -> int:
+        """How many positions the cache holds."""
+        ...
+
+    def is_trimmable(self) -> bool:
+        """Whether ``trim`` can drop positions (for speculative rollback)."""
+        ...
+
+    def trim(self, n: int) -> int:
+        """Drop the last ``n`` positions; returns how many were dropped."""
+        ...
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of device memory the cache holds."""
+        ...
+
+
+class SequenceCache(Sequence[LayerCache]):
+    """The caches of every layer of a model; what ``model(tokens, cache=...)`` continues."""
+
+    def __init__(self, layers: Sequence[LayerCache]) -> None:
+        self.layers = list(layers)
+
+    def __getitem__(self, index: int) -> LayerCache:  # type: ignore[override]
+        return self.layers[index]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self) -> Iterator[LayerCache]:
+        return iter(self.layers)
+
+    @property
+    def offset(self) -> int:
+        """Positions processed so far (the first layer's count)."""
+        return self.layers[0].offset if self.layers else 0
+
+    def is_trimmable(self) -> bool:
+        return all(c.is_trimmable() for c in self.layers)
+
+    def trim(self, n: int) -> int:
+        """Drop the last ``n`` positions from every layer."""
+        if not self.is_trimmable():
+            raise ValueError("this model's cache cannot be trimmed")
+        return min((c.trim(n) for c in self.layers), default=0)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.layers)

@@ -1,0 +1,59 @@
+"""``KVCache``: keys and values of full attention, grown in preallocated steps."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+
+class KVCache:
+    """Keys/values ``[batch, kv_heads, positions, head_dim]`` for one attention layer."""
+
+    step = 256
+
+    def __init__(self) -> None:
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self._offset = 0
+
+    @property
+    def offset(self) -> int:
+        return self._offset
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Append new positions and return all keys and values held so far."""
+        prev = self._offset
+        new = keys.shape[2]
+        if self.keys is None or self.values is None or prev + new > self.keys.shape[2]:
+            grow = ((new + self.step - 1) // self.step) * self.step
+            b, h, _, dk = keys.shape
+            k_more = mx.zeros((b, h, grow, dk), keys.dtype)
+            v_more = mx.zeros((b, h, grow, values.shape[3]), values.dtype)
+            if self.keys is None or self.values is None:
+                self.keys, self.values = k_more, v_more
+            else:
+                self.keys = mx.concatenate([self.keys[..., :prev, :], k_more], axis=2)
+                self.values = mx.concatenate([self.values[..., :prev, :], v_more], axis=2)
+        self._offset = prev + new
+        self.keys[..., prev : self._offset, :] = keys
+        self.values[..., prev : self._offset, :] = values
+        return self.keys[..., : self._offset, :], self.values[..., : self._offset, :]
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        n = min(self._offset, n)
+        self._offset -= n
+        return n
+
+    @property
+    def state(self) -> tuple[mx.array, mx.array] | None:
+        if self.keys is None or self.values is None:
+            return None
+        return self.keys[..., : self._offset, :], self.values[..., : self._offset, :]
+
+    @property
+    def nbytes(self) -> int:
+        if self.keys is None or self.values is None:
+            return 0
+        return self.keys.nbytes + self.values.nbytes

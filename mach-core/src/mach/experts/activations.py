@@ -1,0 +1,45 @@
+"""Gated activations of routed experts (the adapter's ``swiglu_variant``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+@dataclass(frozen=True)
+class GateActivation:
+    """``kind`` is ``swiglu``, ``geglu`` or ``clamped_swiglu`` (with ``alpha`` and ``limit``)."""
+
+    kind: str = "swiglu"
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    def function(self) -> Callable[[mx.array, mx.array], mx.array]:
+        """``f(gate, up)`` for this variant."""
+        if self.kind == "swiglu":
+            return _swiglu
+        if self.kind == "geglu":
+            return _geglu
+        if self.kind == "clamped_swiglu":
+            alpha, limit = self.alpha, self.limit
+
+            def clamped(gate: mx.array, up: mx.array) -> mx.array:
+                gate = mx.minimum(gate, limit)
+                up = mx.clip(up, -limit, limit)
+                return gate * mx.sigmoid(alpha * gate) * (up + 1)
+
+            return clamped
+        raise ValueError(f"unknown gate activation {self.kind!r}")
+
+
+@mx.compile
+def _swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    return nn.silu(gate) * up
+
+
+@mx.compile
+def _geglu(gate: mx.array, up: mx.array) -> mx.array:
+    return nn.gelu_approx(gate) * up

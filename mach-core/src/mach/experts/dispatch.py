@@ -1,0 +1,77 @@
+"""Dispatch of routed tokens to experts held by a store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mach.experts.store import LayerExperts
+from mach.experts.switch import SwitchSpec
+
+# Below this many routes, sorting costs more than the gather kernels save.
+SORT_THRESHOLD = 64
+
+
+def _sort_routes(x: mx.array, indices: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    k = indices.shape[-1]
+    flat = indices.flatten()
+    order = mx.argsort(flat)
+    inverse = mx.argsort(order)
+    rows = x.flatten(0, -3)[order // k]
+    return rows, flat[order], inverse
+
+
+class GatherSwitchGLU(nn.Module):
+    """Routed experts through gather kernels: no Python loop over routes.
+
+    ``__call__(x [..., D], indices [..., k]) -> [..., k, D]``; the caller applies router
+    weights. Expert ids become store slots (identity for resident stores), then gate and up
+    run as one fused gather when the store holds them fused, followed by the down projection.
+    """
+
+    def __init__(self, spec: SwitchSpec, experts: LayerExperts) -> None:
+        super().__init__()
+        self.spec = spec
+        self._experts = experts
+        self._activation = spec.activation.function()
+        self._calls = 0
+        self._sorted_calls = 0
+        self._routes = 0
+
+    @property
+    def experts(self) -> LayerExperts:
+        return self._experts
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        experts = self._experts
+        slots = experts.resolve(indices)
+        x = mx.expand_dims(x, (-2, -3))
+        do_sort = slots.size >= SORT_THRESHOLD
+        self._calls += 1
+        self._routes += slots.size
+        if do_sort:
+            self._sorted_calls += 1
+            x, idx, inverse = _sort_routes(x, slots)
+        else:
+            idx = slots
+        if experts.gate_up is not None:
+            gate, up = mx.split(experts.gate_up.apply(x, idx, do_sort), 2, axis=-1)
+        else:
+            assert experts.gate is not None and experts.up is not None
+            gate = experts.gate.apply(x, idx, do_sort)
+            up = experts.up.apply(x, idx, do_sort)
+        out = experts.down.apply(self._activation(gate, up), idx, do_sort)
+        if do_sort:
+            out = out[inverse].reshape(*indices.shape, 1, -1)
+        return out.squeeze(-2)
+
+    def stats(self) -> dict[str, Any]:
+        """Calls, how many took the sorted path, routes served and whether gate|up is fused."""
+        return {
+            "calls": self._calls,
+            "sorted_calls": self._sorted_calls,
+            "routes": self._routes,
+            "fused_gate_up": self._experts.gate_up is not None,
+        }

@@ -1,0 +1,98 @@
+"""``ExpertMatrix``: one projection of every expert of a layer, float or quantized."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+
+@dataclass
+class ExpertMatrix:
+    """Weights ``[experts, out, in]`` (packed when quantized) plus optional per-expert bias."""
+
+    weight: mx.array
+    scales: mx.array | None = None
+    biases: mx.array | None = None
+    bias: mx.array | None = None
+    bits: int | None = None
+    group_size: int | None = None
+    mode: str = "affine"
+
+    @property
+    def quantized(self) -> bool:
+        return self.scales is not None
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def output_dims(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def input_dims(self) -> int:
+        if self.bits is None:
+            return int(self.weight.shape[2])
+        return int(self.weight.shape[2]) * 32 // self.bits
+
+    @property
+    def nbytes(self) -> int:
+        parts = (self.weight, self.scales, self.biases, self.bias)
+        return sum(p.nbytes for p in parts if p is not None)
+
+    def arrays(self) -> list[mx.array]:
+        return [p for p in (self.weight, self.scales, self.biases, self.bias) if p is not None]
+
+    def apply(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
+        """``x @ W[indices].T (+ bias[indices])`` through one gather kernel."""
+        if self.scales is not None:
+            out = mx.gather_qmm(
+                x,
+                self.weight,
+                self.scales,
+                self.biases,
+                rhs_indices=indices,
+                transpose=True,
+                group_size=self.group_size,
+                bits=self.bits,
+                mode=self.mode,
+                sorted_indices=sorted_indices,
+            )
+        else:
+            out = mx.gather_mm(
+                x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices
+            )
+        if self.bias is not None:
+            out = out + mx.expand_dims(self.bias[indices], -2)
+        return out
+
+
+def concat_outputs(first: ExpertMatrix, second: ExpertMatrix) -> ExpertMatrix | None:
+    """Stack two projections on the output axis (gate|up) when their formats agree."""
+    same = (
+        first.bits == second.bits
+        and first.group_size == second.group_size
+        and first.mode == second.mode
+        and (first.scales is None) == (second.scales is None)
+        and (first.biases is None) == (second.biases is None)
+        and (first.bias is None) == (second.bias is None)
+        and first.weight.dtype == second.weight.dtype
+        and first.weight.shape[2] == second.weight.shape[2]
+    )
+    if not same:
+        return None
+
+    def cat(a: mx.array | None, b: mx.array | None) -> mx.array | None:
+        return None if a is None or b is None else mx.concatenate([a, b], axis=1)
+
+    return ExpertMatrix(
+        weight=mx.concatenate([first.weight, second.weight], axis=1),
+        scales=cat(first.scales, second.scales),
+        biases=cat(first.biases, second.biases),
+        bias=cat(first.bias, second.bias),
+        bits=first.bits,
+        group_size=first.group_size,
+        mode=first.mode,
+    )

@@ -1,0 +1,167 @@
+"""Expert stores: who holds routed-expert weights and how ids map to bank slots."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+
+from mach.errors import ShapeMismatchError
+from mach.experts.matrix import ExpertMatrix, concat_outputs
+from mach.experts.switch import SwitchSpec
+
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+_PARTS = ("weight", "scales", "biases", "bias")
+
+
+@dataclass
+class LayerExperts:
+    """One layer's routed experts as the dispatch kernels see them."""
+
+    down: ExpertMatrix
+    gate: ExpertMatrix | None = None
+    up: ExpertMatrix | None = None
+    gate_up: ExpertMatrix | None = None
+    """gate and up stacked on the output axis; when set, ``gate`` and ``up`` are ``None``."""
+
+    def resolve(self, indices: mx.array) -> mx.array:
+        """Expert ids -> slots in the arrays above (identity when every expert is resident)."""
+        return indices
+
+    @property
+    def nbytes(self) -> int:
+        held = (self.gate_up, self.gate, self.up, self.down)
+        return sum(m.nbytes for m in held if m is not None)
+
+
+class ExpertStore(ABC):
+    """Holds the routed experts of every MoE layer, keyed by the switch module's path."""
+
+    kind: str
+
+    @abstractmethod
+    def layer(self, prefix: str) -> LayerExperts:
+        """The experts of the switch module at ``prefix``."""
+
+    @abstractmethod
+    def stats(self) -> dict[str, Any]:
+        """Counters for reports (``mach generate``, ``mach bench``)."""
+
+    @property
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes of expert weights held in memory."""
+
+    def materialize(self) -> None:
+        """Read whatever the store keeps resident from the start (nothing, by default)."""
+
+
+def _infer_format(
+    name: str, parts: Mapping[str, mx.array], input_dims: int
+) -> tuple[int | None, int | None, str]:
+    weight, scales = parts["weight"], parts.get("scales")
+    if scales is None:
+        return None, None, "affine"
+    bits = weight.shape[-1] * 32 // input_dims
+    group_size = input_dims // scales.shape[-1] if scales.shape[-1] else 0
+    if bits * input_dims != weight.shape[-1] * 32 or group_size * scales.shape[-1] != input_dims:
+        raise ShapeMismatchError(
+            f"{name}: packed weight {list(weight.shape)} / scales {list(scales.shape)} do not "
+            f"describe a quantization of input size {input_dims}"
+        )
+    mode = "affine" if "biases" in parts else ("mxfp4" if scales.dtype == mx.uint8 else "affine")
+    return bits, group_size, mode
+
+
+def take_expert_matrix(
+    weights: dict[str, mx.array],
+    name: str,
+    num_experts: int,
+    output_dims: int,
+    input_dims: int,
+    describe: Callable[[str], str] = str,
+) -> ExpertMatrix:
+    """Pop ``name.{weight,scales,biases,bias}`` from ``weights`` and check their shapes."""
+    parts = {p: weights.pop(f"{name}.{p}") for p in _PARTS if f"{name}.{p}" in weights}
+    if "weight" not in parts:
+        raise ShapeMismatchError(f"{describe(name)}: routed expert weight {name}.weight is missing")
+    bits, group_size, mode = _infer_format(describe(name), parts, input_dims)
+    matrix = ExpertMatrix(
+        weight=parts["weight"],
+        scales=parts.get("scales"),
+        biases=parts.get("biases"),
+        bias=parts.get("bias"),
+        bits=bits,
+        group_size=group_size,
+        mode=mode,
+    )
+    found = (matrix.num_experts, matrix.output_dims, matrix.input_dims)
+    expected = (num_experts, output_dims, input_dims)
+    if found != expected:
+        raise ShapeMismatchError(
+            f"{describe(name)}: {name}.weight holds [experts, out, in] = {list(found)} but the "
+            f"config implies {list(expected)}; config.json does not match the weights"
+        )
+    if matrix.bias is not None and tuple(matrix.bias.shape) != (num_experts, output_dims):
+        raise ShapeMismatchError(
+            f"{describe(name)}: {name}.bias has shape {list(matrix.bias.shape)}, expected "
+            f"{[num_experts, output_dims]}"
+        )
+    return matrix
+
+
+class ResidentStackedExpertCache(ExpertStore):
+    """Every expert of every layer resident in memory, stacked on axis 0 (``--no-streaming``).
+
+    Gate and up are concatenated into one matrix per layer when their formats agree, so
+    dispatch runs two gather kernels per layer instead of three.
+    """
+
+    kind = "resident"
+
+    def __init__(self, layers: dict[str, LayerExperts]) -> None:
+        self._layers = layers
+
+    @classmethod
+    def from_weights(
+        cls,
+        weights: dict[str, mx.array],
+        switches: Mapping[str, SwitchSpec],
+        describe: Callable[[str], str] = str,
+        fuse_gate_up: bool = True,
+    ) -> ResidentStackedExpertCache:
+        """Take each switch's expert tensors out of ``weights`` (engine names).
+
+        Shapes are checked here; no tensor data is read until ``materialize``.
+        """
+        layers: dict[str, LayerExperts] = {}
+        for prefix, spec in switches.items():
+            e, d, h = spec.num_experts, spec.input_dims, spec.hidden_dims
+            gate = take_expert_matrix(weights, f"{prefix}.gate_proj", e, h, d, describe)
+            up = take_expert_matrix(weights, f"{prefix}.up_proj", e, h, d, describe)
+            down = take_expert_matrix(weights, f"{prefix}.down_proj", e, d, h, describe)
+            fused = concat_outputs(gate, up) if fuse_gate_up else None
+            if fused is not None:
+                layers[prefix] = LayerExperts(down=down, gate_up=fused)
+            else:
+                layers[prefix] = LayerExperts(down=down, gate=gate, up=up)
+        return cls(layers)
+
+    def materialize(self) -> None:
+        """Read every expert into memory, one layer at a time to bound the transient peak."""
+        for layer in self._layers.values():
+            held = (layer.gate_up, layer.gate, layer.up, layer.down)
+            mx.eval([m.arrays() for m in held if m is not None])
+
+    def layer(self, prefix: str) -> LayerExperts:
+        return self._layers[prefix]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self._layers.values())
+
+    def stats(self) -> dict[str, Any]:
+        return {"kind": self.kind, "layers": len(self._layers), "bytes_resident": self.nbytes}
