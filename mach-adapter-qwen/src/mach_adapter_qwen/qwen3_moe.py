@@ -41,6 +41,8 @@ class ModelArgs:
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ModelArgs:
         names = {f.name for f in fields(cls)}
+        if "num_experts" not in config and "num_local_experts" in config:
+            config = {**config, "num_experts": config["num_local_experts"]}
         args = cls(**{k: v for k, v in config.items() if k in names and k != "rope"})
         args.rope = {k: config[k] for k in ("rope_theta", "rope_parameters", "rope_scaling")
                      if k in config}  # fmt: skip

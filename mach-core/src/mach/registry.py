@@ -55,6 +55,7 @@ class ArchRegistry(Mapping[str, MoeArchAdapter]):
         self._specs: dict[str, AdapterSpec] = {}
         self._resolved: dict[str, MoeArchAdapter] = {}
         self._manual: set[str] = set()
+        self._plugin_of: dict[str, str] = {}
         self._collected = False
 
     def register(self, spec: AdapterSpec, name: str | None = None) -> None:
@@ -81,12 +82,22 @@ class ArchRegistry(Mapping[str, MoeArchAdapter]):
             return
         plugins.load_plugins()
 
-        def register(spec: AdapterSpec, name: str | None = None) -> None:
-            self._add(spec, name)
-
         for impl in plugins.pm.hook.register_archs.get_hookimpls():
+
+            def register(
+                spec: AdapterSpec, name: str | None = None, plugin: str = impl.plugin_name
+            ) -> None:
+                self._plugin_of[self._add(spec, name)] = plugin
+
             impl.function(register=register)
         self._collected = True
+
+    def provider(self, name: str) -> tuple[str | None, str | None]:
+        """The distribution (and its version) that registered an arch key."""
+        record = plugins.plugin_record(self._plugin_of.get(name, ""))
+        if record is not None and record.distribution is not None:
+            return record.distribution, record.version
+        return _distribution_of(self[name])
 
     def refresh(self) -> None:
         """Ask the plugins again (after registering or unregistering a plugin)."""
@@ -210,7 +221,9 @@ def _distribution_of(obj: object) -> tuple[str | None, str | None]:
 
 def arch_summary(adapter: MoeArchAdapter) -> dict[str, Any]:
     """Capability fields of an adapter plus the distribution and version that provide it."""
-    distribution, version = _distribution_of(adapter)
+    distribution, version = (
+        REGISTRY.provider(adapter.name) if adapter.name in REGISTRY else _distribution_of(adapter)
+    )
     batching = {
         "standard": True,
         "hybrid_gdn": True,

@@ -55,7 +55,7 @@ def _weight_files(root: Path) -> list[Path]:
                 "download every shard of the checkpoint"
             )
         return [root / s for s in shards]
-    files = sorted(root.glob("*.safetensors"))
+    files = sorted(root.glob("model*.safetensors")) or sorted(root.glob("*.safetensors"))
     if not files:
         raise MissingFileError(
             f"{root}: no *.safetensors weights found; mach reads safetensors checkpoints "

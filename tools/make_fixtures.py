@@ -1,0 +1,267 @@
+"""Write mach's golden fixtures: tiny random checkpoints plus the reference's own outputs.
+
+Run it in a virtual environment of its own (torch CPU, transformers, mlx-lm), never in mach's:
+
+    python -m venv .venv-fixtures
+    .venv-fixtures/bin/pip install -r tools/requirements-fixtures.txt
+    .venv-fixtures/bin/python tools/make_fixtures.py qwen3_moe
+
+For each family it builds a model from the family's own transformers config class with random
+weights (parameters that start at 0 or 1 are perturbed so they are exercised), saves it in
+every on-disk layout people download, and records the reference logits:
+
+- float layouts (HF per-expert, HF fused, sharded, tied, mlx-community stacked): transformers'
+  logits, float32, eager attention;
+- quantized layouts: mlx-lm's own converter writes the checkpoint and mlx-lm's logits are the
+  reference.
+
+Outputs go to tests/fixtures/<family>/<layout>/ with reference.safetensors next to the weights,
+and tests/fixtures/<family>/VERSIONS.json records the tool versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+
+SEED = 20261125
+PROMPT_LEN = 16
+GREEDY_TOKENS = 12
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def build_tokenizer(vocab_size: int, out: Path) -> None:
+    """A byte-level BPE trained on the Python standard library, with ChatML specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(str(p) for p in stdlib.glob("*.py"))[:60]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train(files, trainer)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "bos_token": None,
+        "chat_template": CHATML_TEMPLATE,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def perturb_unit_params(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Parameters initialised to exactly 0 or 1 hide bugs; move them off those values."""
+    with torch.no_grad():
+        for _, param in model.named_parameters():
+            data = param.data
+            if torch.all(data == 1) or torch.all(data == 0):
+                noise = torch.randn(data.shape, generator=generator) * 0.1
+                data.add_(noise)
+
+
+def reference_inputs(vocab: int) -> np.ndarray:
+    rng = np.random.default_rng(SEED)
+    return rng.integers(3, vocab, size=(2, PROMPT_LEN)).astype(np.int32)
+
+
+def hf_reference(model: torch.nn.Module, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+    ids = torch.from_numpy(input_ids.astype(np.int64))
+    with torch.no_grad():
+        logits = model(ids).logits.float().numpy()
+        greedy = model.generate(
+            ids[:1],
+            max_new_tokens=GREEDY_TOKENS,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )[:, PROMPT_LEN:]
+    return {
+        "input_ids": input_ids,
+        "logits": logits.astype(np.float32),
+        "greedy": greedy.numpy().astype(np.int32),
+    }
+
+
+def mlx_reference(path: Path, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+
+    model, _ = load(str(path))
+    logits = model(mx.array(input_ids)).astype(mx.float32)
+    tokens = []
+    for token, _ in generate_step(mx.array(input_ids[0]), model, max_tokens=GREEDY_TOKENS):
+        tokens.append(int(token))
+    return {
+        "input_ids": input_ids,
+        "logits": np.array(logits),
+        "greedy": np.array([tokens], dtype=np.int32),
+    }
+
+
+def to_hub_dialect(config_path: Path) -> None:
+    """Rewrite a transformers-5 config (rope_parameters) as older hub configs spell it."""
+    config = json.loads(config_path.read_text())
+    rope = config.pop("rope_parameters", None) or {}
+    config["rope_theta"] = rope.get("rope_theta", 10000.0)
+    if rope.get("rope_type", "default") != "default":
+        config["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    config.pop("dtype", None)
+    config["torch_dtype"] = "float32"
+    if "num_local_experts" in config:
+        config["num_experts"] = config.pop("num_local_experts")
+    config.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
+    config_path.write_text(json.dumps(config, indent=2))
+
+
+def write_layout(out: Path, reference: dict[str, np.ndarray], tokenizer_dir: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, out / name)
+    save_file(reference, str(out / "reference.safetensors"))
+    (out / "generation_config.json").unlink(missing_ok=True)
+    print(f"  wrote {out.relative_to(ROOT)}")
+
+
+def make_qwen3_moe(tokenizer_dir: Path) -> None:
+    from mlx_lm import convert
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    family = FIXTURES / "qwen3_moe"
+    shutil.rmtree(family, ignore_errors=True)
+    family.mkdir(parents=True)
+    vocab = 512
+
+    def build(**overrides: object) -> Qwen3MoeForCausalLM:
+        torch.manual_seed(SEED)
+        settings: dict[str, object] = {"mlp_only_layers": [1], **overrides}
+        config = Qwen3MoeConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            moe_intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+            initializer_range=0.08,
+            max_position_embeddings=512,
+            eos_token_id=2,
+            **settings,
+        )
+        config._attn_implementation = "eager"
+        model = Qwen3MoeForCausalLM(config).eval()
+        generator = torch.Generator().manual_seed(SEED)
+        perturb_unit_params(model, generator)
+        return model
+
+    input_ids = reference_inputs(vocab)
+    model = build()
+    ref = hf_reference(model, input_ids)
+
+    out = family / "hf-per-expert"
+    model.save_pretrained(out, save_original_format=True)
+    write_layout(out, ref, tokenizer_dir)
+
+    out = family / "hf-fused"
+    model.save_pretrained(out, save_original_format=False)
+    to_hub_dialect(out / "config.json")
+    write_layout(out, ref, tokenizer_dir)
+
+    out = family / "hf-sharded"
+    model.save_pretrained(out, save_original_format=True, max_shard_size="400KB")
+    write_layout(out, ref, tokenizer_dir)
+
+    tied = build(tie_word_embeddings=True, decoder_sparse_step=2, mlp_only_layers=[])
+    out = family / "hf-tied"
+    tied.save_pretrained(out, save_original_format=True)
+    to_hub_dialect(out / "config.json")
+    write_layout(out, hf_reference(tied, input_ids), tokenizer_dir)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # mlx-lm reads only the hub dialect and only per-expert experts.
+        source = Path(tmp) / "source"
+        model.save_pretrained(source, save_original_format=True)
+        to_hub_dialect(source / "config.json")
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tokenizer_dir / name, source / name)
+
+        out = family / "mlx-stacked"
+        convert(str(source), str(out), dtype="float32")
+        write_layout(out, ref, tokenizer_dir)
+
+        for bits in (4, 8):
+            out = family / f"mlx-q{bits}"
+            convert(str(source), str(out), quantize=True, q_bits=bits, q_group_size=64)
+            write_layout(out, mlx_reference(out, input_ids), tokenizer_dir)
+
+
+def record_versions(family: str) -> None:
+    import mlx.core as mx
+    import mlx_lm
+    import tokenizers
+    import transformers
+
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "mlx": mx.__version__,
+        "mlx-lm": mlx_lm.__version__,
+        "tokenizers": tokenizers.__version__,
+        "seed": SEED,
+        "command": f"python tools/make_fixtures.py {family}",
+    }
+    (FIXTURES / family / "VERSIONS.json").write_text(json.dumps(versions, indent=2) + "\n")
+
+
+FAMILIES = {"qwen3_moe": make_qwen3_moe}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("families", nargs="*", default=sorted(FAMILIES), choices=sorted(FAMILIES))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer_dir = Path(tmp) / "tokenizer"
+        build_tokenizer(500, tokenizer_dir)
+        for family in args.families:
+            print(f"{family}:")
+            FAMILIES[family](tokenizer_dir)
+            record_versions(family)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
