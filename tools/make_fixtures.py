@@ -15,7 +15,7 @@ every on-disk layout people download, and records the reference logits:
 - quantized layouts: mlx-lm's own converter writes the checkpoint and mlx-lm's logits are the
   reference.
 
-Outputs go to tests/fixtures/<family>/<layout>/ with reference.safetensors next to the weights,
+Outputs go to tests/fixtures/<family>/<layout>/ with reference.npz next to the weights,
 and tests/fixtures/<family>/VERSIONS.json records the tool versions.
 """
 
@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -146,7 +145,7 @@ def to_hub_dialect(config_path: Path) -> None:
 def write_layout(out: Path, reference: dict[str, np.ndarray], tokenizer_dir: Path) -> None:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_dir / name, out / name)
-    save_file(reference, str(out / "reference.safetensors"))
+    np.savez(out / "reference.npz", **reference)
     (out / "generation_config.json").unlink(missing_ok=True)
     print(f"  wrote {out.relative_to(ROOT)}")
 

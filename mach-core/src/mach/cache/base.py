@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
 
@@ -32,8 +32,19 @@ class LayerCache(Protocol):
 class SequenceCache(Sequence[LayerCache]):
     """The caches of every layer of a model; what ``model(tokens, cache=...)`` continues."""
 
-    def __init__(self, layers: Sequence[LayerCache]) -> None:
+    def __init__(
+        self,
+        layers: Sequence[LayerCache],
+        factory: Callable[[], Sequence[LayerCache]] | None = None,
+    ) -> None:
         self.layers = list(layers)
+        self._factory = factory
+
+    def new(self) -> SequenceCache:
+        """An empty cache of the same kind, for another sequence."""
+        if self._factory is None:
+            raise ValueError("this cache was built without a factory; build caches with load_moe")
+        return SequenceCache(self._factory(), self._factory)
 
     def __getitem__(self, index: int) -> LayerCache:  # type: ignore[override]
         return self.layers[index]

@@ -62,8 +62,11 @@ class ExpertMatrix:
             )
         else:
             out = mx.gather_mm(
-                x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices
-            )
+                x.astype(self.weight.dtype),
+                self.weight.swapaxes(-1, -2),
+                rhs_indices=indices,
+                sorted_indices=sorted_indices,
+            ).astype(x.dtype)
         if self.bias is not None:
             out = out + mx.expand_dims(self.bias[indices], -2)
         return out
@@ -96,3 +99,17 @@ def concat_outputs(first: ExpertMatrix, second: ExpertMatrix) -> ExpertMatrix | 
         group_size=first.group_size,
         mode=first.mode,
     )
+
+
+def gather_ready(matrix: ExpertMatrix) -> ExpertMatrix:
+    """Float experts in a dtype the device's gather kernel takes.
+
+    MLX's CPU ``gather_mm`` runs in float32 only, so half-precision float experts are widened
+    there; quantized experts and GPU devices keep the stored dtype.
+    """
+    if matrix.quantized or matrix.weight.dtype == mx.float32:
+        return matrix
+    if mx.default_device() != mx.cpu:
+        return matrix
+    bias = matrix.bias.astype(mx.float32) if matrix.bias is not None else None
+    return ExpertMatrix(matrix.weight.astype(mx.float32), bias=bias)

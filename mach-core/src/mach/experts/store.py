@@ -10,7 +10,7 @@ from typing import Any
 import mlx.core as mx
 
 from mach.errors import ShapeMismatchError
-from mach.experts.matrix import ExpertMatrix, concat_outputs
+from mach.experts.matrix import ExpertMatrix, concat_outputs, gather_ready
 from mach.experts.switch import SwitchSpec
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -87,7 +87,10 @@ def take_expert_matrix(
     """Pop ``name.{weight,scales,biases,bias}`` from ``weights`` and check their shapes."""
     parts = {p: weights.pop(f"{name}.{p}") for p in _PARTS if f"{name}.{p}" in weights}
     if "weight" not in parts:
-        raise ShapeMismatchError(f"{describe(name)}: routed expert weight {name}.weight is missing")
+        raise ShapeMismatchError(
+            f"{describe(name)}: routed expert weight {name}.weight is missing; config.json "
+            "describes experts or layers the weights do not hold"
+        )
     bits, group_size, mode = _infer_format(describe(name), parts, input_dims)
     matrix = ExpertMatrix(
         weight=parts["weight"],
@@ -98,6 +101,7 @@ def take_expert_matrix(
         group_size=group_size,
         mode=mode,
     )
+    matrix = gather_ready(matrix)
     found = (matrix.num_experts, matrix.output_dims, matrix.input_dims)
     expected = (num_experts, output_dims, input_dims)
     if found != expected:

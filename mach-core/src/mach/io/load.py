@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mach.cache.base import SequenceCache
+from mach.cache.base import LayerCache, SequenceCache
 from mach.errors import MissingFileError, ShapeMismatchError
 from mach.experts.store import ExpertStore, ResidentStackedExpertCache
 from mach.experts.swap import find_switches, swap_switch_mlp
@@ -132,7 +132,10 @@ def load_moe(
             f"{ckpt.path}: no tokenizer.json; the model loads for token-id use only",
             stacklevel=2,
         )
-    return model, tokenizer, store, SequenceCache(adapter.make_cache(model))
+    def factory() -> list[LayerCache]:
+        return adapter.make_cache(model)
+
+    return model, tokenizer, store, SequenceCache(factory(), factory)
 
 
 def load(

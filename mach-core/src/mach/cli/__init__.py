@@ -1,0 +1,53 @@
+"""The ``mach`` command line (typer). Plugins add commands through ``register_commands``."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+import typer
+
+from mach.errors import MachError
+
+app = typer.Typer(
+    name="mach",
+    help="Mixture-of-Experts inference on MLX.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def reports_errors(func: F) -> F:
+    """Turn mach's own errors into one clear line on stderr and exit status 1."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (MachError, ValueError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _register_commands() -> None:
+    from mach.cli import archs, generate
+
+    archs.register(app)
+    generate.register(app)
+    from mach import plugins
+
+    plugins.load_plugins()
+    plugins.pm.hook.register_commands(app=app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``mach`` console script."""
+    _register_commands()
+    app(args=argv if argv is not None else sys.argv[1:], prog_name="mach")

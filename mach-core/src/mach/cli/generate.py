@@ -1,0 +1,116 @@
+"""``mach generate``: one prompt in, streamed text out."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from mach.cli import reports_errors
+from mach.errors import MachError
+
+DEFAULT_PROMPT = "Once upon a time"
+
+
+def _stats_line(stats: dict[str, Any], finish: str) -> str:
+    return (
+        f"prompt: {stats['prompt_tokens']} tokens, {stats['prompt_tps']:.1f} tok/s | "
+        f"generation: {stats['generation_tokens']} tokens, {stats['generation_tps']:.1f} tok/s | "
+        f"peak memory: {stats['peak_memory_bytes'] / 1e9:.3f} GB | finish: {finish}"
+    )
+
+
+@reports_errors
+def generate_command(
+    model: Annotated[
+        Optional[str],  # noqa: UP045 - typer reads the annotation at run time
+        typer.Argument(help="Checkpoint folder (or a hub id in the local HF cache). "
+                       "Omit to use the embedded default model."),
+    ] = None,
+    prompt: Annotated[
+        Optional[str], typer.Option("--prompt", "-p", help="Raw prompt text.")  # noqa: UP045
+    ] = None,
+    chat: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--chat", "-c", help="A user message, rendered with the chat template."),
+    ] = None,
+    system: Annotated[
+        Optional[str], typer.Option(help="System message for --chat.")  # noqa: UP045
+    ] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=0)] = 128,
+    temp: Annotated[float, typer.Option("--temp", min=0.0, help="0 is greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
+    top_k: Annotated[int, typer.Option("--top-k", min=0)] = 0,
+    min_p: Annotated[float, typer.Option("--min-p")] = 0.0,
+    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,  # noqa: UP045
+    stop: Annotated[
+        Optional[list[str]], typer.Option(help="Stop string (repeatable).")  # noqa: UP045
+    ] = None,
+    arch: Annotated[
+        Optional[str], typer.Option(help="Architecture key; detected when omitted.")  # noqa: UP045
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Generate text from a prompt with a MoE checkpoint."""
+    from mach.decode.engine import TargetEngine
+    from mach.decode.params import SamplingParams
+    from mach.io.load import load_moe
+
+    if prompt is not None and chat is not None:
+        raise ValueError("give either --prompt or --chat, not both")
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temp,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=list(stop or []),
+    )
+    random_weights = model is None
+    if model is None:
+        from mach.default_model import default_model_path
+
+        path: Path | str = default_model_path()
+        if not as_json:
+            typer.echo(
+                "mach: default model (qwen3_moe, random weights: its text is noise)", err=True
+            )
+    else:
+        path = model
+    net, tokenizer, _store, cache = load_moe(path, arch=arch)
+    if tokenizer is None:
+        raise MachError(
+            f"{path}: tokenizer.json is missing, so text cannot be encoded; copy the "
+            "tokenizer files from the original checkpoint into this folder"
+        )
+    if chat is not None:
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": chat}
+        ]
+        tokens = tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
+    else:
+        tokens = tokenizer.encode(prompt if prompt is not None else DEFAULT_PROMPT)
+
+    engine = TargetEngine(net, tokenizer, cache.new)
+    if as_json:
+        result = engine.generate(tokens, params)
+        payload = {**result.to_dict(), "model": str(path), "random_weights": random_weights}
+        typer.echo(json.dumps(payload))
+        return
+    for event in engine.stream(tokens, params):
+        if event.text:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        if event.finish_reason is not None and event.stats is not None:
+            sys.stdout.write("\n")
+            typer.echo(_stats_line(event.stats.to_dict(), event.finish_reason), err=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate")(generate_command)

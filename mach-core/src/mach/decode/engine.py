@@ -1,0 +1,127 @@
+"""Decode engines: prompt tokens + sampling params -> a stream of token events."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mach.cache.base import SequenceCache
+from mach.decode.events import FinishReason, GenerationResult, GenerationStats, TokenEvent
+from mach.decode.params import SamplingParams
+from mach.decode.sampler import Sampler
+from mach.decode.stopping import StopMatcher
+from mach.tokenizer.detokenizer import StreamingDetokenizer
+from mach.tokenizer.tokenizer import Tokenizer
+
+
+class DecodeEngine(ABC):
+    """The interface every engine (target-only, speculative, batched) shares."""
+
+    @abstractmethod
+    def stream(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[TokenEvent]:
+        """Generate from ``prompt``; the last event has ``finish_reason`` and ``stats``."""
+
+    def generate(self, prompt: Sequence[int], params: SamplingParams) -> GenerationResult:
+        """Run ``stream`` to the end and collect the text and token ids."""
+        text, tokens = [], []
+        for event in self.stream(prompt, params):
+            text.append(event.text)
+            if event.token is not None:
+                tokens.append(event.token)
+            if event.finish_reason is not None:
+                assert event.stats is not None
+                return GenerationResult("".join(text), tokens, event.finish_reason, event.stats)
+        raise RuntimeError("decode stream ended without a finish event")
+
+
+class TargetEngine(DecodeEngine):
+    """Target-model-only decoding: chunked prefill, then one token per step.
+
+    The next step is queued before the current token is handed out, so the host never waits
+    for the device between tokens.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Tokenizer | None,
+        make_cache: Callable[[], SequenceCache],
+        prefill_step_size: int = 512,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.make_cache = make_cache
+        self.prefill_step_size = prefill_step_size
+
+    def _prefill(self, prompt: mx.array, cache: SequenceCache) -> None:
+        step = self.prefill_step_size
+        for start in range(0, prompt.size, step):
+            self.model(prompt[None, start : start + step], cache=cache)
+            mx.eval([getattr(c, "state", None) for c in cache])
+
+    def stream(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[TokenEvent]:
+        if not prompt:
+            raise ValueError("the prompt is empty: give at least one token")
+        stats = GenerationStats(prompt_tokens=len(prompt))
+        stops = set(params.stop_token_ids)
+        if self.tokenizer is not None:
+            stops |= self.tokenizer.eos_token_ids
+        detok: StreamingDetokenizer | None = (
+            self.tokenizer.detokenizer() if self.tokenizer is not None else None
+        )
+        matcher = StopMatcher(params.stop)
+        sampler = Sampler(params)
+        cache = self.make_cache()
+        mx.reset_peak_memory()
+        start = time.perf_counter()
+        tokens = mx.array(list(prompt), dtype=mx.uint32)
+        history = tokens[-params.repetition_context :][None] if params.repetition_context else None
+
+        def step(last: mx.array) -> mx.array:
+            nonlocal history
+            logits = self.model(last[None], cache=cache)[:, -1, :]
+            token = sampler(logits, history)
+            if history is not None:
+                history = mx.concatenate([history, token[None]], axis=1)
+                history = history[:, -params.repetition_context :]
+            return token
+
+        if params.max_tokens == 0:
+            stats.prompt_seconds = time.perf_counter() - start
+            yield TokenEvent(None, "", "length", stats)
+            return
+        self._prefill(tokens[:-1], cache)
+        pending = step(tokens[-1:])
+        mx.async_eval(pending)
+        finish: FinishReason = "length"
+        generated = 0
+        decode_start = start
+        while generated < params.max_tokens:
+            current = pending
+            if generated + 1 < params.max_tokens:
+                pending = step(current)
+                mx.async_eval(pending)
+            token = int(current.item())
+            if generated == 0:
+                decode_start = time.perf_counter()
+                stats.prompt_seconds = stats.time_to_first_token = decode_start - start
+            generated += 1
+            if token in stops:
+                finish = "stop"
+                break
+            text = detok.add_token(token) if detok is not None else ""
+            emitted = matcher.feed(text)
+            yield TokenEvent(token, emitted)
+            if matcher.stopped:
+                finish = "stop"
+                break
+        tail = detok.finalize() if detok is not None else ""
+        tail = matcher.feed(tail) + matcher.flush()
+        stats.generation_tokens = generated
+        stats.generation_seconds = time.perf_counter() - decode_start
+        stats.peak_memory_bytes = mx.get_peak_memory()
+        yield TokenEvent(None, tail, finish, stats)

@@ -1,0 +1,59 @@
+"""What decode engines stream back: token events, the finish reason and run statistics."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generation_tokens: int = 0
+    generation_seconds: float = 0.0
+    time_to_first_token: float = 0.0
+    peak_memory_bytes: int = 0
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+
+    @property
+    def generation_tps(self) -> float:
+        return self.generation_tokens / self.generation_seconds if self.generation_seconds else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "prompt_tps": self.prompt_tps, "generation_tps": self.generation_tps}
+
+
+@dataclass
+class TokenEvent:
+    """One generated token and the text it completed; the last event carries the finish.
+
+    The final event has ``token is None``, any text that was held back, ``finish_reason`` and
+    ``stats``.
+    """
+
+    token: int | None
+    text: str
+    finish_reason: FinishReason | None = None
+    stats: GenerationStats | None = None
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: list[int]
+    finish_reason: FinishReason
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "tokens": self.tokens,
+            "finish_reason": self.finish_reason,
+            "stats": self.stats.to_dict(),
+        }

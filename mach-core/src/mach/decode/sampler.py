@@ -1,0 +1,47 @@
+"""Token sampling: greedy, temperature, top-k, top-p, min-p, repetition penalty, seeds."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from mach.decode.params import SamplingParams
+
+
+class Sampler:
+    """Draws the next token from ``[batch, vocab]`` logits with one sequence's settings.
+
+    A seed makes the draw reproducible: the sampler owns its own PRNG key and splits it each
+    step, so concurrent sequences never share random state.
+    """
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        seed = params.seed if params.seed is not None else int(mx.random.randint(0, 2**31, ()))
+        self._key = mx.random.key(seed)
+
+    def __call__(self, logits: mx.array, history: mx.array | None = None) -> mx.array:
+        """Token ids ``[batch]``; ``history`` is ``[batch, n]`` of recent tokens (or ``None``)."""
+        p = self.params
+        logits = logits.astype(mx.float32)
+        if p.repetition_penalty != 1.0 and history is not None and history.size:
+            seen = mx.take_along_axis(logits, history, axis=-1)
+            seen = mx.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
+            logits = mx.put_along_axis(logits, history, seen, axis=-1)
+        if p.temperature == 0:
+            return mx.argmax(logits, axis=-1)
+        logprobs = logits / p.temperature
+        logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+        if 0 < p.top_k < logprobs.shape[-1]:
+            kth = mx.sort(logprobs, axis=-1)[..., -p.top_k][..., None]
+            logprobs = mx.where(logprobs < kth, -mx.inf, logprobs)
+        if p.min_p > 0:
+            floor = logprobs.max(axis=-1, keepdims=True) + mx.log(mx.array(p.min_p))
+            logprobs = mx.where(logprobs < floor, -mx.inf, logprobs)
+        if p.top_p < 1:
+            order = mx.argsort(-logprobs, axis=-1)
+            ordered = mx.take_along_axis(logprobs, order, axis=-1)
+            before = mx.cumsum(mx.exp(ordered), axis=-1) - mx.exp(ordered)
+            ordered = mx.where(before >= p.top_p, -mx.inf, ordered)
+            logprobs = mx.put_along_axis(logprobs, order, ordered, axis=-1)
+        self._key, key = mx.random.split(self._key)
+        return mx.random.categorical(logprobs, axis=-1, key=key)

@@ -1,0 +1,158 @@
+"""A small qwen3_moe checkpoint made deterministically from a seed (random weights).
+
+It exercises the whole pipeline on a fresh machine with nothing downloaded. Its text is
+noise: it is labelled as random weights wherever it is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+NAME = "random-qwen3_moe-v1"
+SEED = 0
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CONFIG: dict[str, Any] = {
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "moe_intermediate_size": 64,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "num_experts": 16,
+    "num_experts_per_tok": 4,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": False,
+    "max_position_embeddings": 4096,
+    "torch_dtype": "float32",
+}
+
+
+def cache_root() -> Path:
+    """Where mach keeps models it makes itself (``MACH_HOME``, default ``~/.cache/mach``)."""
+    return Path(os.environ.get("MACH_HOME") or Path.home() / ".cache" / "mach")
+
+
+def _byte_alphabet() -> list[str]:
+    # The printable stand-ins byte-level BPE uses for the 256 byte values.
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD))
+    printable += list(range(0xAE, 0x100))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def _tokenizer_json() -> dict[str, Any]:
+    vocab = {ch: i for i, ch in enumerate(_byte_alphabet())}
+    added = [
+        {"id": 256 + i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": True}
+        for i, tok in enumerate(SPECIALS)
+    ]  # fmt: skip
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
+                  "use_regex": True}  # fmt: skip
+    return {
+        "version": "1.0",
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": byte_level,
+        "post_processor": None,
+        "decoder": byte_level,
+        "model": {"type": "BPE", "vocab": vocab, "merges": [], "dropout": None,
+                  "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False},
+    }  # fmt: skip
+
+
+def _weights(config: dict[str, Any], vocab: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(SEED)
+    d, hd = config["hidden_size"], config["head_dim"]
+    h, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    e, i_moe = config["num_experts"], config["moe_intermediate_size"]
+
+    def mat(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * shape[-1] ** -0.5).astype(np.float32)
+
+    def norm(n: int) -> np.ndarray:
+        return (1 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    w = {"model.embed_tokens.weight": mat(vocab, d), "model.norm.weight": norm(d),
+         "lm_head.weight": mat(vocab, d)}  # fmt: skip
+    for layer in range(config["num_hidden_layers"]):
+        p = f"model.layers.{layer}"
+        w[f"{p}.input_layernorm.weight"] = norm(d)
+        w[f"{p}.post_attention_layernorm.weight"] = norm(d)
+        w[f"{p}.self_attn.q_proj.weight"] = mat(h * hd, d)
+        w[f"{p}.self_attn.k_proj.weight"] = mat(kv * hd, d)
+        w[f"{p}.self_attn.v_proj.weight"] = mat(kv * hd, d)
+        w[f"{p}.self_attn.o_proj.weight"] = mat(d, h * hd)
+        w[f"{p}.self_attn.q_norm.weight"] = norm(hd)
+        w[f"{p}.self_attn.k_norm.weight"] = norm(hd)
+        w[f"{p}.mlp.gate.weight"] = mat(e, d)
+        w[f"{p}.mlp.switch_mlp.gate_proj.weight"] = mat(e, i_moe, d)
+        w[f"{p}.mlp.switch_mlp.up_proj.weight"] = mat(e, i_moe, d)
+        w[f"{p}.mlp.switch_mlp.down_proj.weight"] = mat(e, d, i_moe)
+    return w
+
+
+def write_random_qwen3_moe(out: Path) -> Path:
+    """Write the checkpoint to ``out`` (config, safetensors, tokenizer, chat template)."""
+    from safetensors.numpy import save_file
+
+    vocab = 256 + len(SPECIALS)
+    config = {**CONFIG, "vocab_size": vocab, "eos_token_id": 256 + SPECIALS.index("<|im_end|>")}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(_weights(config, vocab), str(out / "model.safetensors"))
+    (out / "tokenizer.json").write_text(json.dumps(_tokenizer_json()))
+    tok_config = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                  "chat_template": CHAT_TEMPLATE}  # fmt: skip
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
+    (out / "README.md").write_text(
+        "# random-qwen3_moe\n\nA qwen3_moe checkpoint with random weights made by mach from "
+        f"seed {SEED}. It proves the pipeline runs; its text is noise.\n"
+    )
+    return out
+
+
+def default_model_path() -> Path:
+    """The default model's folder, written on first use (atomically) under ``MACH_HOME``."""
+    target = cache_root() / "models" / NAME
+    if (target / "model.safetensors").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}-", dir=target.parent))
+    try:
+        write_random_qwen3_moe(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not (target / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

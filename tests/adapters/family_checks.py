@@ -1,0 +1,66 @@
+"""Checks every family runs on its golden fixtures: parity, cache steps, batches, greedy tokens.
+
+A family's test module calls these with its fixture folders; the reference outputs were written
+by tools/make_fixtures.py from transformers (float layouts) or mlx-lm (quantized layouts).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from mach import load_moe
+from mach.decode.engine import TargetEngine
+from mach.decode.params import SamplingParams
+
+
+def reference(layout_dir: Path) -> dict[str, np.ndarray]:
+    with np.load(layout_dir / "reference.npz") as data:
+        return {k: data[k] for k in data.files}
+
+
+def load(layout_dir: Path) -> tuple[Any, Any, Any, Any]:
+    return load_moe(layout_dir, dtype="float32")
+
+
+def max_logit_error(layout_dir: Path) -> float:
+    """Largest |mach - reference| over a batch of two full forwards."""
+    model, _, _, _ = load(layout_dir)
+    ref = reference(layout_dir)
+    logits = model(mx.array(ref["input_ids"])).astype(mx.float32)
+    assert logits.shape == ref["logits"].shape
+    return float(np.abs(np.array(logits) - ref["logits"]).max())
+
+
+def incremental_matches_full(layout_dir: Path, split: int = 5, atol: float = 1e-4) -> None:
+    """Prefill then token-by-token decode through the cache equals one full forward."""
+    model, _, _, cache = load(layout_dir)
+    ids = mx.array(reference(layout_dir)["input_ids"][:1])
+    full = np.array(model(ids))
+    steps = [np.array(model(ids[:, :split], cache=cache))]
+    for t in range(split, ids.shape[1]):
+        steps.append(np.array(model(ids[:, t : t + 1], cache=cache)))
+    assert cache.offset == ids.shape[1]
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=atol, rtol=0)
+
+
+def batch_rows_match_single(layout_dir: Path, atol: float = 1e-4) -> None:
+    """Each row of a batched forward equals that sequence run alone."""
+    model, _, _, _ = load(layout_dir)
+    ids = mx.array(reference(layout_dir)["input_ids"])
+    batched = np.array(model(ids))
+    for row in range(ids.shape[0]):
+        alone = np.array(model(ids[row : row + 1]))
+        np.testing.assert_allclose(batched[row : row + 1], alone, atol=atol, rtol=0)
+
+
+def greedy_tokens(layout_dir: Path, prefill_step_size: int = 512) -> list[int]:
+    """Greedy continuation of the reference prompt through the decode engine."""
+    model, tokenizer, _, cache = load(layout_dir)
+    ref = reference(layout_dir)
+    engine = TargetEngine(model, None, cache.new, prefill_step_size=prefill_step_size)
+    params = SamplingParams(max_tokens=ref["greedy"].shape[1], temperature=0.0)
+    return engine.generate(ref["input_ids"][0].tolist(), params).tokens

@@ -1,0 +1,24 @@
+"""Shared test setup: strict plugin loading, fixture paths and a private MACH_HOME."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# A plugin that fails to import must fail the tests, never be skipped quietly.
+os.environ["MACH_STRICT_PLUGINS"] = "1"
+os.environ.pop("MACH_LOAD_PLUGINS", None)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(autouse=True)
+def _mach_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MACH_HOME", str(tmp_path_factory.getbasetemp() / "mach-home"))
+
+
+@pytest.fixture
+def fixtures_dir() -> Path:
+    return FIXTURES
