@@ -59,7 +59,7 @@ def batch_rows_match_single(layout_dir: Path, atol: float = 1e-4) -> None:
 
 def greedy_tokens(layout_dir: Path, prefill_step_size: int = 512) -> list[int]:
     """Greedy continuation of the reference prompt through the decode engine."""
-    model, tokenizer, _, cache = load(layout_dir)
+    model, _, _, cache = load(layout_dir)
     ref = reference(layout_dir)
     engine = TargetEngine(model, None, cache.new, prefill_step_size=prefill_step_size)
     params = SamplingParams(max_tokens=ref["greedy"].shape[1], temperature=0.0)

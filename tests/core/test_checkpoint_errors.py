@@ -80,7 +80,9 @@ def test_truncated_safetensors(checkpoint: Path) -> None:
 def test_garbage_header(checkpoint: Path) -> None:
     weights = checkpoint / "model.safetensors"
     weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00" + b"this is not json" + b"0" * 64)
-    with pytest.raises(CorruptCheckpointError, match="model.safetensors: header is not valid JSON"):
+    with pytest.raises(
+        CorruptCheckpointError, match=r"model\.safetensors: header is not valid JSON"
+    ):
         load_moe(checkpoint)
 
 
@@ -113,7 +115,10 @@ def test_index_lists_absent_tensor(sharded: Path) -> None:
         ({"vocab_size": 1000}, r"(lm_head|embed_tokens)\.weight in model\.safetensors has shape"),
         ({"num_experts": 4}, r"\[experts, out, in\] = \[8, 64, 64\].*\[4, 64, 64\]"),
         ({"moe_intermediate_size": 32}, r"switch_mlp\.gate_proj"),
-        ({"num_hidden_layers": 4}, r"model\.layers\.3\.mlp\.switch_mlp\.gate_proj\.weight is missing"),
+        (
+            {"num_hidden_layers": 4},
+            r"model\.layers\.3\.mlp\.switch_mlp\.gate_proj\.weight is missing",
+        ),
     ],
 )
 def test_shape_mismatch_is_caught_before_reading(

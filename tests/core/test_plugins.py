@@ -14,7 +14,9 @@ import pytest
 from mach import REGISTRY, MoeArchAdapter, hookimpl, plugins
 
 
-def run_archs(env_extra: dict[str, str], tmp_path: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_archs(
+    env_extra: dict[str, str], tmp_path: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MACH_")}
     env.update(env_extra)
     if tmp_path is not None:
@@ -43,7 +45,9 @@ def test_allow_list_limits_plugins() -> None:
 def _broken_distribution(root: Path) -> None:
     dist = root / "mach_broken_plugin-1.0.dist-info"
     dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mach-broken-plugin\nVersion: 1.0\n")
+    (dist / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: mach-broken-plugin\nVersion: 1.0\n"
+    )
     (dist / "entry_points.txt").write_text("[mach.adapters]\nbroken = mach_broken_plugin\n")
     (root / "mach_broken_plugin.py").write_text("raise ImportError('needs libfoo')\n")
 
@@ -62,7 +66,9 @@ def test_strict_mode_makes_a_broken_plugin_fatal(tmp_path: Path) -> None:
     _broken_distribution(tmp_path)
     result = run_archs({"MACH_STRICT_PLUGINS": "1"}, tmp_path)
     assert result.returncode != 0
-    assert "mach plugin 'broken' (distribution mach-broken-plugin) failed to import" in result.stderr
+    assert (
+        "mach plugin 'broken' (distribution mach-broken-plugin) failed to import" in result.stderr
+    )
     assert "needs libfoo" in result.stderr
 
 

@@ -143,10 +143,10 @@ class Qwen3MoeModel(nn.Module):
 
     def __call__(self, tokens: mx.array, cache: Sequence[LayerCache] | None) -> mx.array:
         h = self.embed_tokens(tokens)
-        caches: Sequence[LayerCache | None] = cache if cache is not None else [None] * len(
-            self.layers
+        caches: Sequence[LayerCache | None] = (
+            cache if cache is not None else [None] * len(self.layers)
         )
-        for layer, layer_cache in zip(self.layers, caches):
+        for layer, layer_cache in zip(self.layers, caches, strict=True):
             h = layer(h, layer_cache)
         return self.norm(h)
 

@@ -27,8 +27,10 @@ def _stats_line(stats: dict[str, Any], finish: str) -> str:
 def generate_command(
     model: Annotated[
         Optional[str],  # noqa: UP045 - typer reads the annotation at run time
-        typer.Argument(help="Checkpoint folder (or a hub id in the local HF cache). "
-                       "Omit to use the embedded default model."),
+        typer.Argument(
+            help="Checkpoint folder (or a hub id in the local HF cache). "
+            "Omit to use the embedded default model."
+        ),
     ] = None,
     prompt: Annotated[
         Optional[str], typer.Option("--prompt", "-p", help="Raw prompt text.")  # noqa: UP045

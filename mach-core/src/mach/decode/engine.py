@@ -105,7 +105,7 @@ class TargetEngine(DecodeEngine):
             if generated + 1 < params.max_tokens:
                 pending = step(current)
                 mx.async_eval(pending)
-            token = int(current.item())
+            token = int(current.item())  # type: ignore[arg-type]
             if generated == 0:
                 decode_start = time.perf_counter()
                 stats.prompt_seconds = stats.time_to_first_token = decode_start - start

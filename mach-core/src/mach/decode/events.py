@@ -26,7 +26,11 @@ class GenerationStats:
         return self.generation_tokens / self.generation_seconds if self.generation_seconds else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "prompt_tps": self.prompt_tps, "generation_tps": self.generation_tps}
+        return {
+            **asdict(self),
+            "prompt_tps": self.prompt_tps,
+            "generation_tps": self.generation_tps,
+        }
 
 
 @dataclass

@@ -95,7 +95,8 @@ def _weights(config: dict[str, Any], vocab: int) -> dict[str, np.ndarray]:
     e, i_moe = config["num_experts"], config["moe_intermediate_size"]
 
     def mat(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape) * shape[-1] ** -0.5).astype(np.float32)
+        out: np.ndarray = (rng.standard_normal(shape) * shape[-1] ** -0.5).astype(np.float32)
+        return out
 
     def norm(n: int) -> np.ndarray:
         return (1 + 0.1 * rng.standard_normal(n)).astype(np.float32)

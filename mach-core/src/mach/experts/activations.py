@@ -37,9 +37,11 @@ class GateActivation:
 
 @mx.compile
 def _swiglu(gate: mx.array, up: mx.array) -> mx.array:
-    return nn.silu(gate) * up
+    out: mx.array = nn.silu(gate) * up
+    return out
 
 
 @mx.compile
 def _geglu(gate: mx.array, up: mx.array) -> mx.array:
-    return nn.gelu_approx(gate) * up
+    out: mx.array = nn.gelu_approx(gate) * up
+    return out

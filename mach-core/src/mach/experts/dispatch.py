@@ -32,7 +32,7 @@ class GatherSwitchGLU(nn.Module):
     """
 
     def __init__(self, spec: SwitchSpec, experts: LayerExperts) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.spec = spec
         self._experts = experts
         self._activation = spec.activation.function()

@@ -55,7 +55,7 @@ class ExpertStore(ABC):
     def nbytes(self) -> int:
         """Bytes of expert weights held in memory."""
 
-    def materialize(self) -> None:
+    def materialize(self) -> None:  # noqa: B027 - optional step, nothing to do by default
         """Read whatever the store keeps resident from the start (nothing, by default)."""
 
 

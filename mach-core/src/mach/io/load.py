@@ -30,9 +30,10 @@ def resolve_model_path(repo_or_path: str | os.PathLike[str]) -> Path:
         return path
     text = str(repo_or_path)
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):
-        hub = Path(os.environ.get("HF_HUB_CACHE") or Path(
-            os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")
-        ) / "hub")
+        hub = Path(
+            os.environ.get("HF_HUB_CACHE")
+            or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+        )
         snapshots = hub / f"models--{text.replace('/', '--')}" / "snapshots"
         found = sorted(snapshots.glob("*/config.json"), key=lambda p: p.stat().st_mtime)
         if found:
@@ -132,6 +133,7 @@ def load_moe(
             f"{ckpt.path}: no tokenizer.json; the model loads for token-id use only",
             stacklevel=2,
         )
+
     def factory() -> list[LayerCache]:
         return adapter.make_cache(model)
 

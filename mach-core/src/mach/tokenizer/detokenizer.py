@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+
 class StreamingDetokenizer:
     """Turn token ids into text deltas as they arrive.
 
     Each new id is decoded together with the ids of the previous delta; the new text is what
     that decode adds beyond the previous delta, so decoders that treat a sequence's first
-    token specially (leading spaces) give the same text as one full decode. A delta that ends in U+FFFD is held back until the bytes of the
-    character are complete, so no emitted piece ever contains a broken character.
+    token specially (leading spaces) give the same text as one full decode. A delta that ends
+    in U+FFFD is held back until the bytes of the character are complete, so no emitted piece
+    ever contains a broken character.
     """
 
     def __init__(self, decode: Callable[[Sequence[int]], str]) -> None:

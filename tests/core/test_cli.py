@@ -1,0 +1,99 @@
+"""The mach command line, run as users run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "qwen3_moe" / "hf-fused"
+
+
+def mach(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "mach", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=300,
+    )
+
+
+def test_archs_json_lists_installed_families() -> None:
+    result = mach("archs", "--json")
+    assert result.returncode == 0, result.stderr
+    names = [a["name"] for a in json.loads(result.stdout)["archs"]]
+    assert names == ["qwen3_moe", "toy_moe"]
+
+
+def test_mach_archs_console_script() -> None:
+    exe = shutil.which("mach-archs", path=os.path.dirname(sys.executable))
+    assert exe is not None
+    result = subprocess.run([exe, "--json"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "qwen3_moe" in result.stdout
+
+
+def test_archs_with_no_family_says_how_to_install() -> None:
+    result = mach("archs", env={"MACH_LOAD_PLUGINS": ""})
+    assert result.returncode == 0
+    assert "No architectures are installed" in result.stdout
+    assert 'pip install "mach[qwen]"' in result.stdout
+
+
+def test_generate_default_model_json(tmp_path: Path) -> None:
+    result = mach("generate", "-n", "5", "--json", env={"MACH_HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["random_weights"] is True
+    assert len(payload["tokens"]) == 5 and payload["finish_reason"] == "length"
+    assert set(payload["stats"]) >= {"prompt_tps", "generation_tps", "peak_memory_bytes"}
+    again = json.loads(
+        mach("generate", "-n", "5", "--json", env={"MACH_HOME": str(tmp_path)}).stdout
+    )
+    assert again["tokens"] == payload["tokens"]
+
+
+def test_generate_streams_text_and_reports_stats() -> None:
+    result = mach("generate", str(FIXTURE), "--prompt", "def main():", "-n", "8")
+    assert result.returncode == 0, result.stderr
+    assert "generation: 8 tokens" in result.stderr and "finish: length" in result.stderr
+
+
+def test_generate_chat_and_sampling_flags() -> None:
+    args = ["generate", str(FIXTURE), "--chat", "hello", "--system", "be brief", "-n", "6",
+            "--temp", "0.8", "--top-p", "0.9", "--top-k", "50", "--min-p", "0.01", "--seed", "7",
+            "--repetition-penalty", "1.1", "--json"]  # fmt: skip
+    first, second = mach(*args), mach(*args)
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["tokens"] == json.loads(second.stdout)["tokens"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["generate", "/nonexistent/model"], "no such checkpoint folder"),
+        (["generate", str(FIXTURE), "--prompt", "a", "--chat", "b"], "either --prompt or --chat"),
+        (["generate", str(FIXTURE), "--top-p", "0"], "top_p must be in (0, 1]"),
+        (["generate", str(FIXTURE), "--arch", "gpt_oss"], 'pip install "mach[gptoss]"'),
+    ],
+)
+def test_generate_errors_are_one_clear_line(args: list[str], message: str) -> None:
+    result = mach(*args)
+    assert result.returncode == 1
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_generate_without_tokenizer_names_the_file(tmp_path: Path) -> None:
+    target = tmp_path / "no-tok"
+    shutil.copytree(FIXTURE, target)
+    (target / "tokenizer.json").unlink()
+    result = mach("generate", str(target))
+    assert result.returncode == 1
+    assert "tokenizer.json is missing" in result.stderr
