@@ -138,3 +138,15 @@ def test_checkpoint_without_tokenizer_still_loads(checkpoint: Path) -> None:
         model, tokenizer, _, _ = load_moe(checkpoint)
     assert tokenizer is None
     assert model(mx.array([[1, 2, 3]])).shape == (1, 3, 512)
+
+
+def test_hub_id_resolves_from_the_local_cache(
+    tmp_path: Path, fixtures_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    snapshot = tmp_path / "hub" / "models--acme--tiny-moe" / "snapshots" / "0123abcd"
+    shutil.copytree(fixtures_dir / "qwen3_moe" / "mlx-q4", snapshot)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    model, tokenizer, _, _ = load_moe("acme/tiny-moe")
+    assert tokenizer is not None and model(mx.array([[1, 2]])).shape == (1, 2, 512)
+    with pytest.raises(MissingFileError, match="does not download weights"):
+        load_moe("acme/not-downloaded")

@@ -120,15 +120,43 @@ def _weights(config: dict[str, Any], vocab: int) -> dict[str, np.ndarray]:
     return w
 
 
-def write_random_qwen3_moe(out: Path) -> Path:
-    """Write the checkpoint to ``out`` (config, safetensors, tokenizer, chat template)."""
+def _quantize(weights: dict[str, np.ndarray], bits: int) -> dict[str, np.ndarray]:
+    """mlx-community style affine quantization of every matrix (group size 64)."""
+    import mlx.core as mx
+
+    out: dict[str, np.ndarray] = {}
+    for name, w in weights.items():
+        if w.ndim < 2 or w.shape[-1] % 64 or name.endswith("norm.weight"):
+            out[name] = w
+            continue
+        q, scales, biases = mx.quantize(mx.array(w), group_size=64, bits=bits)
+        stem = name.removesuffix(".weight")
+        out[name] = np.array(q)
+        out[f"{stem}.scales"] = np.array(scales)
+        out[f"{stem}.biases"] = np.array(biases)
+    return out
+
+
+def write_random_qwen3_moe(
+    out: Path, overrides: dict[str, Any] | None = None, bits: int | None = None
+) -> Path:
+    """Write a checkpoint to ``out`` (config, safetensors, tokenizer, chat template).
+
+    ``overrides`` change the config (e.g. a larger model for benchmarks); ``bits`` (4 or 8)
+    stores every matrix quantized the way mlx-community checkpoints are.
+    """
     from safetensors.numpy import save_file
 
     vocab = 256 + len(SPECIALS)
     config = {**CONFIG, "vocab_size": vocab, "eos_token_id": 256 + SPECIALS.index("<|im_end|>")}
+    config.update(overrides or {})
+    weights = _weights(config, config["vocab_size"])
+    if bits is not None:
+        weights = _quantize(weights, bits)
+        config["quantization"] = {"group_size": 64, "bits": bits, "mode": "affine"}
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    save_file(_weights(config, vocab), str(out / "model.safetensors"))
+    save_file(weights, str(out / "model.safetensors"))
     (out / "tokenizer.json").write_text(json.dumps(_tokenizer_json()))
     tok_config = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
                   "chat_template": CHAT_TEMPLATE}  # fmt: skip
