@@ -136,7 +136,8 @@ def main() -> None:
     )
     for name in ("mach", "mlx_lm"):
         r = report[name]
-        print(f"  {name:7s} prefill {r['prompt_tps']:9.1f} tok/s   decode {r['decode_tps']:8.1f} tok/s")
+        prefill, decode = r["prompt_tps"], r["decode_tps"]
+        print(f"  {name:7s} prefill {prefill:9.1f} tok/s   decode {decode:8.1f} tok/s")
     print(
         f"  mach / mlx-lm: prefill x{report['ratio_prompt']}  decode x{report['ratio_decode']}  "
         f"same greedy tokens: {report['same_tokens']}"
