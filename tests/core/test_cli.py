@@ -82,6 +82,7 @@ def test_generate_chat_and_sampling_flags() -> None:
         (["generate", str(FIXTURE), "--prompt", "a", "--chat", "b"], "either --prompt or --chat"),
         (["generate", str(FIXTURE), "--top-p", "0"], "top_p must be in (0, 1]"),
         (["generate", str(FIXTURE), "--arch", "gpt_oss"], 'pip install "mach[gptoss]"'),
+        (["generate", str(FIXTURE), "--dtype", "int8"], "dtype must be one of float32"),
     ],
 )
 def test_generate_errors_are_one_clear_line(args: list[str], message: str) -> None:

@@ -57,10 +57,6 @@ class MoeArchAdapter(ABC):
     expert_stores: ClassVar[tuple[str, ...]] = ("resident",)
     cache_backends: ClassVar[tuple[str, ...]] = ("kv",)
 
-    def model_config(self, config: dict[str, Any]) -> dict[str, Any]:
-        """The dict the model is built from (wrappers keep it under ``text_config``)."""
-        return config
-
     @abstractmethod
     def build_model(self, config: dict[str, Any]) -> nn.Module:
         """Build the family's MLX module with its routed-expert blocks unbound."""

@@ -106,14 +106,3 @@ def plugin_record(plugin_name: str) -> PluginRecord | None:
 def plugin_failures() -> dict[str, str]:
     """Plugins that failed to import, with the reason."""
     return dict(_state.failures)
-
-
-def reset_plugins() -> None:
-    """Forget loaded entry-point plugins so the next ``load_plugins`` reads them again."""
-    for name in list(_state.records) + list(DEFAULT_PLUGINS):
-        plugin = pm.get_plugin(name)
-        if plugin is not None:
-            pm.unregister(plugin)
-    _state.loaded = False
-    _state.records.clear()
-    _state.failures.clear()

@@ -55,6 +55,10 @@ def generate_command(
     arch: Annotated[
         Optional[str], typer.Option(help="Architecture key; detected when omitted.")  # noqa: UP045
     ] = None,
+    dtype: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Cast float weights: float32, float16 or bfloat16."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Generate text from a prompt with a MoE checkpoint."""
@@ -85,7 +89,7 @@ def generate_command(
             )
     else:
         path = model
-    net, tokenizer, _store, cache = load_moe(path, arch=arch)
+    net, tokenizer, _store, cache = load_moe(path, arch=arch, dtype=dtype)
     if tokenizer is None:
         raise MachError(
             f"{path}: tokenizer.json is missing, so text cannot be encoded; copy the "

@@ -104,6 +104,8 @@ def load_moe(
     ``float16``, ``bfloat16``) casts floating weights; by default they keep the stored dtype.
     ``tokenizer`` is ``None`` (with a warning) when the checkpoint has no ``tokenizer.json``.
     """
+    if dtype is not None and dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     ckpt = open_checkpoint(resolve_model_path(checkpoint))
     adapter = detect_arch(ckpt.config, ckpt.tensor_names, arch)
     model = adapter.build_model(ckpt.config)
