@@ -7,9 +7,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from mach.adapter import ExpertLayout, MoeArchAdapter
-from mach.hookspecs import hookimpl
-from mach.registry import REGISTRY, arch_summary, detect_arch, get_adapter, list_archs
+from mach._blas import use_fast_blas
+
+use_fast_blas()
+
+from mach.adapter import ExpertLayout, MoeArchAdapter  # noqa: E402 - after the BLAS choice
+from mach.hookspecs import hookimpl  # noqa: E402
+from mach.registry import (  # noqa: E402
+    REGISTRY,
+    arch_summary,
+    detect_arch,
+    get_adapter,
+    list_archs,
+)
 
 if TYPE_CHECKING:
     from mach.io.load import load, load_moe
