@@ -102,3 +102,13 @@ def test_bfloat16_load_stays_close() -> None:
     logits = np.array(model(mx.array(ref["input_ids"])).astype(mx.float32))
     # bfloat16 can flip a near-tied routing decision, so bound the typical error, not the worst.
     assert np.median(np.abs(logits - ref["logits"])) < 0.01
+
+
+def test_load_reports_progress_up_to_the_total() -> None:
+    from mach import load_moe
+
+    seen: list[tuple[int, int]] = []
+    load_moe(FAMILY / "hf-sharded", progress=lambda done, total: seen.append((done, total)))
+    assert len(seen) >= 3
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    assert seen[-1][0] == seen[-1][1] > 1_000_000

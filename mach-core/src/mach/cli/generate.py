@@ -89,7 +89,13 @@ def generate_command(
             )
     else:
         path = model
-    net, tokenizer, _store, cache = load_moe(path, arch=arch, dtype=dtype)
+    with typer.progressbar(length=1, label="loading", file=sys.stderr) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.length = total
+            bar.update(done - bar.pos)
+
+        net, tokenizer, _store, cache = load_moe(path, arch=arch, dtype=dtype, progress=progress)
     if tokenizer is None:
         raise MachError(
             f"{path}: tokenizer.json is missing, so text cannot be encoded; copy the "

@@ -55,8 +55,10 @@ class ExpertStore(ABC):
     def nbytes(self) -> int:
         """Bytes of expert weights held in memory."""
 
-    def materialize(self) -> None:  # noqa: B027 - optional step, nothing to do by default
-        """Read whatever the store keeps resident from the start (nothing, by default)."""
+    def materialize(  # noqa: B027 - optional step, nothing to do by default
+        self, progress: Callable[[int], None] | None = None
+    ) -> None:
+        """Read what the store keeps resident from the start; ``progress(bytes)`` as it goes."""
 
 
 def _infer_format(
@@ -154,11 +156,13 @@ class ResidentStackedExpertCache(ExpertStore):
                 layers[prefix] = LayerExperts(down=down, gate=gate, up=up)
         return cls(layers)
 
-    def materialize(self) -> None:
+    def materialize(self, progress: Callable[[int], None] | None = None) -> None:
         """Read every expert into memory, one layer at a time to bound the transient peak."""
         for layer in self._layers.values():
             held = (layer.gate_up, layer.gate, layer.up, layer.down)
             mx.eval([m.arrays() for m in held if m is not None])
+            if progress is not None:
+                progress(layer.nbytes)
 
     def layer(self, prefix: str) -> LayerExperts:
         return self._layers[prefix]

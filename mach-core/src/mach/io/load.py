@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,7 @@ def load_moe(
     arch: str | None = None,
     *,
     dtype: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[nn.Module, Tokenizer | None, ExpertStore, SequenceCache]:
     """Load a MoE checkpoint: ``(model, tokenizer, store, cache)``.
 
@@ -103,6 +105,7 @@ def load_moe(
     Every file and shape is checked before tensor data is read. ``dtype`` (``float32``,
     ``float16``, ``bfloat16``) casts floating weights; by default they keep the stored dtype.
     ``tokenizer`` is ``None`` (with a warning) when the checkpoint has no ``tokenizer.json``.
+    ``progress(done, total)`` is called with bytes as weights are read.
     """
     if dtype is not None and dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
@@ -123,10 +126,20 @@ def load_moe(
     quantize_modules(model, ckpt.config, frozenset(weights))
     _check_shapes(model, weights, ckpt, where)
 
-    store.materialize()
+    total = sum(info.nbytes for info in ckpt.tensors.values())
+    done = 0
+
+    def advance(nbytes: int) -> None:
+        nonlocal done
+        done = min(total, done + nbytes)
+        if progress is not None:
+            progress(done, total)
+
+    store.materialize(advance)
     swap_switch_mlp(model, store)
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
+    advance(total)
     model.eval()
 
     tokenizer = load_tokenizer(ckpt.path, ckpt.config)
