@@ -1,4 +1,4 @@
-"""Shared test setup: strict plugin loading, fixture paths and a private MACH_HOME."""
+"""Shared test setup: strict plugin loading and fixture paths."""
 
 from __future__ import annotations
 
@@ -12,11 +12,6 @@ os.environ["MACH_STRICT_PLUGINS"] = "1"
 os.environ.pop("MACH_LOAD_PLUGINS", None)
 
 FIXTURES = Path(__file__).parent / "fixtures"
-
-
-@pytest.fixture(autouse=True)
-def _mach_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MACH_HOME", str(tmp_path_factory.getbasetemp() / "mach-home"))
 
 
 @pytest.fixture

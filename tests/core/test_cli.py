@@ -47,16 +47,14 @@ def test_archs_with_no_family_says_how_to_install() -> None:
     assert 'pip install "mach[qwen]"' in result.stdout
 
 
-def test_generate_default_model_json(tmp_path: Path) -> None:
-    result = mach("generate", "-n", "5", "--json", env={"MACH_HOME": str(tmp_path)})
+def test_generate_default_model_json() -> None:
+    result = mach("generate", "-n", "5", "--json")
     assert result.returncode == 0, result.stderr
     payload = json.loads(result.stdout)
-    assert payload["random_weights"] is True
+    assert payload["default_model"] is True
     assert len(payload["tokens"]) == 5 and payload["finish_reason"] == "length"
     assert set(payload["stats"]) >= {"prompt_tps", "generation_tps", "peak_memory_bytes"}
-    again = json.loads(
-        mach("generate", "-n", "5", "--json", env={"MACH_HOME": str(tmp_path)}).stdout
-    )
+    again = json.loads(mach("generate", "-n", "5", "--json").stdout)
     assert again["tokens"] == payload["tokens"]
 
 

@@ -12,7 +12,21 @@ import typer
 from mach.cli import reports_errors
 from mach.errors import MachError
 
-DEFAULT_PROMPT = "Once upon a time"
+DEFAULT_PROMPT = "def fibonacci(n):"
+
+
+def _load_with_progress(path: Path | str, arch: str | None, dtype: str | None) -> Any:
+    from mach.io.load import load_moe
+
+    if not sys.stderr.isatty():
+        return load_moe(path, arch=arch, dtype=dtype)
+    with typer.progressbar(length=1, label="loading", file=sys.stderr) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.length = total
+            bar.update(done - bar.pos)
+
+        return load_moe(path, arch=arch, dtype=dtype, progress=progress)
 
 
 def _stats_line(stats: dict[str, Any], finish: str) -> str:
@@ -64,7 +78,6 @@ def generate_command(
     """Generate text from a prompt with a MoE checkpoint."""
     from mach.decode.engine import TargetEngine
     from mach.decode.params import SamplingParams
-    from mach.io.load import load_moe
 
     if prompt is not None and chat is not None:
         raise ValueError("give either --prompt or --chat, not both")
@@ -78,24 +91,22 @@ def generate_command(
         seed=seed,
         stop=list(stop or []),
     )
-    random_weights = model is None
+    default_model = model is None
     if model is None:
-        from mach.default_model import default_model_path
+        from mach.default_model import DEFAULT_MODEL_NAME, default_model_path
 
         path: Path | str = default_model_path()
+        # Tiny enough that float32 costs nothing, and it matches the recorded reference.
+        dtype = dtype or "float32"
         if not as_json:
             typer.echo(
-                "mach: default model (qwen3_moe, random weights: its text is noise)", err=True
+                f"mach: default model {DEFAULT_MODEL_NAME} (qwen3_moe, 12.8M parameters, "
+                "trained on Python's standard library)",
+                err=True,
             )
     else:
         path = model
-    with typer.progressbar(length=1, label="loading", file=sys.stderr) as bar:
-
-        def progress(done: int, total: int) -> None:
-            bar.length = total
-            bar.update(done - bar.pos)
-
-        net, tokenizer, _store, cache = load_moe(path, arch=arch, dtype=dtype, progress=progress)
+    net, tokenizer, _store, cache = _load_with_progress(path, arch, dtype)
     if tokenizer is None:
         raise MachError(
             f"{path}: tokenizer.json is missing, so text cannot be encoded; copy the "
@@ -112,7 +123,7 @@ def generate_command(
     engine = TargetEngine(net, tokenizer, cache.new)
     if as_json:
         result = engine.generate(tokens, params)
-        payload = {**result.to_dict(), "model": str(path), "random_weights": random_weights}
+        payload = {**result.to_dict(), "model": str(path), "default_model": default_model}
         typer.echo(json.dumps(payload))
         return
     for event in engine.stream(tokens, params):

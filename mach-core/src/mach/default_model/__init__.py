@@ -1,5 +1,6 @@
-"""The model ``mach generate`` runs when no checkpoint is named."""
+"""mach's embedded default model, and random-weight qwen3_moe checkpoints for benchmarks."""
 
-from mach.default_model.random_qwen3_moe import default_model_path, write_random_qwen3_moe
+from mach.default_model.random_qwen3_moe import write_random_qwen3_moe
+from mach.default_model.trained import DEFAULT_MODEL_NAME, default_model_path
 
-__all__ = ["default_model_path", "write_random_qwen3_moe"]
+__all__ = ["DEFAULT_MODEL_NAME", "default_model_path", "write_random_qwen3_moe"]

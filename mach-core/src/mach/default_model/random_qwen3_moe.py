@@ -1,21 +1,16 @@
-"""A small qwen3_moe checkpoint made deterministically from a seed (random weights).
+"""qwen3_moe checkpoints with random weights, made deterministically from a seed.
 
-It exercises the whole pipeline on a fresh machine with nothing downloaded. Its text is
-noise: it is labelled as random weights wherever it is used.
+Benchmarks and tests size them as they need; their text is noise.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-NAME = "random-qwen3_moe-v1"
 SEED = 0
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -45,11 +40,6 @@ CONFIG: dict[str, Any] = {
     "max_position_embeddings": 4096,
     "torch_dtype": "float32",
 }
-
-
-def cache_root() -> Path:
-    """Where mach keeps models it makes itself (``MACH_HOME``, default ``~/.cache/mach``)."""
-    return Path(os.environ.get("MACH_HOME") or Path.home() / ".cache" / "mach")
 
 
 def _byte_alphabet() -> list[str]:
@@ -166,22 +156,3 @@ def write_random_qwen3_moe(
         f"seed {SEED}. It proves the pipeline runs; its text is noise.\n"
     )
     return out
-
-
-def default_model_path() -> Path:
-    """The default model's folder, written on first use (atomically) under ``MACH_HOME``."""
-    target = cache_root() / "models" / NAME
-    if (target / "model.safetensors").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}-", dir=target.parent))
-    try:
-        write_random_qwen3_moe(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not (target / "model.safetensors").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
