@@ -89,7 +89,7 @@ def test_quantized_router_keeps_its_eight_bits() -> None:
     model, _, store, _ = checks.load(FAMILY / "mlx-q4")
     gate = model.layers[0].mlp.gate
     assert type(gate).__name__ == "QuantizedLinear" and gate.bits == 8
-    experts = store.layer("model.layers.0.mlp.switch_mlp")
+    experts = store.layer("model.layers.0.mlp.switch_mlp").weights
     assert experts.gate_up is not None and experts.gate_up.bits == 4
     assert experts.down.group_size == 64
 

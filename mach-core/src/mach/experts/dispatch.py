@@ -39,14 +39,14 @@ class GatherSwitchGLU(nn.Module):
         self._calls = 0
         self._sorted_calls = 0
         self._routes = 0
+        self._fused = False
 
     @property
     def experts(self) -> LayerExperts:
         return self._experts
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        experts = self._experts
-        slots = experts.resolve(indices)
+        experts, slots = self._experts.route(indices)
         x = mx.expand_dims(x, (-2, -3))
         do_sort = slots.size >= SORT_THRESHOLD
         self._calls += 1
@@ -56,6 +56,7 @@ class GatherSwitchGLU(nn.Module):
             x, idx, inverse = _sort_routes(x, slots)
         else:
             idx = slots
+        self._fused = experts.gate_up is not None
         if experts.gate_up is not None:
             gate, up = mx.split(experts.gate_up.apply(x, idx, do_sort), 2, axis=-1)
         else:
@@ -73,5 +74,5 @@ class GatherSwitchGLU(nn.Module):
             "calls": self._calls,
             "sorted_calls": self._sorted_calls,
             "routes": self._routes,
-            "fused_gate_up": self._experts.gate_up is not None,
+            "fused_gate_up": self._fused,
         }

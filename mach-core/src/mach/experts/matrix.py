@@ -71,6 +71,47 @@ class ExpertMatrix:
             out = out + mx.expand_dims(self.bias[indices], -2)
         return out
 
+    def apply_one(self, x: mx.array, slot: int) -> mx.array:
+        """``x @ W[slot].T (+ bias[slot])`` for rows that all go to one expert."""
+        if self.scales is not None:
+            biases = self.biases[slot] if self.biases is not None else None
+            out = mx.quantized_matmul(
+                x,
+                self.weight[slot],
+                self.scales[slot],
+                biases,
+                transpose=True,
+                group_size=self.group_size,
+                bits=self.bits,
+                mode=self.mode,
+            )
+        else:
+            out = (x.astype(self.weight.dtype) @ self.weight[slot].T).astype(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias[slot]
+        return out
+
+
+@dataclass
+class ExpertWeights:
+    """The gate, up and down matrices of a set of experts (rows addressed by slot)."""
+
+    down: ExpertMatrix
+    gate: ExpertMatrix | None = None
+    up: ExpertMatrix | None = None
+    gate_up: ExpertMatrix | None = None
+    """gate and up stacked on the output axis; when set, ``gate`` and ``up`` are ``None``."""
+
+    def matrices(self) -> list[ExpertMatrix]:
+        return [m for m in (self.gate_up, self.gate, self.up, self.down) if m is not None]
+
+    def arrays(self) -> list[mx.array]:
+        return [a for m in self.matrices() for a in m.arrays()]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes for m in self.matrices())
+
 
 def concat_outputs(first: ExpertMatrix, second: ExpertMatrix) -> ExpertMatrix | None:
     """Stack two projections on the output axis (gate|up) when their formats agree."""

@@ -10,31 +10,38 @@ from typing import Any
 import mlx.core as mx
 
 from mach.errors import ShapeMismatchError
-from mach.experts.matrix import ExpertMatrix, concat_outputs, gather_ready
+from mach.experts.matrix import ExpertMatrix, ExpertWeights, concat_outputs, gather_ready
 from mach.experts.switch import SwitchSpec
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 _PARTS = ("weight", "scales", "biases", "bias")
 
 
-@dataclass
-class LayerExperts:
+class LayerExperts(ABC):
     """One layer's routed experts as the dispatch kernels see them."""
 
-    down: ExpertMatrix
-    gate: ExpertMatrix | None = None
-    up: ExpertMatrix | None = None
-    gate_up: ExpertMatrix | None = None
-    """gate and up stacked on the output axis; when set, ``gate`` and ``up`` are ``None``."""
+    @abstractmethod
+    def route(self, indices: mx.array) -> tuple[ExpertWeights, mx.array]:
+        """Weights holding every expert in ``indices``, and ``indices`` as rows of them."""
 
-    def resolve(self, indices: mx.array) -> mx.array:
-        """Expert ids -> slots in the arrays above (identity when every expert is resident)."""
-        return indices
+    @property
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes of expert weights this layer holds in memory."""
+
+
+class ResidentLayer(LayerExperts):
+    """Every expert of the layer in memory: expert ids are the rows."""
+
+    def __init__(self, weights: ExpertWeights) -> None:
+        self.weights = weights
+
+    def route(self, indices: mx.array) -> tuple[ExpertWeights, mx.array]:
+        return self.weights, indices
 
     @property
     def nbytes(self) -> int:
-        held = (self.gate_up, self.gate, self.up, self.down)
-        return sum(m.nbytes for m in held if m is not None)
+        return self.weights.nbytes
 
 
 class ExpertStore(ABC):
@@ -128,7 +135,7 @@ class ResidentStackedExpertCache(ExpertStore):
 
     kind = "resident"
 
-    def __init__(self, layers: dict[str, LayerExperts]) -> None:
+    def __init__(self, layers: dict[str, ResidentLayer]) -> None:
         self._layers = layers
 
     @classmethod
@@ -143,7 +150,7 @@ class ResidentStackedExpertCache(ExpertStore):
 
         Shapes are checked here; no tensor data is read until ``materialize``.
         """
-        layers: dict[str, LayerExperts] = {}
+        layers: dict[str, ResidentLayer] = {}
         for prefix, spec in switches.items():
             e, d, h = spec.num_experts, spec.input_dims, spec.hidden_dims
             gate = take_expert_matrix(weights, f"{prefix}.gate_proj", e, h, d, describe)
@@ -151,16 +158,15 @@ class ResidentStackedExpertCache(ExpertStore):
             down = take_expert_matrix(weights, f"{prefix}.down_proj", e, d, h, describe)
             fused = concat_outputs(gate, up) if fuse_gate_up else None
             if fused is not None:
-                layers[prefix] = LayerExperts(down=down, gate_up=fused)
+                layers[prefix] = ResidentLayer(ExpertWeights(down=down, gate_up=fused))
             else:
-                layers[prefix] = LayerExperts(down=down, gate=gate, up=up)
+                layers[prefix] = ResidentLayer(ExpertWeights(down=down, gate=gate, up=up))
         return cls(layers)
 
     def materialize(self, progress: Callable[[int], None] | None = None) -> None:
         """Read every expert into memory, one layer at a time to bound the transient peak."""
         for layer in self._layers.values():
-            held = (layer.gate_up, layer.gate, layer.up, layer.down)
-            mx.eval([m.arrays() for m in held if m is not None])
+            mx.eval(layer.weights.arrays())
             if progress is not None:
                 progress(layer.nbytes)
 
