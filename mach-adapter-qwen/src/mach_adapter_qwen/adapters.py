@@ -21,6 +21,10 @@ class Qwen3MoeAdapter(MoeArchAdapter):
     swiglu_variant = "swiglu"
     has_expert_bias = False
 
+    def per_expert_name(self, switch: str, expert: int, projection: str, part: str) -> str:
+        block = switch.removesuffix(".switch_mlp")
+        return f"{block}.experts.{expert}.{projection}.{part}"
+
     def build_model(self, config: dict[str, Any]) -> nn.Module:
         from mach_adapter_qwen.qwen3_moe import Model, ModelArgs
 

@@ -108,7 +108,12 @@ class SparseMoeBlock(nn.Module):
         self.norm_topk_prob = args.norm_topk_prob
         self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=False)
         self.switch_mlp = UnboundSwitchGLU(
-            SwitchSpec(args.num_experts, args.hidden_size, args.moe_intermediate_size)
+            SwitchSpec(
+                args.num_experts,
+                args.hidden_size,
+                args.moe_intermediate_size,
+                top_k=args.num_experts_per_tok,
+            )
         )
 
     def __call__(self, x: mx.array) -> mx.array:

@@ -65,6 +65,16 @@ class MoeArchAdapter(ABC):
         """Map every on-disk naming of the family to engine names (lazy arrays, no reads)."""
         return weights
 
+    def per_expert_name(self, switch: str, expert: int, projection: str, part: str) -> str | None:
+        """The on-disk name of one expert's tensor when experts are stored one per tensor.
+
+        ``switch`` is the engine path of the layer's experts (``model.layers.3.mlp.switch_mlp``),
+        ``projection`` is ``gate_proj``, ``up_proj`` or ``down_proj`` and ``part`` is ``weight``,
+        ``scales``, ``biases`` or ``bias``. Streaming uses it to read such checkpoints in place;
+        ``None`` (the default) means they must be converted first.
+        """
+        return None
+
     def classify_layout(self, tensor_names: Iterable[str]) -> ExpertLayout:
         """Whether the checkpoint stores routed experts per expert or stacked on axis 0."""
         names = list(tensor_names)

@@ -6,6 +6,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from mach.experts.store import LayerExperts
 from mach.experts.switch import SwitchSpec
@@ -76,3 +77,48 @@ class GatherSwitchGLU(nn.Module):
             "routes": self._routes,
             "fused_gate_up": self._fused,
         }
+
+
+class DiskSwitchGLU(nn.Module):
+    """The legacy dispatch: a Python loop over the distinct experts a call routes to.
+
+    Each expert is fetched from the store on its own (into a bank slot when streaming) and run
+    on the rows routed to it. Kept to diagnose the gather path (``LME_USE_GATHER_DISPATCH=0``).
+    """
+
+    def __init__(self, spec: SwitchSpec, experts: LayerExperts) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.spec = spec
+        self._experts = experts
+        self._activation = spec.activation.function()
+        self._calls = 0
+        self._routes = 0
+        self._expert_runs = 0
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        k = indices.shape[-1]
+        ids = np.asarray(indices).reshape(-1, k)
+        rows = x.reshape(-1, x.shape[-1])
+        outputs, positions = [], []
+        self._calls += 1
+        self._routes += ids.size
+        for expert in np.unique(ids):
+            token, choice = np.nonzero(ids == expert)
+            weights, slots = self._experts.route(mx.array([[int(expert)]]))
+            slot = int(np.asarray(slots).reshape(-1)[0])
+            h = rows[mx.array(token)]
+            if weights.gate_up is not None:
+                gate, up = mx.split(weights.gate_up.apply_one(h, slot), 2, axis=-1)
+            else:
+                assert weights.gate is not None and weights.up is not None
+                gate, up = weights.gate.apply_one(h, slot), weights.up.apply_one(h, slot)
+            outputs.append(weights.down.apply_one(self._activation(gate, up), slot))
+            positions.append(token * k + choice)
+            self._expert_runs += 1
+        order = np.argsort(np.concatenate(positions))
+        out = mx.concatenate(outputs)[mx.array(order)]
+        return out.reshape(*indices.shape, -1)
+
+    def stats(self) -> dict[str, Any]:
+        """Calls, routes served and how many per-expert runs the loop made."""
+        return {"calls": self._calls, "routes": self._routes, "expert_runs": self._expert_runs}

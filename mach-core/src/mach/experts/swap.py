@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import mlx.nn as nn
 
-from mach.experts.dispatch import GatherSwitchGLU
+from mach.experts.dispatch import DiskSwitchGLU, GatherSwitchGLU
 from mach.experts.store import ExpertStore
 from mach.experts.switch import SwitchSpec, UnboundSwitchGLU
 
@@ -28,11 +29,27 @@ def _set_child(root: nn.Module, path: str, child: nn.Module) -> None:
     setattr(node, leaf, child)
 
 
-def swap_switch_mlp(model: nn.Module, store: ExpertStore) -> list[GatherSwitchGLU]:
-    """Replace each ``UnboundSwitchGLU`` with a ``GatherSwitchGLU`` bound to ``store``."""
-    bound = []
+GATHER_ENV = "LME_USE_GATHER_DISPATCH"
+
+
+def gather_dispatch_enabled() -> bool:
+    """``LME_USE_GATHER_DISPATCH`` (default on); ``0`` selects the legacy per-expert loop."""
+    return os.environ.get(GATHER_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def swap_switch_mlp(
+    model: nn.Module, store: ExpertStore, gather: bool | None = None
+) -> list[GatherSwitchGLU | DiskSwitchGLU]:
+    """Replace each ``UnboundSwitchGLU`` with a dispatch module bound to ``store``.
+
+    ``GatherSwitchGLU`` by default; ``DiskSwitchGLU`` when ``gather`` is false (or, when
+    ``gather`` is ``None``, when ``LME_USE_GATHER_DISPATCH=0``).
+    """
+    use_gather = gather_dispatch_enabled() if gather is None else gather
+    kind = GatherSwitchGLU if use_gather else DiskSwitchGLU
+    bound: list[GatherSwitchGLU | DiskSwitchGLU] = []
     for path, spec in find_switches(model).items():
-        module = GatherSwitchGLU(spec, store.layer(path))
+        module = kind(spec, store.layer(path))
         _set_child(model, path, module)
         bound.append(module)
     return bound

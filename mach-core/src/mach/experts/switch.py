@@ -20,6 +20,8 @@ class SwitchSpec:
     hidden_dims: int
     activation: GateActivation = field(default_factory=GateActivation)
     bias: bool = False
+    top_k: int = 1
+    """Experts each token is routed to (the least a streaming bank must hold per layer)."""
 
 
 class UnboundSwitchGLU(nn.Module):

@@ -14,10 +14,12 @@ from mlx.utils import tree_flatten
 
 from mach.cache.base import LayerCache, SequenceCache
 from mach.errors import MissingFileError, ShapeMismatchError
-from mach.experts.store import ExpertStore, ResidentStackedExpertCache
+from mach.experts.bank import PrefillMode
+from mach.experts.store import ExpertStore
 from mach.experts.swap import find_switches, swap_switch_mlp
 from mach.io.checkpoint import Checkpoint, open_checkpoint
 from mach.io.quant import quantize_modules
+from mach.io.residency import build_store
 from mach.registry import detect_arch
 from mach.tokenizer.tokenizer import Tokenizer, load_tokenizer
 
@@ -96,6 +98,12 @@ def load_moe(
     arch: str | None = None,
     *,
     dtype: str | None = None,
+    streaming: bool | None = None,
+    expert_budget: int | str | None = None,
+    expert_residency: str | None = None,
+    prefill: PrefillMode = "transient",
+    gather_dispatch: bool | None = None,
+    verify_experts: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[nn.Module, Tokenizer | None, ExpertStore, SequenceCache]:
     """Load a MoE checkpoint: ``(model, tokenizer, store, cache)``.
@@ -106,6 +114,16 @@ def load_moe(
     ``float16``, ``bfloat16``) casts floating weights; by default they keep the stored dtype.
     ``tokenizer`` is ``None`` (with a warning) when the checkpoint has no ``tokenizer.json``.
     ``progress(done, total)`` is called with bytes as weights are read.
+
+    Expert residency: ``streaming=True`` (or an ``expert_budget`` such as ``"2GB"``) keeps a
+    bounded bank of experts per layer and reads misses from disk (``BankCache``);
+    ``streaming=False`` keeps every expert resident (``ResidentStackedExpertCache``). Left unset,
+    mach streams only when the model would not fit in memory. ``expert_residency`` names the
+    store directly (``resident``, ``streaming``, ``bf16_streaming``). ``prefill`` says whether
+    prompt chunks stream their experts through a temporary set (``transient``, keeping the decode
+    working set) or through the bank (``resident``). ``gather_dispatch=False`` selects the legacy
+    per-expert loop (default: ``LME_USE_GATHER_DISPATCH``). ``verify_experts`` checks each sidecar
+    record's CRC-32 as it is read.
     """
     if dtype is not None and dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
@@ -122,7 +140,18 @@ def load_moe(
             return origin.get(id(array_or_name), str(ckpt.path))
         return str(ckpt.path)
 
-    store = ResidentStackedExpertCache.from_weights(weights, find_switches(model), where)
+    store = build_store(
+        ckpt,
+        adapter,
+        find_switches(model),
+        weights,
+        where,
+        streaming=streaming,
+        residency=expert_residency,
+        budget=expert_budget,
+        prefill=prefill,
+        verify=verify_experts,
+    )
     quantize_modules(model, ckpt.config, frozenset(weights))
     _check_shapes(model, weights, ckpt, where)
 
@@ -136,7 +165,7 @@ def load_moe(
             progress(done, total)
 
     store.materialize(advance)
-    swap_switch_mlp(model, store)
+    swap_switch_mlp(model, store, gather_dispatch)
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     advance(total)

@@ -42,7 +42,7 @@ class Moe(nn.Module):
         super().__init__()
         self.top_k = top_k
         self.router = nn.Linear(dim, experts, bias=False)
-        spec = SwitchSpec(experts, dim, hidden, GateActivation("geglu"), bias=True)
+        spec = SwitchSpec(experts, dim, hidden, GateActivation("geglu"), bias=True, top_k=top_k)
         self.switch = UnboundSwitchGLU(spec)
 
     def __call__(self, x: mx.array) -> mx.array:

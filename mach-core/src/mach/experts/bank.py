@@ -1,0 +1,300 @@
+"""``BankCache`` / ``LayerExpertBank``: a bounded bank of expert slots per layer, fed from disk."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import mlx.core as mx
+import numpy as np
+
+from mach.errors import MachError
+from mach.experts.matrix import ExpertMatrix, ExpertWeights
+from mach.experts.reader import ExpertReader
+from mach.experts.sources import DTYPES, LayerSource, Piece
+from mach.experts.store import ExpertStore, LayerExperts
+
+PrefillMode = Literal["transient", "resident"]
+
+
+class BudgetError(MachError):
+    """The expert budget cannot hold the experts one token needs."""
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where a piece lands in the bank: array name and first row."""
+
+    name: str
+    row: int
+
+
+def _format(source: LayerSource, proj: str, input_dims: int) -> tuple[int | None, int | None, str]:
+    weight, scales = source.pieces[f"{proj}.weight"], source.pieces.get(f"{proj}.scales")
+    if scales is None:
+        return None, None, "affine"
+    bits = weight.shape[-1] * 32 // input_dims
+    group = input_dims // scales.shape[-1]
+    mode = "affine" if f"{proj}.biases" in source.pieces else "mxfp4"
+    return bits, group, mode
+
+
+def _bank_dtype(piece: Piece, quantized: bool) -> mx.Dtype:
+    dtype = DTYPES[piece.dtype][1]
+    widen = not quantized and dtype in (mx.float16, mx.bfloat16)
+    # MLX's CPU gather_mm runs in float32 only.
+    return mx.float32 if widen and mx.default_device() == mx.cpu else dtype
+
+
+class LayerExpertBank(LayerExperts):
+    """A fixed number of expert slots for one layer; misses are read from disk.
+
+    ``route`` reads the routed ids back to the host (the one sync per layer), reads the missing
+    experts concurrently, writes them into free or least-recently-used slots (never a slot the
+    same call needs) and returns slot indices. Calls that route to more distinct experts than
+    there are slots, and prefill chunks in ``transient`` mode, get a temporary set of the experts
+    they need instead, leaving the bank (the decode working set) untouched.
+    """
+
+    def __init__(
+        self,
+        source: LayerSource,
+        slots: int,
+        reader: ExpertReader,
+        prefill: PrefillMode = "transient",
+    ) -> None:
+        self.source = source
+        self.slots = slots
+        self.reader = reader
+        self.prefill = prefill
+        spec = source.spec
+        formats = {
+            "gate_proj": _format(source, "gate_proj", spec.input_dims),
+            "up_proj": _format(source, "up_proj", spec.input_dims),
+            "down_proj": _format(source, "down_proj", spec.hidden_dims),
+        }
+        gate_parts = {k.split(".")[1]: p for k, p in source.pieces.items() if k.startswith("gate_")}
+        up_parts = {k.split(".")[1]: p for k, p in source.pieces.items() if k.startswith("up_")}
+        fuse = formats["gate_proj"] == formats["up_proj"] and {
+            k: (p.dtype, p.shape) for k, p in gate_parts.items()
+        } == {k: (p.dtype, p.shape) for k, p in up_parts.items()}
+        self._targets: dict[str, _Target] = {}
+        self._shapes: dict[str, tuple[tuple[int, ...], mx.Dtype]] = {}
+        for name, piece in source.pieces.items():
+            proj, part = name.split(".")
+            quantized = formats[proj][0] is not None
+            dtype = _bank_dtype(piece, quantized)
+            if fuse and proj in ("gate_proj", "up_proj"):
+                bank_name = f"gate_up.{part}"
+                row = 0 if proj == "gate_proj" else piece.shape[0]
+                self._shapes[bank_name] = ((2 * piece.shape[0], *piece.shape[1:]), dtype)
+            else:
+                bank_name, row = name, 0
+                self._shapes[bank_name] = (piece.shape, dtype)
+            self._targets[name] = _Target(bank_name, row)
+        self._fused = fuse
+        self._formats = formats
+        self.arrays = {
+            name: mx.zeros((slots, *shape), dtype) for name, (shape, dtype) in self._shapes.items()
+        }
+        mx.eval(list(self.arrays.values()))
+        self.weights = self._weights(self.arrays)
+        self._slot_of: OrderedDict[int, int] = OrderedDict()
+        self._lut = np.zeros(spec.num_experts, dtype=np.uint32)
+        self._free = list(range(slots))
+        self.hits = self.misses = self.evictions = self.transient_calls = 0
+
+    def _weights(self, arrays: Mapping[str, mx.array]) -> ExpertWeights:
+        def matrix(prefix: str, proj: str) -> ExpertMatrix:
+            bits, group, mode = self._formats[proj]
+            return ExpertMatrix(
+                weight=arrays[f"{prefix}.weight"],
+                scales=arrays.get(f"{prefix}.scales"),
+                biases=arrays.get(f"{prefix}.biases"),
+                bias=arrays.get(f"{prefix}.bias"),
+                bits=bits,
+                group_size=group,
+                mode=mode,
+            )
+
+        down = matrix("down_proj", "down_proj")
+        if self._fused:
+            return ExpertWeights(down=down, gate_up=matrix("gate_up", "gate_proj"))
+        return ExpertWeights(down=down, gate=matrix("gate_proj", "gate_proj"),
+                             up=matrix("up_proj", "up_proj"))  # fmt: skip
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+    def _pieces(self, raw: Mapping[str, memoryview]) -> dict[str, mx.array]:
+        out = {}
+        for name, view in raw.items():
+            piece = self.source.pieces[name]
+            out[name] = piece.to_mx(view).astype(self._shapes[self._targets[name].name][1])
+        return out
+
+    def _write(self, slot: int, raw: Mapping[str, memoryview]) -> None:
+        for name, value in self._pieces(raw).items():
+            target = self._targets[name]
+            rows = value.shape[0]
+            self.arrays[target.name][slot, target.row : target.row + rows] = value
+
+    def _expert_arrays(self, raw: Mapping[str, memoryview]) -> dict[str, mx.array]:
+        parts: dict[str, list[tuple[int, mx.array]]] = {}
+        for name, value in self._pieces(raw).items():
+            target = self._targets[name]
+            parts.setdefault(target.name, []).append((target.row, value))
+        return {
+            name: mx.concatenate([value for _, value in sorted(found, key=lambda item: item[0])])
+            for name, found in parts.items()
+        }
+
+    def route(self, indices: mx.array) -> tuple[ExpertWeights, mx.array]:
+        ids = np.asarray(indices).astype(np.int64)
+        wanted = [int(e) for e in np.unique(ids)]
+        tokens = ids.size // max(1, ids.shape[-1])
+        if len(wanted) > self.slots or (tokens > 1 and self.prefill == "transient"):
+            return self._transient(wanted, ids)
+        missing = [e for e in wanted if e not in self._slot_of]
+        self.hits += len(wanted) - len(missing)
+        self.misses += len(missing)
+        for e in wanted:
+            if e in self._slot_of:
+                self._slot_of.move_to_end(e)
+        if missing:
+            keep = set(wanted)
+            free = []
+            for _ in missing:
+                if self._free:
+                    free.append(self._free.pop())
+                    continue
+                victim = next(e for e in self._slot_of if e not in keep)
+                free.append(self._slot_of.pop(victim))
+                self.evictions += 1
+            for expert, slot, raw in zip(
+                missing, free, self.reader.read(self.source, missing), strict=True
+            ):
+                self._write(slot, raw)
+                self._slot_of[expert] = slot
+                self._lut[expert] = slot
+        return self.weights, mx.array(self._lut[ids])
+
+    def _transient(self, wanted: list[int], ids: np.ndarray) -> tuple[ExpertWeights, mx.array]:
+        self.transient_calls += 1
+        missing = [e for e in wanted if e not in self._slot_of]
+        self.hits += len(wanted) - len(missing)
+        self.misses += len(missing)
+        read = dict(zip(missing, self.reader.read(self.source, missing), strict=True))
+        columns: dict[str, list[mx.array]] = {name: [] for name in self.arrays}
+        for expert in wanted:
+            if expert in read:
+                arrays = self._expert_arrays(read[expert])
+            else:
+                slot = self._slot_of[expert]
+                arrays = {name: bank[slot] for name, bank in self.arrays.items()}
+            for name in columns:
+                columns[name].append(arrays[name])
+        stacked = {name: mx.stack(values) for name, values in columns.items()}
+        lut = np.zeros(self.source.spec.num_experts, dtype=np.uint32)
+        lut[wanted] = np.arange(len(wanted), dtype=np.uint32)
+        return self._weights(stacked), mx.array(lut[ids])
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from an int or a size string such as ``"2GB"``, ``"512MiB"`` or ``"1.5G"``."""
+    if isinstance(value, int):
+        return value
+    text = value.strip().upper().replace(" ", "")
+    units = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "KIB": 2**10, "M": 10**6, "MB": 10**6,
+             "MIB": 2**20, "G": 10**9, "GB": 10**9, "GIB": 2**30, "T": 10**12, "TB": 10**12,
+             "TIB": 2**40}  # fmt: skip
+    number = text.rstrip("KMGTIB")
+    unit = text[len(number) :]
+    try:
+        size = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise ValueError(
+            f"expert budget {value!r} is not a size; use bytes or e.g. '2GB', '512MiB'"
+        ) from None
+    if size <= 0:
+        raise ValueError(f"expert budget must be positive, got {value!r}")
+    return int(size)
+
+
+class BankCache(ExpertStore):
+    """Streaming expert store: one ``LayerExpertBank`` per MoE layer within a byte budget."""
+
+    kind = "streaming"
+
+    def __init__(
+        self,
+        sources: Mapping[str, LayerSource],
+        budget: int,
+        reader: ExpertReader | None = None,
+        prefill: PrefillMode = "transient",
+    ) -> None:
+        self.reader = reader or ExpertReader()
+        self.budget = budget
+        per_slot = sum(_slot_bytes(s) for s in sources.values())
+        slots = slots_for(budget, sources)
+        top_k = max(s.spec.top_k for s in sources.values()) if sources else 1
+        experts = max((s.spec.num_experts for s in sources.values()), default=1)
+        if slots < top_k:
+            need = per_slot * top_k
+            raise BudgetError(
+                f"expert budget {budget:,} bytes holds {slots} expert(s) per layer, but each token "
+                f"routes to {top_k}; give at least {need:,} bytes (--expert-budget {need})"
+            )
+        self.slots = min(slots, experts)
+        self.layers = {p: LayerExpertBank(s, min(self.slots, s.spec.num_experts), self.reader,
+                                          prefill) for p, s in sources.items()}  # fmt: skip
+        self.expert_bytes = sum(s.expert_bytes * s.spec.num_experts for s in sources.values())
+
+    def layer(self, prefix: str) -> LayerExperts:
+        return self.layers[prefix]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.layers.values())
+
+    def stats(self) -> dict[str, Any]:
+        hits = sum(b.hits for b in self.layers.values())
+        misses = sum(b.misses for b in self.layers.values())
+        read = self.reader.stats
+        return {
+            "kind": self.kind,
+            "layers": len(self.layers),
+            "slots_per_layer": self.slots,
+            "budget_bytes": self.budget,
+            "bytes_resident": self.nbytes,
+            "expert_bytes_on_disk": self.expert_bytes,
+            "hits": hits,
+            "misses": misses,
+            "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+            "evictions": sum(b.evictions for b in self.layers.values()),
+            "transient_calls": sum(b.transient_calls for b in self.layers.values()),
+            "bytes_read": read.bytes,
+            "read_seconds": read.seconds,
+            "read_gbps": read.bytes / read.seconds / 1e9 if read.seconds else 0.0,
+        }
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def _slot_bytes(source: LayerSource) -> int:
+    total = 0
+    for piece in source.pieces.values():
+        dtype = _bank_dtype(piece, f"{piece.part.split('.')[0]}.scales" in source.pieces)
+        total += int(np.prod(piece.shape)) * dtype.size
+    return total
+
+
+def slots_for(budget: int, sources: Mapping[str, LayerSource]) -> int:
+    """How many expert slots per layer a byte budget buys."""
+    per_slot = sum(_slot_bytes(s) for s in sources.values())
+    return budget // per_slot if per_slot else 0
+
