@@ -29,7 +29,7 @@ def reports_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (MachError, ValueError) as exc:
+        except (MachError, ValueError, FileExistsError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from exc
 
@@ -37,9 +37,11 @@ def reports_errors(func: F) -> F:
 
 
 def _register_commands() -> None:
-    from mach.cli import archs, generate
+    from mach.cli import archs, bench, convert, generate
 
     archs.register(app)
+    bench.register(app)
+    convert.register(app)
     generate.register(app)
     from mach import plugins
 
@@ -47,7 +49,14 @@ def _register_commands() -> None:
     plugins.pm.hook.register_commands(app=app)
 
 
+def _format_warning(message: Warning | str, *args: Any, **kwargs: Any) -> str:
+    return f"mach: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``mach`` console script."""
+    import warnings
+
+    warnings.formatwarning = _format_warning
     _register_commands()
     app(args=argv if argv is not None else sys.argv[1:], prog_name="mach")

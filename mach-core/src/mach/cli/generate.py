@@ -10,23 +10,17 @@ from typing import Annotated, Any, Optional
 import typer
 
 from mach.cli import reports_errors
+from mach.cli.residency import (
+    ExpertBudget,
+    Prefill,
+    Streaming,
+    load_model,
+    store_line,
+    store_report,
+)
 from mach.errors import MachError
 
 DEFAULT_PROMPT = "def fibonacci(n):"
-
-
-def _load_with_progress(path: Path | str, arch: str | None, dtype: str | None) -> Any:
-    from mach.io.load import load_moe
-
-    if not sys.stderr.isatty():
-        return load_moe(path, arch=arch, dtype=dtype)
-    with typer.progressbar(length=1, label="loading", file=sys.stderr) as bar:
-
-        def progress(done: int, total: int) -> None:
-            bar.length = total
-            bar.update(done - bar.pos)
-
-        return load_moe(path, arch=arch, dtype=dtype, progress=progress)
 
 
 def _stats_line(stats: dict[str, Any], finish: str) -> str:
@@ -73,6 +67,9 @@ def generate_command(
         Optional[str],  # noqa: UP045
         typer.Option(help="Cast float weights: float32, float16 or bfloat16."),
     ] = None,
+    streaming: Streaming = None,
+    expert_budget: ExpertBudget = None,
+    prefill: Prefill = "transient",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Generate text from a prompt with a MoE checkpoint."""
@@ -106,7 +103,7 @@ def generate_command(
             )
     else:
         path = model
-    net, tokenizer, _store, cache = _load_with_progress(path, arch, dtype)
+    net, tokenizer, store, cache = load_model(path, arch, dtype, streaming, expert_budget, prefill)
     if tokenizer is None:
         raise MachError(
             f"{path}: tokenizer.json is missing, so text cannot be encoded; copy the "
@@ -124,6 +121,9 @@ def generate_command(
     if as_json:
         result = engine.generate(tokens, params)
         payload = {**result.to_dict(), "model": str(path), "default_model": default_model}
+        report = store_report(store.stats(), result.stats.prompt_tokens + len(result.tokens))
+        if report:
+            payload["experts"] = report
         typer.echo(json.dumps(payload))
         return
     for event in engine.stream(tokens, params):
@@ -133,6 +133,10 @@ def generate_command(
         if event.finish_reason is not None and event.stats is not None:
             sys.stdout.write("\n")
             typer.echo(_stats_line(event.stats.to_dict(), event.finish_reason), err=True)
+            total = event.stats.prompt_tokens + event.stats.generation_tokens
+            report = store_report(store.stats(), total)
+            if report:
+                typer.echo(store_line(report), err=True)
 
 
 def register(app: typer.Typer) -> None:

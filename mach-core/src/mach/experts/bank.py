@@ -297,4 +297,3 @@ def slots_for(budget: int, sources: Mapping[str, LayerSource]) -> int:
     """How many expert slots per layer a byte budget buys."""
     per_slot = sum(_slot_bytes(s) for s in sources.values())
     return budget // per_slot if per_slot else 0
-

@@ -58,7 +58,9 @@ class ExpertReader:
             try:
                 got = os.preadv(fd, [view[done:]], offset + done)
             except OSError as exc:
-                raise ExpertReadError(f"{path}: read at byte {offset + done} failed ({exc})") from exc
+                raise ExpertReadError(
+                    f"{path}: read at byte {offset + done} failed ({exc})"
+                ) from exc
             if got == 0:
                 raise ExpertReadError(
                     f"{path}: file ended at byte {offset + done} while reading an expert "

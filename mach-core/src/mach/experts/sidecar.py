@@ -74,7 +74,8 @@ def write_layer(
 
 
 def write_index(root: Path, layers: Mapping[str, Mapping[str, Any]]) -> None:
-    index = {"format": FORMAT, "version": VERSION, "alignment": ALIGNMENT, "layers": layers}
+    ordered = {k: layers[k] for k in sorted(layers, key=lambda k: layers[k]["file"])}
+    index = {"format": FORMAT, "version": VERSION, "alignment": ALIGNMENT, "layers": ordered}
     path = root / SIDECAR_DIR / INDEX_FILE
     path.write_text(json.dumps(index, indent=1))
 

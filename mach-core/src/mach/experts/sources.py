@@ -85,7 +85,11 @@ class LayerSource:
                     f"{piece.files[0]}: {self.prefix}.{piece.part} has {len(piece.offsets)} experts, "
                     f"config implies {e}"
                 )
-        for proj, out_dims, in_dims in (("gate_proj", h, d), ("up_proj", h, d), ("down_proj", d, h)):
+        for proj, out_dims, in_dims in (
+            ("gate_proj", h, d),
+            ("up_proj", h, d),
+            ("down_proj", d, h),
+        ):
             weight = self.pieces.get(f"{proj}.weight")
             if weight is None:
                 raise ShapeMismatchError(f"{self.prefix}: no {proj}.weight for the routed experts")

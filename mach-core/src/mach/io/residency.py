@@ -115,7 +115,9 @@ def build_store(
 ) -> ExpertStore:
     """The expert store for a load; expert tensors are taken out of ``weights``."""
     sidecar = has_sidecar(ckpt.path)
-    expert_names = {f"{p}.{proj}.{part}" for p in switches for proj in PROJECTIONS for part in PARTS}
+    expert_names = {
+        f"{p}.{proj}.{part}" for p in switches for proj in PROJECTIONS for part in PARTS
+    }
     if sidecar:
         sources = read_sidecar(ckpt.path, switches)
         expert_bytes = sum(s.expert_bytes * s.spec.num_experts for s in sources.values())

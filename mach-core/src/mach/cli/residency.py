@@ -1,0 +1,75 @@
+"""Options and reports shared by commands that load a model: residency, loading, store stats."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+Streaming = Annotated[
+    Optional[bool],  # noqa: UP045 - typer reads the annotation at run time
+    typer.Option(
+        "--streaming/--no-streaming",
+        help="Stream routed experts from disk into bounded banks, or keep all resident. "
+        "Default: stream only when the model would not fit in memory.",
+    ),
+]
+ExpertBudget = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(help="Memory for streamed experts, e.g. 1GB or 512MiB (implies --streaming)."),
+]
+Prefill = Annotated[
+    str,
+    typer.Option(help="Streaming prefill: transient (keep the decode bank) or resident."),
+]
+
+
+def load_model(
+    path: Path | str,
+    arch: str | None,
+    dtype: str | None,
+    streaming: bool | None,
+    budget: str | None,
+    prefill: str,
+) -> Any:
+    """``load_moe`` with a progress bar on a terminal."""
+    from mach.io.load import load_moe
+
+    if prefill not in ("transient", "resident"):
+        raise ValueError(f"--prefill must be transient or resident, got {prefill!r}")
+    kwargs: dict[str, Any] = {"arch": arch, "dtype": dtype, "streaming": streaming,
+                              "expert_budget": budget, "prefill": prefill}  # fmt: skip
+    if not sys.stderr.isatty():
+        return load_moe(path, **kwargs)
+    with typer.progressbar(length=1, label="loading", file=sys.stderr) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.length = total
+            bar.update(done - bar.pos)
+
+        return load_moe(path, progress=progress, **kwargs)
+
+
+def store_report(stats: dict[str, Any], tokens: int) -> dict[str, Any]:
+    """Streaming figures for a run of ``tokens`` tokens (empty for resident stores)."""
+    if stats.get("kind") != "streaming":
+        return {}
+    return {
+        "hit_rate": stats["hit_rate"],
+        "bytes_read": stats["bytes_read"],
+        "bytes_read_per_token": stats["bytes_read"] / tokens if tokens else 0.0,
+        "read_gbps": stats["read_gbps"],
+        "slots_per_layer": stats["slots_per_layer"],
+        "budget_bytes": stats["budget_bytes"],
+        "expert_bytes_on_disk": stats["expert_bytes_on_disk"],
+    }
+
+
+def store_line(report: dict[str, Any]) -> str:
+    return (
+        f"experts: hit rate {report['hit_rate']:.1%} | read {report['bytes_read'] / 1e6:.1f} MB "
+        f"({report['bytes_read_per_token'] / 1e6:.2f} MB/token) at {report['read_gbps']:.2f} GB/s "
+        f"| {report['slots_per_layer']} slots/layer in {report['budget_bytes'] / 1e9:.3f} GB"
+    )
