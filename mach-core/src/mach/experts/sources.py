@@ -82,8 +82,8 @@ class LayerSource:
         for piece in self.pieces.values():
             if len(piece.offsets) != e:
                 raise ShapeMismatchError(
-                    f"{piece.files[0]}: {self.prefix}.{piece.part} has {len(piece.offsets)} experts, "
-                    f"config implies {e}"
+                    f"{piece.files[0]}: {self.prefix}.{piece.part} has {len(piece.offsets)} "
+                    f"experts, config implies {e}"
                 )
         for proj, out_dims, in_dims in (
             ("gate_proj", h, d),

@@ -1,4 +1,4 @@
-"""``convert``: write a checkpoint in mach's engine format (sidecar experts), optionally quantized."""
+"""``convert``: write a checkpoint in mach's engine format (sidecar experts), maybe quantized."""
 
 from __future__ import annotations
 
