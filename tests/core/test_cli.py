@@ -96,3 +96,35 @@ def test_generate_without_tokenizer_names_the_file(tmp_path: Path) -> None:
     result = mach("generate", str(target))
     assert result.returncode == 1
     assert "tokenizer.json is missing" in result.stderr
+
+
+def test_convert_then_stream_from_the_cli(tmp_path: Path) -> None:
+    target = tmp_path / "engine"
+    result = mach("convert", str(FIXTURE), str(target), "--bits", "4")
+    assert result.returncode == 0, result.stderr
+    assert (target / "expert_sidecar" / "index.json").is_file()
+    again = mach("convert", str(FIXTURE), str(target))
+    assert again.returncode == 1 and "already exists" in again.stderr
+    run = mach("generate", str(target), "-n", "6", "--expert-budget", "200KB", "--json")
+    assert run.returncode == 0, run.stderr
+    experts = json.loads(run.stdout)["experts"]
+    assert 0 <= experts["hit_rate"] <= 1 and experts["bytes_read_per_token"] > 0
+    streamed = mach("generate", str(target), "-n", "6", "--expert-budget", "200KB")
+    assert "experts: hit rate" in streamed.stderr and "MB/token" in streamed.stderr
+
+
+def test_bench_reports_speed_and_expert_traffic() -> None:
+    args = ["bench", "--prompt-tokens", "16", "--tokens", "8", "--repeats", "1"]
+    result = mach(*args, "--expert-budget", "10MB", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["store"] == "streaming" and report["generation_tps"] > 0
+    assert report["experts"]["bytes_read"] > 0
+    text = mach(*args, "--no-streaming")
+    assert text.returncode == 0 and "resident store" in text.stdout and "decode" in text.stdout
+
+
+def test_too_small_budget_is_one_clear_line() -> None:
+    result = mach("generate", "-n", "2", "--expert-budget", "1KB")
+    assert result.returncode == 1
+    assert "give at least" in result.stderr and "Traceback" not in result.stderr

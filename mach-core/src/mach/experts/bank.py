@@ -239,6 +239,7 @@ class BankCache(ExpertStore):
         self.reader = reader or ExpertReader()
         self.budget = budget
         per_slot = sum(_slot_bytes(s) for s in sources.values())
+        self.slot_bytes = per_slot
         slots = slots_for(budget, sources)
         top_k = max(s.spec.top_k for s in sources.values()) if sources else 1
         experts = max((s.spec.num_experts for s in sources.values()), default=1)
@@ -268,6 +269,7 @@ class BankCache(ExpertStore):
             "kind": self.kind,
             "layers": len(self.layers),
             "slots_per_layer": self.slots,
+            "bytes_per_slot": self.slot_bytes,
             "budget_bytes": self.budget,
             "bytes_resident": self.nbytes,
             "expert_bytes_on_disk": self.expert_bytes,
