@@ -22,6 +22,7 @@ SHAPE = {"hidden_size": 256, "num_hidden_layers": 4, "num_experts": 64, "num_exp
 
 
 def run(path: Path, **kwargs: object) -> tuple[int, int, dict[str, object]]:
+    mx.synchronize()
     mx.clear_cache()
     base = mx.get_active_memory()
     mx.reset_peak_memory()
