@@ -79,7 +79,8 @@ class TargetEngine(DecodeEngine):
         mx.reset_peak_memory()
         start = time.perf_counter()
         tokens = mx.array(list(prompt), dtype=mx.uint32)
-        history = tokens[-params.repetition_context :][None] if params.repetition_context else None
+        penalised = params.repetition_penalty != 1.0 and params.repetition_context > 0
+        history = tokens[-params.repetition_context :][None] if penalised else None
 
         def step(last: mx.array) -> mx.array:
             nonlocal history

@@ -135,7 +135,8 @@ def build_store(
                         weights[f"{prefix}.{name}"] = mx.stack([piece.to_mx(r[name]) for r in raws])
             finally:
                 reader.close()
-        return ResidentStackedExpertCache.from_weights(weights, switches, where)
+        fuse = os.environ.get("MACH_FUSE_GATE_UP", "1") not in ("0", "false", "no", "off")
+        return ResidentStackedExpertCache.from_weights(weights, switches, where, fuse)
     for name in expert_names:
         weights.pop(name, None)
     if not sidecar:
