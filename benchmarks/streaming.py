@@ -75,17 +75,24 @@ def write_model(root: Path, layers: int, hidden: int, experts: int, inter: int) 
             tensors[f"{p}.post_attention_layernorm.weight"] = np.ones(hidden, np.float32)
             tensors[f"{p}.self_attn.q_norm.weight"] = np.ones(hd, np.float32)
             tensors[f"{p}.self_attn.k_norm.weight"] = np.ones(hd, np.float32)
-            for name, shape in (("q_proj", (heads * hd, hidden)), ("k_proj", (kv * hd, hidden)),
-                                ("v_proj", (kv * hd, hidden)), ("o_proj", (hidden, heads * hd))):
+            for name, shape in (
+                ("q_proj", (heads * hd, hidden)),
+                ("k_proj", (kv * hd, hidden)),
+                ("v_proj", (kv * hd, hidden)),
+                ("o_proj", (hidden, heads * hd)),
+            ):
                 quantized(f"{p}.self_attn.{name}", mat(*shape), tensors)
             gate = mat(experts, hidden) * 4.0
             q, s, b = mx.quantize(gate, group_size=64, bits=8)
             tensors[f"{p}.mlp.gate.weight"] = np.array(q)
-            tensors[f"{p}.mlp.gate.scales"], tensors[f"{p}.mlp.gate.biases"] = np.array(s), np.array(b)
+            tensors[f"{p}.mlp.gate.scales"] = np.array(s)
+            tensors[f"{p}.mlp.gate.biases"] = np.array(b)
             config["quantization"][f"{p}.mlp.gate"] = {"group_size": 64, "bits": 8}
-            for name, shape in (("gate_proj", (experts, inter, hidden)),
-                                ("up_proj", (experts, inter, hidden)),
-                                ("down_proj", (experts, hidden, inter))):
+            for name, shape in (
+                ("gate_proj", (experts, inter, hidden)),
+                ("up_proj", (experts, inter, hidden)),
+                ("down_proj", (experts, hidden, inter)),
+            ):
                 quantized(f"{p}.mlp.switch_mlp.{name}", mat(*shape), tensors)
         shard = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
         save_file(tensors, str(root / shard), metadata={"format": "mlx"})
@@ -132,7 +139,8 @@ def run_mach(path: Path, prompt: list[int], n: int, **kwargs: Any) -> dict[str, 
     before = store.stats()
     ids, tps = timed(e.token for e in engine.stream(prompt, params) if e.token is not None)
     after = store.stats()
-    result: dict[str, Any] = {"decode_tps": tps, "tokens": ids, "peak_gb": mx.get_peak_memory() / 1e9}
+    peak = mx.get_peak_memory() / 1e9
+    result: dict[str, Any] = {"decode_tps": tps, "tokens": ids, "peak_gb": peak}
     if after["kind"] == "streaming":
         hits, misses = after["hits"] - before["hits"], after["misses"] - before["misses"]
         read = after["bytes_read"] - before["bytes_read"]
@@ -193,7 +201,7 @@ def main() -> None:
     if not args.quick:
         rows.append(("mlx-lm resident", run_mlx_lm(stacked, prompt, args.tokens)))
     rows.append(("mach resident", run_mach(sidecar, prompt, args.tokens, streaming=False)))
-    for share in ([0.25, 0.10] if args.quick else [0.5, 0.25, 0.10]):
+    for share in [0.25, 0.10] if args.quick else [0.5, 0.25, 0.10]:
         if args.drop_cache:
             drop_cache(sidecar)
         budget = int(expert_bytes * share)
@@ -203,7 +211,8 @@ def main() -> None:
     baseline = rows[0][1]
     for name, r in rows:
         same = sum(1 for a, b in zip(r["tokens"], baseline["tokens"], strict=False) if a == b)
-        line = (f"{name:22s} decode {r['decode_tps']:7.2f} tok/s  x{r['decode_tps'] / baseline['decode_tps']:.2f}"
+        ratio = r["decode_tps"] / baseline["decode_tps"]
+        line = (f"{name:22s} decode {r['decode_tps']:7.2f} tok/s  x{ratio:.2f}"
                 f"  peak {r['peak_gb']:.2f} GB  same tokens {same}/{len(r['tokens'])}")  # fmt: skip
         if "hit_rate" in r:
             line += (f"  hit {r['hit_rate']:.1%}  {r['mb_per_token']:.1f} MB/token  "
