@@ -157,3 +157,29 @@ def test_failed_convert_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError):
         convert(source, tmp_path / "out")
     assert [p.name for p in tmp_path.iterdir()] == ["broken"]
+
+
+def test_streaming_embedding_reads_rows_on_demand() -> None:
+    ref = reference("per-expert")
+    model, _, _, _ = load_moe(FAMILY / "hf-per-expert", streaming_embedding=True)
+    embed = model.model.embed_tokens
+    assert type(embed).__name__ == "StreamingEmbedding"
+    logits = np.array(model(mx.array(ref["input_ids"])))
+    assert np.abs(logits - ref["logits"]).max() <= 1e-4
+    assert embed.rows_read == len(np.unique(ref["input_ids"]))
+
+
+@pytest.mark.parametrize(("layout", "message"), [("hf-tied", "tied"), ("mlx-q4", "plain float")])
+def test_streaming_embedding_refuses_what_it_cannot_stream(layout: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_moe(FAMILY / layout, streaming_embedding=True)
+
+
+def test_environment_switch_selects_the_legacy_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LME_USE_GATHER_DISPATCH", "0")
+    model, _, _, _ = load_moe(FAMILY / "mlx-q4")
+    switch = model.layers[0].mlp.switch_mlp
+    assert type(switch).__name__ == "DiskSwitchGLU"
+    ref = reference("stacked-q4")
+    assert np.abs(np.array(model(mx.array(ref["input_ids"]))) - ref["logits"]).max() <= 1e-4
+    assert switch.stats()["expert_runs"] > 0

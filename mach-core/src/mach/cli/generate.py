@@ -14,6 +14,7 @@ from mach.cli.residency import (
     ExpertBudget,
     Prefill,
     Streaming,
+    StreamingEmbedding,
     load_model,
     store_line,
     store_report,
@@ -70,6 +71,7 @@ def generate_command(
     streaming: Streaming = None,
     expert_budget: ExpertBudget = None,
     prefill: Prefill = "transient",
+    streaming_embedding: StreamingEmbedding = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Generate text from a prompt with a MoE checkpoint."""
@@ -103,7 +105,9 @@ def generate_command(
             )
     else:
         path = model
-    net, tokenizer, store, cache = load_model(path, arch, dtype, streaming, expert_budget, prefill)
+    net, tokenizer, store, cache = load_model(
+        path, arch, dtype, streaming, expert_budget, prefill, streaming_embedding
+    )
     if tokenizer is None:
         raise MachError(
             f"{path}: tokenizer.json is missing, so text cannot be encoded; copy the "

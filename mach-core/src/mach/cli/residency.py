@@ -20,6 +20,10 @@ ExpertBudget = Annotated[
     Optional[str],  # noqa: UP045
     typer.Option(help="Memory for streamed experts, e.g. 1GB or 512MiB (implies --streaming)."),
 ]
+StreamingEmbedding = Annotated[
+    bool,
+    typer.Option(help="Read token-embedding rows from disk on demand (untied embeddings)."),
+]
 Prefill = Annotated[
     str,
     typer.Option(help="Streaming prefill: transient (keep the decode bank) or resident."),
@@ -33,6 +37,7 @@ def load_model(
     streaming: bool | None,
     budget: str | None,
     prefill: str,
+    streaming_embedding: bool = False,
 ) -> Any:
     """``load_moe`` with a progress bar on a terminal."""
     from mach.io.load import load_moe
@@ -40,7 +45,8 @@ def load_model(
     if prefill not in ("transient", "resident"):
         raise ValueError(f"--prefill must be transient or resident, got {prefill!r}")
     kwargs: dict[str, Any] = {"arch": arch, "dtype": dtype, "streaming": streaming,
-                              "expert_budget": budget, "prefill": prefill}  # fmt: skip
+                              "expert_budget": budget, "prefill": prefill,
+                              "streaming_embedding": streaming_embedding}  # fmt: skip
     if not sys.stderr.isatty():
         return load_moe(path, **kwargs)
     with typer.progressbar(length=1, label="loading", file=sys.stderr) as bar:

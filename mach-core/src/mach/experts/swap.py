@@ -21,7 +21,7 @@ def find_switches(model: nn.Module) -> dict[str, SwitchSpec]:
     }
 
 
-def _set_child(root: nn.Module, path: str, child: nn.Module) -> None:
+def set_child(root: nn.Module, path: str, child: nn.Module) -> None:
     *parents, leaf = path.split(".")
     node: Any = root
     for part in parents:
@@ -50,6 +50,6 @@ def swap_switch_mlp(
     bound: list[GatherSwitchGLU | DiskSwitchGLU] = []
     for path, spec in find_switches(model).items():
         module = kind(spec, store.layer(path))
-        _set_child(model, path, module)
+        set_child(model, path, module)
         bound.append(module)
     return bound

@@ -93,6 +93,27 @@ def _check_shapes(
         )
 
 
+def _stream_embeddings(model: nn.Module, weights: dict[str, mx.array], ckpt: Checkpoint) -> None:
+    from mach.experts.swap import set_child
+    from mach.layers.streaming_embedding import StreamingEmbedding
+
+    if ckpt.config.get("tie_word_embeddings"):
+        raise ValueError(
+            "the token embedding is tied to the output head, which needs the whole table in "
+            "memory; streaming_embedding applies to untied embeddings only"
+        )
+    found = [path for path, m in model.named_modules() if isinstance(m, nn.Embedding)]
+    for path in found:
+        info = ckpt.tensors.get(f"{path}.weight")
+        if info is None or f"{path}.scales" in weights:
+            raise ValueError(
+                f"{path} is not stored as a plain float table under its own name in "
+                f"{ckpt.path}; streaming_embedding needs one"
+            )
+        weights.pop(f"{path}.weight")
+        set_child(model, path, StreamingEmbedding(info))
+
+
 def load_moe(
     checkpoint: str | os.PathLike[str],
     arch: str | None = None,
@@ -104,6 +125,7 @@ def load_moe(
     prefill: PrefillMode = "transient",
     gather_dispatch: bool | None = None,
     verify_experts: bool = True,
+    streaming_embedding: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[nn.Module, Tokenizer | None, ExpertStore, SequenceCache]:
     """Load a MoE checkpoint: ``(model, tokenizer, store, cache)``.
@@ -123,7 +145,8 @@ def load_moe(
     prompt chunks stream their experts through a temporary set (``transient``, keeping the decode
     working set) or through the bank (``resident``). ``gather_dispatch=False`` selects the legacy
     per-expert loop (default: ``LME_USE_GATHER_DISPATCH``). ``verify_experts`` checks each sidecar
-    record's CRC-32 as it is read.
+    record's CRC-32 as it is read. ``streaming_embedding`` leaves an untied, unquantized token
+    embedding on disk and reads the rows each call needs.
     """
     if dtype is not None and dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
@@ -152,6 +175,8 @@ def load_moe(
         prefill=prefill,
         verify=verify_experts,
     )
+    if streaming_embedding:
+        _stream_embeddings(model, weights, ckpt)
     quantize_modules(model, ckpt.config, frozenset(weights))
     _check_shapes(model, weights, ckpt, where)
 
