@@ -6,16 +6,16 @@ import mlx.core as mx
 
 
 def softmax_topk(logits: mx.array, k: int, normalize: bool) -> tuple[mx.array, mx.array]:
-    """Softmax over all experts in float32, keep the top ``k``, optionally renormalise.
+    """Softmax over all experts (accumulated in float32), keep the top ``k``, maybe renormalise.
 
     Returns ``(indices, weights)``, both ``[..., k]``; weights are in the logits' dtype.
     """
-    scores = mx.softmax(logits.astype(mx.float32), axis=-1)
-    indices = mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k]
+    scores = mx.softmax(logits, axis=-1, precise=True)
+    indices = mx.argpartition(scores, kth=-k, axis=-1)[..., -k:]
     weights = mx.take_along_axis(scores, indices, axis=-1)
     if normalize:
         weights = weights / weights.sum(axis=-1, keepdims=True)
-    return indices, weights.astype(logits.dtype)
+    return indices, weights
 
 
 def topk_softmax(logits: mx.array, k: int) -> tuple[mx.array, mx.array]:
