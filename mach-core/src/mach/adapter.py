@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     import mlx.nn as nn
 
     from mach.cache.base import LayerCache
+    from mach.decode.tool_calls import ParsedToolCall
 
 KvCacheKind = Literal["standard", "hybrid_gdn", "compressed", "rotating"]
 SpecDecKind = Literal["specdec_v7", "mtp_eagle3"]
@@ -74,6 +75,12 @@ class MoeArchAdapter(ABC):
         ``None`` (the default) means they must be converted first.
         """
         return None
+
+    def parse_tool_calls(self, text: str) -> tuple[str, list[ParsedToolCall]]:
+        """Content and tool calls in generated text; the default reads ``<tool_call>`` JSON."""
+        from mach.decode.tool_calls import parse_tool_calls
+
+        return parse_tool_calls(text)
 
     def classify_layout(self, tensor_names: Iterable[str]) -> ExpertLayout:
         """Whether the checkpoint stores routed experts per expert or stacked on axis 0."""

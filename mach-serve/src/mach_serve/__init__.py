@@ -1,3 +1,6 @@
-"""mach-serve: the OpenAI-compatible HTTP server; it adds no command yet."""
+"""mach-serve: mach's OpenAI-compatible HTTP server."""
 
-__all__: list[str] = []
+from mach_serve.app import create_app
+from mach_serve.server import build_state, run
+
+__all__ = ["build_state", "create_app", "run"]

@@ -82,14 +82,25 @@ class TargetEngine(DecodeEngine):
         penalised = params.repetition_penalty != 1.0 and params.repetition_context > 0
         history = tokens[-params.repetition_context :][None] if penalised else None
 
-        def step(last: mx.array) -> mx.array:
+        want_logprobs = params.logprobs is not None
+        top_n = params.logprobs or 0
+
+        def step(last: mx.array) -> tuple[mx.array, ...]:
             nonlocal history
             logits = self.model(last[None], cache=cache)[:, -1, :]
             token = sampler(logits, history)
             if history is not None:
                 history = mx.concatenate([history, token[None]], axis=1)
                 history = history[:, -params.repetition_context :]
-            return token
+            if not want_logprobs:
+                return (token,)
+            logprobs = logits.astype(mx.float32)
+            logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+            chosen = mx.take_along_axis(logprobs, token[:, None], axis=-1)
+            if not top_n:
+                return token, chosen
+            top = mx.argpartition(-logprobs, kth=top_n - 1, axis=-1)[:, :top_n]
+            return token, chosen, top, mx.take_along_axis(logprobs, top, axis=-1)
 
         if params.max_tokens == 0:
             stats.prompt_seconds = time.perf_counter() - start
@@ -104,9 +115,9 @@ class TargetEngine(DecodeEngine):
         while generated < params.max_tokens:
             current = pending
             if generated + 1 < params.max_tokens:
-                pending = step(current)
+                pending = step(current[0])
                 mx.async_eval(pending)
-            token = int(current.item())  # type: ignore[arg-type]
+            token = int(current[0].item())  # type: ignore[arg-type]
             if generated == 0:
                 decode_start = time.perf_counter()
                 stats.prompt_seconds = stats.time_to_first_token = decode_start - start
@@ -116,7 +127,15 @@ class TargetEngine(DecodeEngine):
                 break
             text = detok.add_token(token) if detok is not None else ""
             emitted = matcher.feed(text)
-            yield TokenEvent(token, emitted)
+            event = TokenEvent(token, emitted)
+            if want_logprobs:
+                event.logprob = float(current[1].item())  # type: ignore[arg-type]
+                if top_n:
+                    ids: list[int] = current[2][0].tolist()  # type: ignore[assignment]
+                    values: list[float] = current[3][0].tolist()  # type: ignore[assignment]
+                    pairs = sorted(zip(ids, values, strict=True), key=lambda p: -p[1])
+                    event.top_logprobs = pairs
+            yield event
             if matcher.stopped:
                 finish = "stop"
                 break

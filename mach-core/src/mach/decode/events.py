@@ -45,6 +45,10 @@ class TokenEvent:
     text: str
     finish_reason: FinishReason | None = None
     stats: GenerationStats | None = None
+    logprob: float | None = None
+    """Log-probability of ``token`` (when ``SamplingParams.logprobs`` is set)."""
+    top_logprobs: list[tuple[int, float]] | None = None
+    """The most likely tokens at this step and their log-probabilities, best first."""
 
 
 @dataclass

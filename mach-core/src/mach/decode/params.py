@@ -24,6 +24,8 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    logprobs: int | None = None
+    """Report each token's log-probability and this many top alternatives (0-20)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -39,6 +41,8 @@ class SamplingParams:
             problems.append(f"min_p must be in [0, 1), got {self.min_p}")
         if self.repetition_penalty <= 0:
             problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            problems.append(f"logprobs must be between 0 and 20, got {self.logprobs}")
         if any(not s for s in self.stop):
             problems.append("stop strings must not be empty")
         if problems:

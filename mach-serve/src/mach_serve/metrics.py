@@ -1,0 +1,40 @@
+"""Counters the server exposes at ``/metrics`` in Prometheus text format."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Metrics:
+    requests: Counter[tuple[str, int]] = field(default_factory=Counter)
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    last_generation_tps: float = 0.0
+    cancelled: int = 0
+
+    def render(self, queue_depth: int, store: dict[str, Any]) -> str:
+        lines = [
+            "# HELP mach_requests_total Requests by endpoint and status.",
+            "# TYPE mach_requests_total counter",
+        ]
+        for (endpoint, status), count in sorted(self.requests.items()):
+            lines.append(f'mach_requests_total{{endpoint="{endpoint}",status="{status}"}} {count}')
+        rows = [
+            ("mach_prompt_tokens_total", "counter", "Prompt tokens processed.", self.prompt_tokens),
+            ("mach_generated_tokens_total", "counter", "Tokens generated.", self.generated_tokens),
+            ("mach_generation_tokens_per_second", "gauge", "Decode rate of the last request.",
+             self.last_generation_tps),
+            ("mach_cancelled_requests_total", "counter", "Generations stopped by a disconnect.",
+             self.cancelled),
+            ("mach_queue_depth", "gauge", "Requests waiting or running.", queue_depth),
+            ("mach_expert_hit_rate", "gauge", "Expert bank hit rate (streaming stores).",
+             store.get("hit_rate", 1.0)),
+            ("mach_expert_bytes_read_total", "counter", "Expert bytes read from disk.",
+             store.get("bytes_read", 0)),
+        ]  # fmt: skip
+        for name, kind, help_text, value in rows:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+        return "\n".join(lines) + "\n"

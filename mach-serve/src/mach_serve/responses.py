@@ -1,0 +1,99 @@
+"""OpenAI response bodies and SSE chunks built from mach's token events."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from mach.decode.events import GenerationStats, TokenEvent
+from mach.decode.tool_calls import TOOL_CALL_OPEN, ParsedToolCall
+from mach.tokenizer.tokenizer import Tokenizer
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(stats: GenerationStats) -> dict[str, int]:
+    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generation_tokens,
+            "total_tokens": stats.prompt_tokens + stats.generation_tokens}  # fmt: skip
+
+
+def tool_calls_json(calls: list[ParsedToolCall]) -> list[dict[str, Any]]:
+    return [
+        {"index": i, "id": new_id("call"), "type": "function",
+         "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
+        for i, c in enumerate(calls)
+    ]  # fmt: skip
+
+
+def chat_logprobs(tokenizer: Tokenizer, events: list[TokenEvent]) -> dict[str, Any]:
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        text = tokenizer.decode([token], skip_special_tokens=False)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    content = []
+    for e in events:
+        if e.token is None or e.logprob is None:
+            continue
+        item = entry(e.token, e.logprob)
+        item["top_logprobs"] = [entry(t, lp) for t, lp in e.top_logprobs or []]
+        content.append(item)
+    return {"content": content}
+
+
+def completion_logprobs(tokenizer: Tokenizer, events: list[TokenEvent]) -> dict[str, Any]:
+    tokens, values, tops, offsets, offset = [], [], [], [], 0
+    for e in events:
+        if e.token is None or e.logprob is None:
+            continue
+        text = tokenizer.decode([e.token], skip_special_tokens=False)
+        tokens.append(text)
+        values.append(e.logprob)
+        tops.append({tokenizer.decode([t], skip_special_tokens=False): lp
+                     for t, lp in e.top_logprobs or []})  # fmt: skip
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops,
+            "text_offset": offsets}  # fmt: skip
+
+
+class ToolCallSplitter:
+    """Streams content until a tool-call block starts; keeps the rest for parsing at the end."""
+
+    def __init__(self) -> None:
+        self.held = ""
+        self.tail = ""
+        self.in_call = False
+
+    def feed(self, delta: str) -> str:
+        if self.in_call:
+            self.tail += delta
+            return ""
+        text = self.held + delta
+        start = text.find(TOOL_CALL_OPEN)
+        if start >= 0:
+            self.in_call, self.held, self.tail = True, "", text[start:]
+            return text[:start]
+        keep = next((n for n in range(len(TOOL_CALL_OPEN) - 1, 0, -1)
+                     if text.endswith(TOOL_CALL_OPEN[:n])), 0)  # fmt: skip
+        self.held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep]
+
+    def finish(self) -> str:
+        held, self.held = self.held, ""
+        return held
+
+
+def chunk(cid: str, model: str, created: int, delta: dict[str, Any], finish: str | None,
+          logprobs: dict[str, Any] | None = None) -> str:  # fmt: skip
+    body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
+                         "finish_reason": finish}]}  # fmt: skip
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def now() -> int:
+    return int(time.time())

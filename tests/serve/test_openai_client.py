@@ -1,0 +1,120 @@
+"""The official openai client against a real server: chat, completions, streaming, tools."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from openai import OpenAI
+
+from tests.serve.conftest import Running
+
+PROMPT = [{"role": "user", "content": "Write a function that adds two numbers."}]
+
+
+@pytest.fixture
+def client(served: Running) -> OpenAI:
+    return OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0)
+
+
+def test_models_lists_the_served_model(client: OpenAI, served: Running) -> None:
+    assert [m.id for m in client.models.list().data] == [served.state.model_id]
+
+
+def test_chat_non_streaming(client: OpenAI, served: Running) -> None:
+    reply = client.chat.completions.create(
+        model=served.state.model_id, messages=PROMPT, max_tokens=24, temperature=0
+    )
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert reply.usage is not None and reply.usage.completion_tokens <= 24
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_chat_streaming_equals_non_streaming(client: OpenAI, served: Running) -> None:
+    args = {"model": served.state.model_id, "messages": PROMPT, "max_tokens": 24, "temperature": 0}
+    whole = client.chat.completions.create(**args).choices[0].message.content
+    parts, usage, finish = [], None, None
+    for event in client.chat.completions.create(
+        **args, stream=True, stream_options={"include_usage": True}
+    ):
+        if event.usage is not None:
+            usage = event.usage
+        for choice in event.choices:
+            parts.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert "".join(parts) == whole
+    assert usage is not None and usage.completion_tokens > 0 and finish in ("stop", "length")
+
+
+def test_completions_sync_and_streaming(client: OpenAI, served: Running) -> None:
+    args = {"model": served.state.model_id, "prompt": "def fibonacci(n):", "max_tokens": 16,
+            "temperature": 0}  # fmt: skip
+    text = client.completions.create(**args).choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**args, stream=True)
+                       if c.choices)  # fmt: skip
+    assert text and streamed == text
+
+
+def test_seeded_sampling_repeats(client: OpenAI, served: Running) -> None:
+    args = {"model": served.state.model_id, "messages": PROMPT, "max_tokens": 16,
+            "temperature": 0.9, "top_p": 0.95, "seed": 11}  # fmt: skip
+    first = client.chat.completions.create(**args).choices[0].message.content
+    assert client.chat.completions.create(**args).choices[0].message.content == first
+
+
+def test_logprobs(client: OpenAI, served: Running) -> None:
+    reply = client.chat.completions.create(
+        model=served.state.model_id, messages=PROMPT, max_tokens=4, temperature=0,
+        logprobs=True, top_logprobs=3,
+    )  # fmt: skip
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    for item in content:
+        assert item.logprob <= 0 and len(item.top_logprobs) == 3
+        assert item.top_logprobs[0].logprob >= item.logprob - 1e-6
+
+
+def test_stop_sequence(client: OpenAI, served: Running) -> None:
+    args = {"model": served.state.model_id, "prompt": "import os\n", "max_tokens": 24,
+            "temperature": 0}  # fmt: skip
+    free = client.completions.create(**args).choices[0].text
+    stop = free.strip()[:3]
+    cut = client.completions.create(**args, stop=[stop]).choices[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text
+
+
+TOOLS = [{"type": "function", "function": {
+    "name": "add", "description": "Add two integers",
+    "parameters": {"type": "object", "properties": {"a": {"type": "integer"},
+                                                    "b": {"type": "integer"}}}}}]  # fmt: skip
+
+
+def test_tool_call_round_trip(client: OpenAI, served: Running) -> None:
+    messages = [
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "add", "arguments": json.dumps({"a": 2, "b": 3})}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "5"},
+    ]  # fmt: skip
+    reply = client.chat.completions.create(
+        model=served.state.model_id, messages=messages, tools=TOOLS, max_tokens=12,
+        temperature=0,
+    )  # fmt: skip
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    prompt_with_tools = reply.usage.prompt_tokens
+    plain = client.chat.completions.create(
+        model=served.state.model_id, messages=messages, max_tokens=1, temperature=0
+    )
+    assert prompt_with_tools > plain.usage.prompt_tokens  # the tool schema reached the template
+
+
+def test_json_response_format_is_accepted(client: OpenAI, served: Running) -> None:
+    reply = client.chat.completions.create(
+        model=served.state.model_id, messages=PROMPT, max_tokens=8, temperature=0,
+        response_format={"type": "json_object"},
+    )  # fmt: skip
+    assert reply.choices[0].message.content is not None
