@@ -54,7 +54,7 @@ def served() -> Iterator[Running]:
 
 def serve_with(**options: Any) -> Iterator[Running]:
     app_options = {k: options.pop(k) for k in ("cors_origins",) if k in options}
-    state = build_state(None, **options)
+    state = build_state(options.pop("model", None), **options)
     server, thread, url = start(state, **app_options)
     try:
         yield Running(url, state)
