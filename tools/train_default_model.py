@@ -47,6 +47,7 @@ SPECIALS = [
     "</tool_response>",
     "<|mask|>",
 ]
+TEXT_TAGS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
 CONFIG: dict[str, Any] = {
     "vocab_size": VOCAB,
     "hidden_size": 256,
@@ -150,6 +151,12 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
     tok_dir = work / "tokenizer"
     tok_dir.mkdir(exist_ok=True)
     tok.save(str(tok_dir / "tokenizer.json"))
+    # Tool-call tags are text a caller parses, not control tokens: decoding must keep them.
+    saved = json.loads((tok_dir / "tokenizer.json").read_text())
+    for added in saved["added_tokens"]:
+        added["special"] = added["content"] not in TEXT_TAGS
+    (tok_dir / "tokenizer.json").write_text(json.dumps(saved, ensure_ascii=False))
+    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
     tok_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": None,
