@@ -72,7 +72,10 @@ def chat_prompt(state: ServerState, req: ChatCompletionRequest) -> list[int]:
     messages = [_message_dict(m) for m in req.messages]
     if req.response_format is not None and req.response_format.type != "text":
         # Best effort: ask for JSON in words; output is not constrained.
-        messages.insert(0, {"role": "system", "content": JSON_HINT})
+        if messages[0]["role"] == "system":
+            messages[0]["content"] = f"{messages[0]['content']}\n\n{JSON_HINT}".strip()
+        else:
+            messages.insert(0, {"role": "system", "content": JSON_HINT})
     tools = req.tools if req.tool_choice != "none" else None
     try:
         text = state.tokenizer.apply_chat_template(messages, tools=tools)
