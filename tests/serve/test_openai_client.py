@@ -118,3 +118,17 @@ def test_json_response_format_is_accepted(client: OpenAI, served: Running) -> No
         response_format={"type": "json_object"},
     )  # fmt: skip
     assert reply.choices[0].message.content is not None
+
+
+def test_json_hint_joins_the_system_message(served: Running) -> None:
+    import msgspec
+
+    from mach_serve.requests import JSON_HINT, chat_prompt
+    from mach_serve.schemas import ChatCompletionRequest
+
+    body = {"messages": [{"role": "system", "content": "Be terse."},
+                         {"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_object"}}  # fmt: skip
+    req = msgspec.convert(body, ChatCompletionRequest)
+    text = served.state.tokenizer.decode(chat_prompt(served.state, req), skip_special_tokens=False)
+    assert "Be terse." in text and JSON_HINT in text
