@@ -39,6 +39,7 @@ def test_serve_answers_and_stops_gracefully() -> None:
         assert health.json()["model"] == "tiny"
         caps = httpx.get(f"http://127.0.0.1:{port}/v1/capabilities").json()
         assert caps["arch"]["name"] == "qwen3_moe" and caps["arch"]["distribution"]
+        assert caps["checkpoint"]["loads"] and caps["checkpoint"]["arch_summary"] == caps["arch"]
         reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
                            json={"prompt": "import os", "max_tokens": 4})  # fmt: skip
         assert reply.status_code == 200

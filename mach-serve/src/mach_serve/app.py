@@ -264,6 +264,7 @@ def create_app(state: ServerState, cors_origins: list[str] | None = None) -> Sta
                 "prefix_cache": False, "expert_store": state.store.kind,
             },
             "arch": arch_summary(state.adapter),
+            "checkpoint": state.checkpoint,
         })  # fmt: skip
 
     routes = [

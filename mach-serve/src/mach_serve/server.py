@@ -52,7 +52,10 @@ def build_state(
     config = json.loads((path / "config.json").read_text())
     adapter = detect_arch(config, open_checkpoint(path).tensor_names, arch)
     engine = TargetEngine(net, tokenizer, cache.new)
+    from mach.check import check_checkpoint
+
     return ServerState(
+        checkpoint=check_checkpoint(path, options.get("expert_budget")).to_dict(),
         model_id=name,
         tokenizer=tokenizer,
         adapter=adapter,

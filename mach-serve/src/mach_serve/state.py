@@ -21,6 +21,8 @@ class ServerState:
     store: ExpertStore
     worker: ModelWorker
     context_length: int
+    checkpoint: dict[str, Any] = field(default_factory=dict)
+    """``mach check``'s report for the served checkpoint."""
     api_key: str | None = None
     max_body_bytes: int = 4 * 2**20
     created: int = field(default_factory=lambda: int(time.time()))

@@ -37,10 +37,11 @@ def reports_errors(func: F) -> F:
 
 
 def _register_commands() -> None:
-    from mach.cli import archs, bench, convert, generate
+    from mach.cli import archs, bench, check, convert, generate
 
     archs.register(app)
     bench.register(app)
+    check.register(app)
     convert.register(app)
     generate.register(app)
     from mach import plugins

@@ -135,7 +135,7 @@ class ResidentStackedExpertCache(ExpertStore):
     kind = "resident"
 
     def __init__(self, layers: dict[str, ResidentLayer]) -> None:
-        self._layers = layers
+        self.layers = layers
 
     @classmethod
     def from_weights(
@@ -164,17 +164,17 @@ class ResidentStackedExpertCache(ExpertStore):
 
     def materialize(self, progress: Callable[[int], None] | None = None) -> None:
         """Read every expert into memory, one layer at a time to bound the transient peak."""
-        for layer in self._layers.values():
+        for layer in self.layers.values():
             mx.eval(layer.weights.arrays())
             if progress is not None:
                 progress(layer.nbytes)
 
     def layer(self, prefix: str) -> LayerExperts:
-        return self._layers[prefix]
+        return self.layers[prefix]
 
     @property
     def nbytes(self) -> int:
-        return sum(layer.nbytes for layer in self._layers.values())
+        return sum(layer.nbytes for layer in self.layers.values())
 
     def stats(self) -> dict[str, Any]:
-        return {"kind": self.kind, "layers": len(self._layers), "bytes_resident": self.nbytes}
+        return {"kind": self.kind, "layers": len(self.layers), "bytes_resident": self.nbytes}

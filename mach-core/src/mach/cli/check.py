@@ -1,0 +1,66 @@
+"""``mach check``: what each checkpoint can run, from its headers alone."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Optional
+
+import typer
+
+from mach.cli import reports_errors
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _row(r: dict[str, Any]) -> list[str]:
+    if not r["loads"]:
+        return [r["path"], "-", "-", "-", "-", "-", "-", "-", "cannot load: " + r["diagnosis"]]
+    stream = r["residency"]["streaming"]
+    mem = (f"{_gb(r['residency']['resident']['memory_bytes'])} / "
+           + (_gb(stream["memory_bytes"]) if stream["available"] else "no"))  # fmt: skip
+    batching = {True: "yes", False: "no", None: "unknown"}[r["continuous_batching"]]
+    serve = "chat+tools" if r["serving"]["tools"] else (
+        "chat" if r["serving"]["chat_completions"] else (
+            "completions" if r["serving"]["completions"] else "no"))  # fmt: skip
+    verdict = "ok" + (f" ({'; '.join(r['warnings'])})" if r["warnings"] else "")
+    return [r["path"], r["arch"], r["layout"], r["routed_quantization"] or "-",
+            f"{_gb(r['expert_bytes'])} + {_gb(r['non_expert_bytes'])}", mem,
+            f"{r['bytes_per_token_cold'] / 1e6:.2f} MB -> {r['decode_bound_cold_tps']:.0f} tok/s",
+            f"batch {batching}, spec {r['specdec_kind'] or 'no'}, serve {serve}",
+            verdict]  # fmt: skip
+
+
+HEADER = ["path", "arch", "layout", "experts", "experts + rest", "memory resident / streaming",
+          "cold read/token -> bound", "capabilities", "verdict"]  # fmt: skip
+
+
+@reports_errors
+def check_command(
+    paths: Annotated[list[str], typer.Argument(help="Checkpoint folders.")],
+    expert_budget: Annotated[
+        Optional[str],  # noqa: UP045 - typer reads the annotation at run time
+        typer.Option(help="Streaming budget to size memory for (default: a quarter of experts)."),
+    ] = None,
+    ssd_gbps: Annotated[float, typer.Option(help="SSD read bandwidth for the bound, GB/s.")] = 5.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Predict what each checkpoint can run, reading headers only (no tensor data)."""
+    from mach.check import check_checkpoint
+
+    reports = [check_checkpoint(p, expert_budget, ssd_gbps).to_dict() for p in paths]
+    if as_json:
+        typer.echo(json.dumps({"checkpoints": reports}, indent=2))
+    else:
+        rows = [HEADER, *(_row(r) for r in reports)]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER) - 1)]
+        for row in rows:
+            cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+            typer.echo("  ".join([*cells, row[-1]]))
+    if not all(r["loads"] for r in reports):
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("check")(check_command)
