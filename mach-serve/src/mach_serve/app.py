@@ -29,6 +29,7 @@ from mach_serve.responses import (
     now,
     tool_calls_json,
     usage,
+    usage_chunk,
 )
 from mach_serve.schemas import ChatCompletionRequest, CompletionRequest
 from mach_serve.state import ServerState
@@ -178,15 +179,7 @@ def create_app(state: ServerState, cors_origins: list[str] | None = None) -> Sta
                         finish = "tool_calls"
                 yield chunk(cid, model, created, {}, finish)
                 if include_usage and event.stats is not None:
-                    final = {
-                        "id": cid,
-                        "object": "chat.completion.chunk",
-                        "created": created,
-                        "model": model,
-                        "choices": [],
-                        "usage": usage(event.stats),
-                    }
-                    yield f"data: {json.dumps(final)}\n\n"
+                    yield usage_chunk(cid, "chat.completion.chunk", created, model, event.stats)
 
         return await sse(state, job, pieces)
 
@@ -224,15 +217,7 @@ def create_app(state: ServerState, cors_origins: list[str] | None = None) -> Sta
                 if event.finish_reason is not None:
                     record(state, event.stats)
                     if include_usage and event.stats is not None:
-                        final = {
-                            "id": cid,
-                            "object": "text_completion",
-                            "created": created,
-                            "model": model,
-                            "choices": [],
-                            "usage": usage(event.stats),
-                        }
-                        yield f"data: {json.dumps(final)}\n\n"
+                        yield usage_chunk(cid, "text_completion", created, model, event.stats)
 
         return await sse(state, job, pieces)
 

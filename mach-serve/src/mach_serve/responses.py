@@ -95,5 +95,12 @@ def chunk(cid: str, model: str, created: int, delta: dict[str, Any], finish: str
     return f"data: {json.dumps(body)}\n\n"
 
 
+def usage_chunk(cid: str, obj: str, created: int, model: str, stats: GenerationStats) -> str:
+    """The final SSE chunk of ``stream_options.include_usage``: no choices, the usage."""
+    body = {"id": cid, "object": obj, "created": created, "model": model, "choices": [],
+            "usage": usage(stats)}  # fmt: skip
+    return f"data: {json.dumps(body)}\n\n"
+
+
 def now() -> int:
     return int(time.time())

@@ -24,7 +24,23 @@ def _sort_routes(x: mx.array, indices: mx.array) -> tuple[mx.array, mx.array, mx
     return rows, flat[order], inverse
 
 
-class GatherSwitchGLU(nn.Module):
+class _Dispatch(nn.Module):
+    """What both dispatch modules hold: the switch's spec, its experts and the activation."""
+
+    def __init__(self, spec: SwitchSpec, experts: LayerExperts) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.spec = spec
+        self._experts = experts
+        self._activation = spec.activation.function()
+        self._calls = 0
+        self._routes = 0
+
+    @property
+    def experts(self) -> LayerExperts:
+        return self._experts
+
+
+class GatherSwitchGLU(_Dispatch):
     """Routed experts through gather kernels: no Python loop over routes.
 
     ``__call__(x [..., D], indices [..., k]) -> [..., k, D]``; the caller applies router
@@ -33,18 +49,9 @@ class GatherSwitchGLU(nn.Module):
     """
 
     def __init__(self, spec: SwitchSpec, experts: LayerExperts) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self.spec = spec
-        self._experts = experts
-        self._activation = spec.activation.function()
-        self._calls = 0
+        super().__init__(spec, experts)
         self._sorted_calls = 0
-        self._routes = 0
         self._fused = False
-
-    @property
-    def experts(self) -> LayerExperts:
-        return self._experts
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         experts, slots = self._experts.route(indices)
@@ -79,7 +86,7 @@ class GatherSwitchGLU(nn.Module):
         }
 
 
-class DiskSwitchGLU(nn.Module):
+class DiskSwitchGLU(_Dispatch):
     """The legacy dispatch: a Python loop over the distinct experts a call routes to.
 
     Each expert is fetched from the store on its own (into a bank slot when streaming) and run
@@ -87,12 +94,7 @@ class DiskSwitchGLU(nn.Module):
     """
 
     def __init__(self, spec: SwitchSpec, experts: LayerExperts) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self.spec = spec
-        self._experts = experts
-        self._activation = spec.activation.function()
-        self._calls = 0
-        self._routes = 0
+        super().__init__(spec, experts)
         self._expert_runs = 0
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
