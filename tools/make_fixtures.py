@@ -102,7 +102,7 @@ def hf_reference(model: torch.nn.Module, input_ids: np.ndarray) -> dict[str, np.
             do_sample=False,
             pad_token_id=0,
             eos_token_id=None,
-        )[:, PROMPT_LEN:]
+        )[:, ids.shape[1] :]
     return {
         "input_ids": input_ids,
         "logits": logits.astype(np.float32),
@@ -226,6 +226,76 @@ def make_qwen3_moe(tokenizer_dir: Path) -> None:
             write_layout(out, mlx_reference(out, input_ids), tokenizer_dir)
 
 
+def make_qwen3_5_moe(tokenizer_dir: Path) -> None:
+    from mlx_lm import convert
+    from transformers import (
+        Qwen3_5MoeConfig,
+        Qwen3_5MoeForCausalLM,
+        Qwen3_5MoeForConditionalGeneration,
+        Qwen3_5MoeTextConfig,
+    )
+
+    family = FIXTURES / "qwen3_5_moe"
+    shutil.rmtree(family, ignore_errors=True)
+    family.mkdir(parents=True)
+    vocab = 512
+    text = {
+        "vocab_size": vocab, "hidden_size": 64, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4, "num_experts": 8,
+        "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+        "shared_expert_intermediate_size": 64, "max_position_embeddings": 512,
+        "initializer_range": 0.08, "eos_token_id": 2,
+        "layer_types": ["linear_attention"] * 3 + ["full_attention"],
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
+                            "partial_rotary_factor": 0.25},
+    }  # fmt: skip
+    # Longer than one 64-token chunk of the chunked delta rule.
+    rng = np.random.default_rng(SEED)
+    input_ids = rng.integers(3, vocab, size=(2, 80)).astype(np.int32)
+
+    def finish(model: torch.nn.Module) -> torch.nn.Module:
+        model.config._attn_implementation = "eager"
+        perturb_unit_params(model, torch.Generator().manual_seed(SEED))
+        return model.eval()
+
+    torch.manual_seed(SEED)
+    causal = finish(Qwen3_5MoeForCausalLM(Qwen3_5MoeTextConfig(**text)))
+    out = family / "hf-per-expert"
+    causal.save_pretrained(out, save_original_format=True)
+    write_layout(out, hf_reference(causal, input_ids), tokenizer_dir)
+
+    torch.manual_seed(SEED)
+    vision = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+              "out_hidden_size": 64, "patch_size": 4, "temporal_patch_size": 2,
+              "spatial_merge_size": 2, "in_channels": 3}  # fmt: skip
+    config = Qwen3_5MoeConfig(text_config=text, vision_config=vision)
+    wrapper = finish(Qwen3_5MoeForConditionalGeneration(config))
+    out = family / "hf-fused-wrapper"
+    wrapper.save_pretrained(out, save_original_format=False)
+    write_layout(out, hf_reference(wrapper, input_ids), tokenizer_dir)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "source"
+        wrapper.save_pretrained(source, save_original_format=False)
+        config_path = source / "config.json"
+        raw = json.loads(config_path.read_text())
+        inner = raw["text_config"]
+        rope = inner.pop("rope_parameters")
+        inner["rope_theta"] = rope["rope_theta"]
+        inner["partial_rotary_factor"] = rope["partial_rotary_factor"]
+        inner["rope_scaling"] = {"rope_type": "default", "mrope_section": [1, 1, 0],
+                                 "mrope_interleaved": True}  # fmt: skip
+        config_path.write_text(json.dumps(raw, indent=2))
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tokenizer_dir / name, source / name)
+        out = family / "mlx-q4"
+        convert(str(source), str(out), quantize=True, q_bits=4, q_group_size=64)
+        (out / "README.md").unlink(missing_ok=True)
+        write_layout(out, mlx_reference(out, input_ids), tokenizer_dir)
+
+
 def record_versions(family: str) -> None:
     import mlx.core as mx
     import mlx_lm
@@ -245,7 +315,7 @@ def record_versions(family: str) -> None:
     (FIXTURES / family / "VERSIONS.json").write_text(json.dumps(versions, indent=2) + "\n")
 
 
-FAMILIES = {"qwen3_moe": make_qwen3_moe}
+FAMILIES = {"qwen3_moe": make_qwen3_moe, "qwen3_5_moe": make_qwen3_5_moe}
 
 
 def main() -> int:

@@ -10,3 +10,4 @@ from mach import hookimpl
 @hookimpl
 def register_archs(register: Any) -> None:
     register("mach_adapter_qwen.adapters:Qwen3MoeAdapter", name="qwen3_moe")
+    register("mach_adapter_qwen.adapters:Qwen3_5MoeAdapter", name="qwen3_5_moe")

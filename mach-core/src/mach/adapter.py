@@ -66,6 +66,14 @@ class MoeArchAdapter(ABC):
         """Map every on-disk naming of the family to engine names (lazy arrays, no reads)."""
         return weights
 
+    def stacked_names(self, switch: str, projection: str, part: str) -> tuple[str, ...]:
+        """On-disk names a layer's stacked ``[experts, ...]`` tensor may have (engine name first).
+
+        Streaming reads stacked checkpoints in place under these names; a family whose
+        converted checkpoints nest the model (``language_model.``) adds those spellings.
+        """
+        return (f"{switch}.{projection}.{part}",)
+
     def per_expert_name(self, switch: str, expert: int, projection: str, part: str) -> str | None:
         """The on-disk name of one expert's tensor when experts are stored one per tensor.
 

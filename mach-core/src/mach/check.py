@@ -144,7 +144,9 @@ def _fill(
         report.expert_bytes = sum(int(weights[n].nbytes) for n in expert_names if n in weights)
         sources = {}
         for prefix, spec in switches.items():
-            source = stacked_source(prefix, spec, ckpt.tensors, adapter.per_expert_name)
+            source = stacked_source(
+                prefix, spec, ckpt.tensors, adapter.per_expert_name, adapter.stacked_names
+            )
             if source is None:
                 sources = {}
                 break

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 @runtime_checkable
@@ -27,6 +27,12 @@ class LayerCache(Protocol):
     def nbytes(self) -> int:
         """Bytes of device memory the cache holds."""
         ...
+
+    def snapshot(self) -> Any:
+        """An opaque value that ``restore`` brings the cache back to."""
+        ...
+
+    def restore(self, snapshot: Any) -> None: ...
 
 
 class SequenceCache(Sequence[LayerCache]):
@@ -72,3 +78,11 @@ class SequenceCache(Sequence[LayerCache]):
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.layers)
+
+    def snapshot(self) -> list[Any]:
+        """Every layer's snapshot (prefix reuse, speculative rollback)."""
+        return [c.snapshot() for c in self.layers]
+
+    def restore(self, snapshot: list[Any]) -> None:
+        for layer, saved in zip(self.layers, snapshot, strict=True):
+            layer.restore(saved)

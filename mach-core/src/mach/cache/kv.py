@@ -46,6 +46,19 @@ class KVCache:
         self._offset -= n
         return n
 
+    def snapshot(self) -> int:
+        """Earlier positions are never rewritten, so the offset is the whole snapshot."""
+        return self._offset
+
+    def restore(self, snapshot: int) -> None:
+        """Go back to an earlier snapshot (positions after it are dropped)."""
+        if snapshot > self._offset:
+            raise ValueError(
+                f"cannot restore a KV cache forward (snapshot at {snapshot}, "
+                f"cache at {self._offset})"
+            )
+        self._offset = snapshot
+
     @property
     def state(self) -> tuple[mx.array, mx.array] | None:
         if self.keys is None or self.values is None:

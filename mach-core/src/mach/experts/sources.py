@@ -106,6 +106,7 @@ def stacked_source(
     spec: SwitchSpec,
     tensors: Mapping[str, object],
     per_expert_name: Callable[[str, int, str, str], str | None] | None = None,
+    stacked_names: Callable[[str, str, str], tuple[str, ...]] | None = None,
 ) -> LayerSource | None:
     """A layer's experts read straight from safetensors, or ``None`` if they cannot be.
 
@@ -120,7 +121,8 @@ def stacked_source(
     for proj in PROJECTIONS:
         for part in PARTS:
             key = f"{proj}.{part}"
-            stacked = tensors.get(f"{prefix}.{key}")
+            names = stacked_names(prefix, proj, part) if stacked_names else (f"{prefix}.{key}",)
+            stacked = next((tensors[n] for n in names if n in tensors), None)
             if isinstance(stacked, TensorInfo):
                 if stacked.shape[0] != e:
                     return None
@@ -131,8 +133,8 @@ def stacked_source(
                 continue
             if per_expert_name is None:
                 continue
-            names = [per_expert_name(prefix, i, proj, part) for i in range(e)]
-            infos = [tensors.get(n) if n else None for n in names]
+            per_expert = [per_expert_name(prefix, i, proj, part) for i in range(e)]
+            infos = [tensors.get(n) if n else None for n in per_expert]
             if not all(isinstance(i, TensorInfo) for i in infos):
                 continue
             first = infos[0]

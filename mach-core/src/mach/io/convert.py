@@ -178,7 +178,7 @@ def _write(
         if progress is not None:
             progress(min(done, total), total)
     write_index(out, layers)
-    quantize_modules(model, ckpt.config, frozenset(weights))
+    quantize_modules(model, ckpt.config, weights)
     _check_shapes(model, weights, ckpt, lambda _: str(ckpt.path))
     model.load_weights(list(weights.items()), strict=True)
     if bits is not None:

@@ -177,7 +177,7 @@ def load_moe(
     )
     if streaming_embedding:
         _stream_embeddings(model, weights, ckpt)
-    quantize_modules(model, ckpt.config, frozenset(weights))
+    quantize_modules(model, ckpt.config, weights)
     _check_shapes(model, weights, ckpt, where)
 
     total = sum(info.nbytes for info in ckpt.tensors.values())

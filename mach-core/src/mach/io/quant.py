@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import mlx.core as mx
 import mlx.nn as nn
 
 from mach.errors import CheckpointError
@@ -25,36 +26,31 @@ def quantization_config(config: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 def quantize_modules(
-    model: nn.Module, config: Mapping[str, Any], weight_names: frozenset[str]
+    model: nn.Module, config: Mapping[str, Any], weights: Mapping[str, mx.array]
 ) -> None:
     """Swap each Linear/Embedding the checkpoint stores quantized for its quantized form.
 
-    A module is quantized when ``<path>.scales`` is among the weights; a per-path entry in the
-    quantization block (``{"bits": 8, "group_size": 64}`` or ``false``) overrides the defaults.
+    A module is quantized when ``<path>.scales`` is among the weights. Bits and group size are
+    read from the packed shapes themselves, so per-module overrides (8-bit routers) hold whatever
+    names the checkpoint's config uses; the config's ``mode`` (affine, mxfp4, ...) applies.
     """
-    block = quantization_config(config)
-    if block is None:
-        if any(name.endswith(".scales") for name in weight_names):
-            # Quantized tensors but no block: the defaults every mlx-community model uses.
-            block = {"group_size": 64, "bits": 4}
-        else:
-            return
-    defaults = {
-        "group_size": int(block.get("group_size", 64)),
-        "bits": int(block.get("bits", 4)),
-        "mode": str(block.get("mode", "affine")),
-    }
+    block = quantization_config(config) or {}
+    mode = str(block.get("mode", "affine"))
 
     def predicate(path: str, module: nn.Module) -> bool | dict[str, Any]:
-        if not hasattr(module, "to_quantized"):
+        scales = weights.get(f"{path}.scales")
+        if not hasattr(module, "to_quantized") or scales is None:
             return False
-        if f"{path}.scales" not in weight_names:
-            return False
-        override = block.get(path)
-        if override is False:
-            return False
-        if isinstance(override, Mapping):
-            return {**defaults, **{k: override[k] for k in defaults if k in override}}
-        return dict(defaults)
+        packed = weights[f"{path}.weight"]
+        in_dims = int(module.weight.shape[-1])
+        bits = packed.shape[-1] * 32 // in_dims
+        group = in_dims // scales.shape[-1]
+        if bits * in_dims != packed.shape[-1] * 32 or group * scales.shape[-1] != in_dims:
+            raise CheckpointError(
+                f"{path}: packed weight {list(packed.shape)} and scales {list(scales.shape)} do "
+                f"not describe a quantization of input size {in_dims}"
+            )
+        kind = mode if f"{path}.biases" not in weights else "affine"
+        return {"group_size": group, "bits": bits, "mode": kind}
 
     nn.quantize(model, class_predicate=predicate)

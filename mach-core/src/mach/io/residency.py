@@ -49,7 +49,9 @@ def expert_sources(
         return read_sidecar(ckpt.path, switches)
     sources: dict[str, LayerSource] = {}
     for prefix, spec in switches.items():
-        source = stacked_source(prefix, spec, ckpt.tensors, adapter.per_expert_name)
+        source = stacked_source(
+            prefix, spec, ckpt.tensors, adapter.per_expert_name, adapter.stacked_names
+        )
         if source is None:
             raise CheckpointError(
                 f"{ckpt.path}: experts of {prefix} are stored in a form mach cannot read one by "

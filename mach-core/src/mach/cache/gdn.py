@@ -1,0 +1,72 @@
+"""``GDNCache``: a Gated DeltaNet layer's conv window and recurrent state.
+
+A recurrent state cannot be cut back the way a KV cache can. Rollback (speculative decoding)
+works instead from recorded states: while ``recording``, the layer stores its state after every
+token it processes, and ``trim(n)`` returns to the state ``n`` tokens back. ``snapshot`` /
+``restore`` save and bring back the whole state at any point (prefix reuse); MLX arrays are
+immutable, so a snapshot costs no copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+
+
+class GDNCache:
+    def __init__(self) -> None:
+        self.conv_state: mx.array | None = None
+        """The last ``kernel - 1`` inputs of the causal convolution, ``[B, K-1, C]``."""
+        self.state: mx.array | None = None
+        """The recurrent state, ``[B, H, Dk, Dv]``, float32."""
+        self._offset = 0
+        self._history: list[tuple[mx.array | None, mx.array | None]] | None = None
+
+    @property
+    def offset(self) -> int:
+        return self._offset
+
+    @property
+    def recording(self) -> bool:
+        return self._history is not None
+
+    def start_recording(self) -> None:
+        """Keep the state after every following token, so ``trim`` can go back."""
+        self._history = [(self.conv_state, self.state)]
+
+    def stop_recording(self) -> None:
+        self._history = None
+
+    def update(self, conv_state: mx.array, state: mx.array, tokens: int,
+               steps: list[tuple[mx.array, mx.array]] | None = None) -> None:  # fmt: skip
+        """Store the state after ``tokens`` more tokens (and, recording, each step's state)."""
+        self.conv_state, self.state = conv_state, state
+        self._offset += tokens
+        if self._history is not None:
+            self._history.extend(steps if steps else [(conv_state, state)])
+
+    def is_trimmable(self) -> bool:
+        return self._history is not None and len(self._history) > 1
+
+    def trim(self, n: int) -> int:
+        if self._history is None or n <= 0:
+            return 0
+        n = min(n, len(self._history) - 1)
+        if n:
+            del self._history[len(self._history) - n :]
+            self.conv_state, self.state = self._history[-1]
+            self._offset -= n
+        return n
+
+    def snapshot(self) -> Any:
+        return (self.conv_state, self.state, self._offset)
+
+    def restore(self, snapshot: Any) -> None:
+        self.conv_state, self.state, self._offset = snapshot
+        if self._history is not None:
+            self._history = [(self.conv_state, self.state)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.conv_state, self.state) if a is not None)
