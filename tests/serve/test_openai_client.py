@@ -130,5 +130,5 @@ def test_json_hint_joins_the_system_message(served: Running) -> None:
                          {"role": "user", "content": "hi"}],
             "response_format": {"type": "json_object"}}  # fmt: skip
     req = msgspec.convert(body, ChatCompletionRequest)
-    text = served.state.tokenizer.decode(chat_prompt(served.state, req), skip_special_tokens=False)
+    text = chat_prompt(served.state, req)[1]
     assert "Be terse." in text and JSON_HINT in text

@@ -1,111 +1,30 @@
 """A tool call parsed from real model output, end to end through the openai client.
 
-The model is a real qwen3_moe checkpoint whose weights are set by hand so that greedy decoding
-follows a chosen chain of token ids: attention and experts write nothing to the residual stream,
-and the output head maps each token of the chain to the next. The chain spells a ``<tool_call>``
-block and then ends the turn. Each token may appear once in the chain, so the call is written
-with distinct tokens (``arguments`` left out: the parser then reads them as empty).
+The model is a scripted checkpoint (tests/serve/scripted.py) that answers with a ``<tool_call>``
+block; each token may appear once in its chain, so the call leaves ``arguments`` out (the parser
+then reads them as empty).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
-from pathlib import Path
 
-import numpy as np
 import pytest
 from openai import OpenAI
-from safetensors.numpy import save_file
 
-from mach.default_model import default_model_path
-from mach.tokenizer.tokenizer import Tokenizer, load_tokenizer
 from tests.serve.conftest import Running, serve_with
+from tests.serve.scripted import scripted_checkpoint
 
 CALL = '<tool_call> {"name": "add"}</tool_call>'
 TOOLS = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
 MESSAGES = [{"role": "user", "content": "What is 2 + 3?"}]
 
 
-def distinct_tokens(tokenizer: Tokenizer, text: str, avoid: set[int]) -> list[int]:
-    """Token ids that decode to ``text``, no id used twice (depth-first over segmentations)."""
-    pieces: dict[str, list[int]] = {}
-    for token in range(tokenizer.vocab_size):
-        piece = tokenizer.decode([token], skip_special_tokens=False)
-        if piece and piece in text:
-            pieces.setdefault(piece, []).append(token)
-
-    def search(pos: int, used: set[int]) -> list[int] | None:
-        if pos == len(text):
-            return []
-        for piece in sorted((p for p in pieces if text.startswith(p, pos)), key=len, reverse=True):
-            for token in pieces[piece]:
-                if token in used:
-                    continue
-                rest = search(pos + len(piece), used | {token})
-                if rest is not None:
-                    return [token, *rest]
-        return None
-
-    found = search(0, set(avoid))
-    assert found is not None, "no segmentation without repeats"
-    return found
-
-
-def write_scripted_model(root: Path, vocab: int, after: int, chain: list[int]) -> Path:
-    d, heads, kv, hd, experts = 256, 4, 2, 64, 4
-    rng = np.random.default_rng(0)
-    embed = rng.standard_normal((vocab, d)).astype(np.float32)
-    embed /= np.linalg.norm(embed, axis=1, keepdims=True)
-    head = np.zeros((vocab, d), np.float32)
-    for current, following in zip([after, *chain[:-1]], chain, strict=True):
-        head[following] = embed[current]
-
-    def normal(*shape: int) -> np.ndarray:
-        return rng.standard_normal(shape).astype(np.float32)
-
-    p = "model.layers.0"
-    weights = {
-        "model.embed_tokens.weight": embed, "lm_head.weight": head,
-        "model.norm.weight": np.ones(d, np.float32),
-        f"{p}.input_layernorm.weight": np.ones(d, np.float32),
-        f"{p}.post_attention_layernorm.weight": np.ones(d, np.float32),
-        f"{p}.self_attn.q_proj.weight": normal(heads * hd, d),
-        f"{p}.self_attn.k_proj.weight": normal(kv * hd, d),
-        f"{p}.self_attn.v_proj.weight": normal(kv * hd, d),
-        f"{p}.self_attn.o_proj.weight": np.zeros((d, heads * hd), np.float32),
-        f"{p}.self_attn.q_norm.weight": np.ones(hd, np.float32),
-        f"{p}.self_attn.k_norm.weight": np.ones(hd, np.float32),
-        f"{p}.mlp.gate.weight": normal(experts, d),
-        f"{p}.mlp.switch_mlp.gate_proj.weight": normal(experts, 64, d),
-        f"{p}.mlp.switch_mlp.up_proj.weight": normal(experts, 64, d),
-        f"{p}.mlp.switch_mlp.down_proj.weight": np.zeros((experts, d, 64), np.float32),
-    }  # fmt: skip
-    config = {"model_type": "qwen3_moe", "hidden_size": d, "num_hidden_layers": 1,
-              "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": hd,
-              "num_experts": experts, "num_experts_per_tok": 1, "moe_intermediate_size": 64,
-              "norm_topk_prob": True, "vocab_size": vocab, "rope_theta": 1e6,
-              "max_position_embeddings": 512, "eos_token_id": chain[-1]}  # fmt: skip
-    root.mkdir()
-    save_file(weights, str(root / "model.safetensors"))
-    (root / "config.json").write_text(json.dumps(config))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_model_path() / name, root / name)
-    return root
-
-
 @pytest.fixture(scope="module")
 def scripted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    tokenizer = load_tokenizer(default_model_path())
-    assert tokenizer is not None
-    prompt = tokenizer.encode(tokenizer.apply_chat_template(MESSAGES, tools=TOOLS),
-                              add_special_tokens=False)  # fmt: skip
-    end = tokenizer.token_id("<|im_end|>")
-    assert end is not None
-    chain = [*distinct_tokens(tokenizer, CALL, {prompt[-1], end}), end]
-    root = tmp_path_factory.mktemp("scripted") / "model"
-    write_scripted_model(root, tokenizer.vocab_size, prompt[-1], chain)
+    root = scripted_checkpoint(tmp_path_factory.mktemp("scripted") / "model", CALL, MESSAGES,
+                               TOOLS)  # fmt: skip
     yield from serve_with(model=str(root), model_name="scripted")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from mach.adapter import MoeArchAdapter
+from mach.decode.reasoning import ReasoningTags
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -20,6 +21,7 @@ class Qwen3MoeAdapter(MoeArchAdapter):
     description = "Qwen3-MoE: Qwen3-30B-A3B, Qwen3-235B-A22B, Qwen3-Coder-30B-A3B"
     kv_cache_kind = "standard"
     specdec_kind = None
+    reasoning_tags = ReasoningTags()
     swiglu_variant = "swiglu"
     has_expert_bias = False
 

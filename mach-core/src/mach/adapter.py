@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     import mlx.nn as nn
 
     from mach.cache.base import LayerCache
+    from mach.decode.reasoning import ReasoningTags
     from mach.decode.tool_calls import ParsedToolCall
 
 KvCacheKind = Literal["standard", "hybrid_gdn", "compressed", "rotating"]
@@ -55,6 +56,8 @@ class MoeArchAdapter(ABC):
     has_expert_bias: ClassVar[bool] = False
     layouts: ClassVar[tuple[ExpertLayout, ...]] = (ExpertLayout.SLICED, ExpertLayout.STACKED)
     routed_quantization: ClassVar[tuple[str, ...]] = ("float", "affine4", "affine8")
+    reasoning_tags: ClassVar[ReasoningTags | None] = None
+    """Tags around reasoning text in this family's output (``<think>`` for Qwen), if any."""
     expert_stores: ClassVar[tuple[str, ...]] = ("resident",)
     cache_backends: ClassVar[tuple[str, ...]] = ("kv",)
 

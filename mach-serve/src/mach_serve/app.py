@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from mach.decode.events import GenerationStats, TokenEvent
 from mach.decode.params import SamplingParams
+from mach.decode.reasoning import ReasoningSplitter, split_reasoning
 from mach.registry import arch_summary
 from mach_serve import requests as parse
 from mach_serve.errors import APIError
@@ -130,7 +131,9 @@ def create_app(state: ServerState, cors_origins: list[str] | None = None) -> Sta
     async def chat(request: Request) -> Response:
         req = parse.decode_body(await read_body(request, state), ChatCompletionRequest)
         parse.check_model(state, req.model)
-        prompt = parse.chat_prompt(state, req)
+        prompt, prompt_text = parse.chat_prompt(state, req)
+        tags = state.adapter.reasoning_tags
+        thinking = tags is not None and prompt_text.rstrip().endswith(tags.open)
         top = req.top_logprobs if req.logprobs else None
         if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
             raise APIError(400, "top_logprobs must be between 0 and 20", param="top_logprobs")
@@ -142,8 +145,13 @@ def create_app(state: ServerState, cors_origins: list[str] | None = None) -> Sta
         tools = bool(req.tools) and req.tool_choice != "none"
         if not req.stream:
             text, events, last = await collect(state, job)
+            reasoning = ""
+            if tags is not None:
+                reasoning, text = split_reasoning(text, tags, started=thinking)
             content, calls = state.adapter.parse_tool_calls(text) if tools else (text, [])
             message: dict[str, Any] = {"role": "assistant", "content": content or None}
+            if reasoning:
+                message["reasoning_content"] = reasoning
             if calls:
                 message["tool_calls"] = tool_calls_json(calls)
             finish = "tool_calls" if calls else last.finish_reason
@@ -158,8 +166,17 @@ def create_app(state: ServerState, cors_origins: list[str] | None = None) -> Sta
         async def pieces() -> AsyncIterator[str]:
             yield chunk(cid, model, created, {"role": "assistant", "content": ""}, None)
             splitter = ToolCallSplitter() if tools else None
+            thoughts = ReasoningSplitter(tags, started=thinking) if tags is not None else None
             async for event in job.stream():
-                text = splitter.feed(event.text) if splitter else event.text
+                text = event.text
+                if thoughts is not None:
+                    reasoning, text = thoughts.feed(text)
+                    if event.finish_reason is not None:
+                        tail_reasoning, tail_text = thoughts.finish()
+                        reasoning, text = reasoning + tail_reasoning, text + tail_text
+                    if reasoning:
+                        yield chunk(cid, model, created, {"reasoning_content": reasoning}, None)
+                text = splitter.feed(text) if splitter else text
                 if event.finish_reason is not None and splitter is not None:
                     text += splitter.finish()
                 logprobs = chat_logprobs(state.tokenizer, [event]) if req.logprobs else None

@@ -66,7 +66,7 @@ def _message_dict(message: Message) -> dict[str, Any]:
     return out
 
 
-def chat_prompt(state: ServerState, req: ChatCompletionRequest) -> list[int]:
+def chat_prompt(state: ServerState, req: ChatCompletionRequest) -> tuple[list[int], str]:
     if not req.messages:
         raise APIError(400, "messages must not be empty", param="messages")
     messages = [_message_dict(m) for m in req.messages]
@@ -81,7 +81,7 @@ def chat_prompt(state: ServerState, req: ChatCompletionRequest) -> list[int]:
         text = state.tokenizer.apply_chat_template(messages, tools=tools)
     except ChatTemplateError as exc:
         raise APIError(400, str(exc), param="messages") from None
-    return state.tokenizer.encode(text, add_special_tokens=False)
+    return state.tokenizer.encode(text, add_special_tokens=False), text
 
 
 def completion_prompt(state: ServerState, req: CompletionRequest) -> list[int]:
