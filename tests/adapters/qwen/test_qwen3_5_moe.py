@@ -108,3 +108,19 @@ def test_streaming_matches_resident(source: str, tmp_path: Path) -> None:
     streamed = np.array(model(mx.array(ref["input_ids"])))
     np.testing.assert_allclose(streamed, resident, atol=1e-5)
     assert store.stats()["slots_per_layer"] == 3 and store.stats()["misses"] > 0
+
+
+def test_generate_with_the_chat_template() -> None:
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "mach", "generate", str(FAMILY / "hf-fused-wrapper"), "--chat",
+         "hello", "-n", "6", "--json"], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert len(payload["tokens"]) == 6
+    # No thinking tags from this random model: everything is answer.
+    assert payload["reasoning"] == "" and payload["content"] == payload["text"].lstrip()

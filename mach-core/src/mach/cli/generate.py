@@ -19,9 +19,19 @@ from mach.cli.residency import (
     store_line,
     store_report,
 )
+from mach.decode.reasoning import ReasoningTags, split_reasoning
 from mach.errors import MachError
 
 DEFAULT_PROMPT = "def fibonacci(n):"
+
+
+def _reasoning_tags(path: Path | str, arch: str | None) -> ReasoningTags | None:
+    from mach.io.checkpoint import open_checkpoint
+    from mach.io.load import resolve_model_path
+    from mach.registry import detect_arch
+
+    ckpt = open_checkpoint(resolve_model_path(path))
+    return detect_arch(ckpt.config, ckpt.tensor_names, arch).reasoning_tags
 
 
 def _stats_line(stats: dict[str, Any], finish: str) -> str:
@@ -117,14 +127,20 @@ def generate_command(
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": chat}
         ]
-        tokens = tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
+        prompt_text = tokenizer.apply_chat_template(messages)
+        tokens = tokenizer.encode(prompt_text, add_special_tokens=False)
     else:
-        tokens = tokenizer.encode(prompt if prompt is not None else DEFAULT_PROMPT)
+        prompt_text = prompt if prompt is not None else DEFAULT_PROMPT
+        tokens = tokenizer.encode(prompt_text)
 
     engine = TargetEngine(net, tokenizer, cache.new)
     if as_json:
         result = engine.generate(tokens, params)
         payload = {**result.to_dict(), "model": str(path), "default_model": default_model}
+        tags = _reasoning_tags(path, arch) if chat is not None else None
+        if tags is not None:
+            started = prompt_text.rstrip().endswith(tags.open)
+            payload["reasoning"], payload["content"] = split_reasoning(result.text, tags, started)
         report = store_report(store.stats(), result.stats.prompt_tokens + len(result.tokens))
         if report:
             payload["experts"] = report
