@@ -123,4 +123,4 @@ def test_generate_with_the_chat_template() -> None:
     payload = json.loads(result.stdout)
     assert len(payload["tokens"]) == 6
     # No thinking tags from this random model: everything is answer.
-    assert payload["reasoning"] == "" and payload["content"] == payload["text"].lstrip()
+    assert payload["reasoning"] == "" and payload["content"] == payload["text"]
