@@ -124,3 +124,18 @@ def test_generate_with_the_chat_template() -> None:
     assert len(payload["tokens"]) == 6
     # No thinking tags from this random model: everything is answer.
     assert payload["reasoning"] == "" and payload["content"] == payload["text"]
+
+
+def test_mtp_and_vision_weights_are_ignored(tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    target = tmp_path / "with-mtp"
+    shutil.copytree(FAMILY / "hf-fused-wrapper", target)
+    extra = {"mtp.layers.0.mlp.experts.0.gate_proj.weight": np.ones((64, 64), np.float32),
+             "mtp.fc.weight": np.ones((64, 128), np.float32)}  # fmt: skip
+    save_file(extra, str(target / "model-mtp.safetensors"))
+    ref = checks.reference(target)
+    model, _, _, _ = load_moe(target)
+    assert np.abs(np.array(model(mx.array(ref["input_ids"]))) - ref["logits"]).max() <= 1e-4
