@@ -34,6 +34,7 @@ def bench_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Prefill a random prompt, decode greedily, and report speed and expert traffic."""
+    import mlx.core as mx
     import numpy as np
 
     from mach.decode.engine import TargetEngine
@@ -46,7 +47,7 @@ def bench_command(
     start = time.perf_counter()
     net, _, store, cache = load_model(model, None, None, streaming, expert_budget, prefill)
     load_seconds = time.perf_counter() - start
-    vocab = int(net(__import__("mlx.core").core.array([[0]])).shape[-1])
+    vocab = int(net(mx.array([[0]])).shape[-1])
     prompt = np.random.default_rng(0).integers(0, vocab, prompt_tokens).tolist()
     engine = TargetEngine(net, None, cache.new)
     params = SamplingParams(max_tokens=tokens)
