@@ -296,6 +296,70 @@ def make_qwen3_5_moe(tokenizer_dir: Path) -> None:
         write_layout(out, mlx_reference(out, input_ids), tokenizer_dir)
 
 
+def make_gpt_oss(tokenizer_dir: Path) -> None:
+    import mlx.core as mx
+    from safetensors.numpy import save_file
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    family = FIXTURES / "gpt_oss"
+    shutil.rmtree(family, ignore_errors=True)
+    family.mkdir(parents=True)
+    vocab = 512
+    torch.manual_seed(SEED)
+    config = GptOssConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=8,
+        num_experts_per_tok=2, sliding_window=8, max_position_embeddings=512,
+        layer_types=["sliding_attention", "full_attention"], initializer_range=0.08,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0,
+                         "beta_fast": 32.0, "beta_slow": 1.0,
+                         "original_max_position_embeddings": 128, "truncate": False},
+        eos_token_id=2,
+    )  # fmt: skip
+    config._attn_implementation = "eager"
+    model = GptOssForCausalLM(config).eval()
+    generator = torch.Generator().manual_seed(SEED)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("sinks", "bias", "_bias")) or "norm" in name:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.1)
+    # Longer than the 8-token sliding window.
+    input_ids = np.random.default_rng(SEED).integers(3, vocab, size=(2, 24)).astype(np.int32)
+
+    out = family / "hf-float"
+    model.save_pretrained(out)
+    write_layout(out, hf_reference(model, input_ids), tokenizer_dir)
+
+    # The official layout: MXFP4 expert blocks and E8M0 scales, everything else float.
+    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    packed: dict[str, np.ndarray] = {}
+    with torch.no_grad():
+        for layer in range(config.num_hidden_layers):
+            p = f"model.layers.{layer}.mlp.experts"
+            for name in ("gate_up_proj", "down_proj"):
+                linear = mx.array(state.pop(f"{p}.{name}")).swapaxes(1, 2)  # [E, out, in]
+                q, scales = mx.quantize(linear, group_size=32, bits=4, mode="mxfp4")
+                blocks = np.array(q.view(mx.uint8)).reshape(*q.shape[:2], -1, 16)
+                packed[f"{p}.{name}_blocks"] = blocks
+                packed[f"{p}.{name}_scales"] = np.array(scales)
+                back = mx.dequantize(q, scales, group_size=32, bits=4, mode="mxfp4").astype(
+                    mx.float32
+                )
+                getattr(model.model.layers[layer].mlp.experts, name).copy_(
+                    torch.from_numpy(np.array(back.swapaxes(1, 2))))  # fmt: skip
+    state.update(packed)
+    out = family / "mxfp4"
+    out.mkdir()
+    save_file(state, str(out / "model.safetensors"))
+    raw = json.loads((family / "hf-float" / "config.json").read_text())
+    raw["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["attn", "router", "embed", "lm_head"],
+    }
+    (out / "config.json").write_text(json.dumps(raw, indent=2))
+    write_layout(out, hf_reference(model, input_ids), tokenizer_dir)
+
+
 def record_versions(family: str) -> None:
     import mlx.core as mx
     import mlx_lm
@@ -315,7 +379,7 @@ def record_versions(family: str) -> None:
     (FIXTURES / family / "VERSIONS.json").write_text(json.dumps(versions, indent=2) + "\n")
 
 
-FAMILIES = {"qwen3_moe": make_qwen3_moe, "qwen3_5_moe": make_qwen3_5_moe}
+FAMILIES = {"qwen3_moe": make_qwen3_moe, "qwen3_5_moe": make_qwen3_5_moe, "gpt_oss": make_gpt_oss}
 
 
 def main() -> int:

@@ -29,7 +29,7 @@ def test_archs_json_lists_installed_families() -> None:
     result = mach("archs", "--json")
     assert result.returncode == 0, result.stderr
     names = [a["name"] for a in json.loads(result.stdout)["archs"]]
-    assert names == ["qwen3_5_moe", "qwen3_moe", "toy_moe"]
+    assert names == ["gpt_oss", "qwen3_5_moe", "qwen3_moe", "toy_moe"]
 
 
 def test_mach_archs_console_script() -> None:

@@ -1,3 +1,5 @@
-"""mach adapter for the gptoss family; it registers no architecture yet."""
+"""mach adapter for GPT-OSS (gpt_oss)."""
 
-__all__: list[str] = []
+from mach_adapter_gptoss.adapter import GptOssAdapter
+
+__all__ = ["GptOssAdapter"]

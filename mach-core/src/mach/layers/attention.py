@@ -7,6 +7,14 @@ from typing import Any
 import mlx.core as mx
 
 from mach.cache.kv import KVCache
+from mach.cache.rotating import RotatingKVCache
+
+
+def window_mask(queries: int, first_query: int, keys: int, first_key: int, window: int) -> mx.array:
+    """``[queries, keys]``: key visible to query iff it is not later and within ``window``."""
+    q = mx.arange(first_query, first_query + queries)[:, None]
+    k = mx.arange(first_key, first_key + keys)[None, :]
+    return (k <= q) & (k > q - window)
 
 
 def attend(
@@ -15,13 +23,28 @@ def attend(
     values: mx.array,
     cache: Any,
     scale: float,
+    sinks: mx.array | None = None,
+    window: int | None = None,
 ) -> mx.array:
     """Causal attention of ``queries`` ``[B, H, L, D]`` over cached and new keys.
 
-    New keys and values are appended to ``cache`` (a ``KVCache``) when one is given. Queries sit
-    at the end of the key sequence, so the causal mask is bottom-right aligned.
+    New keys and values are appended to ``cache`` (``KVCache`` or ``RotatingKVCache``) when one
+    is given. Queries sit at the end of the key sequence, so the causal mask is bottom-right
+    aligned. ``window`` limits each query to that many most recent positions (itself included);
+    ``sinks`` adds a learned per-head logit to every softmax.
     """
-    if isinstance(cache, KVCache):
+    length = queries.shape[2]
+    first_query = cache.offset if cache is not None else 0
+    first_key = 0
+    if isinstance(cache, RotatingKVCache):
+        keys, values, first_key = cache.update_and_fetch(keys, values)
+    elif isinstance(cache, KVCache):
         keys, values = cache.update_and_fetch(keys, values)
-    mask = "causal" if queries.shape[2] > 1 else None
-    return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+    mask: str | mx.array | None
+    if window is not None and (length > 1 or keys.shape[2] > window):
+        mask = window_mask(length, first_query, keys.shape[2], first_key, window)
+    else:
+        mask = "causal" if length > 1 else None
+    return mx.fast.scaled_dot_product_attention(
+        queries, keys, values, scale=scale, mask=mask, sinks=sinks
+    )

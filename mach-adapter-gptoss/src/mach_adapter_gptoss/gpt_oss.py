@@ -1,0 +1,195 @@
+"""GPT-OSS: attention with sinks and biases, alternating sliding-window and full layers, YaRN
+RoPE; a biased router (top-k of logits, softmax over the k) and clamped SwiGLU experts with
+biases, shipped as MXFP4."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mach.cache.base import LayerCache
+from mach.cache.kv import KVCache
+from mach.cache.rotating import RotatingKVCache
+from mach.experts.activations import GateActivation
+from mach.experts.switch import SwitchSpec, UnboundSwitchGLU
+from mach.layers.attention import attend
+from mach.layers.rope import make_rope
+from mach.layers.routing import topk_softmax
+
+
+@dataclass
+class ModelArgs:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    intermediate_size: int
+    num_local_experts: int
+    num_experts_per_tok: int
+    head_dim: int = 64
+    sliding_window: int = 128
+    rms_norm_eps: float = 1e-5
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    attention_bias: bool = True
+    tie_word_embeddings: bool = False
+    layer_types: list[str] = field(default_factory=list)
+    rope: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ModelArgs:
+        config = dict(config)
+        if "num_local_experts" not in config and "num_experts" in config:
+            config["num_local_experts"] = config["num_experts"]
+        names = {f.name for f in fields(cls)}
+        args = cls(**{k: v for k, v in config.items() if k in names and k != "rope"})
+        args.rope = {k: config[k] for k in ("rope_theta", "rope_parameters", "rope_scaling")
+                     if k in config}  # fmt: skip
+        if not args.layer_types:
+            args.layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention"
+                                for i in range(args.num_hidden_layers)]  # fmt: skip
+        return args
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, sliding: bool) -> None:
+        super().__init__()
+        d, hd, bias = args.hidden_size, args.head_dim, args.attention_bias
+        self.n_heads, self.n_kv, self.head_dim = (
+            args.num_attention_heads,
+            args.num_key_value_heads,
+            hd,
+        )
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(d, self.n_kv * hd, bias=bias)
+        self.v_proj = nn.Linear(d, self.n_kv * hd, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=bias)
+        self.sinks = mx.zeros((self.n_heads,))
+        self.window = args.sliding_window if sliding else None
+        self.rope = make_rope(hd, args.rope)
+
+    def __call__(self, x: mx.array, cache: LayerCache | None) -> mx.array:
+        b, length, _ = x.shape
+        q = self.q_proj(x).reshape(b, length, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(b, length, self.n_kv, -1).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(b, length, self.n_kv, -1).transpose(0, 2, 1, 3)
+        offset = cache.offset if cache is not None else 0
+        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        out = attend(q, k, v, cache, self.head_dim**-0.5, sinks=self.sinks.astype(q.dtype),
+                     window=self.window)  # fmt: skip
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, length, -1))
+
+
+class MoeBlock(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.top_k = args.num_experts_per_tok
+        self.router = nn.Linear(args.hidden_size, args.num_local_experts, bias=True)
+        activation = GateActivation("clamped_swiglu", args.swiglu_alpha, args.swiglu_limit)
+        self.experts = UnboundSwitchGLU(SwitchSpec(args.num_local_experts, args.hidden_size,
+                                                   args.intermediate_size, activation, bias=True,
+                                                   top_k=self.top_k))  # fmt: skip
+
+    def __call__(self, x: mx.array) -> mx.array:
+        indices, weights = topk_softmax(self.router(x), self.top_k)
+        return (self.experts(x, indices) * weights[..., None]).sum(axis=-2)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int) -> None:
+        super().__init__()
+        self.sliding = args.layer_types[layer] == "sliding_attention"
+        self.self_attn = Attention(args, self.sliding)
+        self.mlp = MoeBlock(args)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, cache: LayerCache | None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class GptOssModel(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, tokens: mx.array, cache: Sequence[Any] | None) -> mx.array:
+        h = self.embed_tokens(tokens)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cache[i] if cache is not None else None)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.model = GptOssModel(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(self, tokens: mx.array, cache: Sequence[Any] | None = None) -> mx.array:
+        h = self.model(tokens, cache)
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        return self.model.layers
+
+    def make_cache(self) -> list[LayerCache]:
+        return [RotatingKVCache(self.args.sliding_window) if layer.sliding else KVCache()
+                for layer in self.layers]  # fmt: skip
+
+
+_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.")
+
+
+def _blocks_to_weight(blocks: mx.array) -> mx.array:
+    """Official MXFP4 ``[E, out, in/32, 16]`` uint8 -> packed ``[E, out, in/8]`` uint32."""
+    flat = blocks.reshape(*blocks.shape[:-2], blocks.shape[-2] * blocks.shape[-1])
+    return flat.view(mx.uint32)
+
+
+def sanitize(weights: dict[str, mx.array], args: ModelArgs) -> dict[str, mx.array]:
+    """Official MXFP4, HF float re-uploads (experts ``[E, in, out]``, gate/up interleaved) and
+    mlx-community (already split, ``experts.*_proj``) -> engine names."""
+    out = {k: v for k, v in weights.items() if "rotary_emb" not in k}
+    if args.tie_word_embeddings:
+        out = {k: v for k, v in out.items() if not k.startswith("lm_head.")}
+    for block in sorted({m.group(1) for k in out if (m := _EXPERTS.match(k))}):
+        if f"{block}.gate_up_proj_blocks" in out:
+            fused = _blocks_to_weight(out.pop(f"{block}.gate_up_proj_blocks"))
+            scales = out.pop(f"{block}.gate_up_proj_scales")
+            out[f"{block}.gate_proj.weight"], out[f"{block}.up_proj.weight"] = (
+                fused[:, ::2], fused[:, 1::2])  # fmt: skip
+            out[f"{block}.gate_proj.scales"], out[f"{block}.up_proj.scales"] = (
+                scales[:, ::2], scales[:, 1::2])  # fmt: skip
+            out[f"{block}.down_proj.weight"] = _blocks_to_weight(
+                out.pop(f"{block}.down_proj_blocks")
+            )
+            out[f"{block}.down_proj.scales"] = out.pop(f"{block}.down_proj_scales")
+        elif f"{block}.gate_up_proj" in out:
+            fused = out.pop(f"{block}.gate_up_proj")
+            out[f"{block}.gate_proj.weight"] = fused[..., ::2].swapaxes(1, 2)
+            out[f"{block}.up_proj.weight"] = fused[..., 1::2].swapaxes(1, 2)
+            out[f"{block}.down_proj.weight"] = out.pop(f"{block}.down_proj").swapaxes(1, 2)
+        if f"{block}.gate_up_proj_bias" in out:
+            bias = out.pop(f"{block}.gate_up_proj_bias")
+            out[f"{block}.gate_proj.bias"], out[f"{block}.up_proj.bias"] = (
+                bias[:, ::2],
+                bias[:, 1::2],
+            )
+        if f"{block}.down_proj_bias" in out:
+            out[f"{block}.down_proj.bias"] = out.pop(f"{block}.down_proj_bias")
+    return out

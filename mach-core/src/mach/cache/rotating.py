@@ -1,0 +1,48 @@
+"""``RotatingKVCache``: keys and values of a sliding-window layer, bounded by the window."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+
+
+class RotatingKVCache:
+    """Holds the last ``window - 1`` positions; each call sees those plus its own new ones."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self._offset = 0
+
+    @property
+    def offset(self) -> int:
+        return self._offset
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array, int]:
+        """Append new positions; return the keys and values to attend and the first's position."""
+        if self.keys is not None and self.values is not None:
+            keys = mx.concatenate([self.keys, keys], axis=2)
+            values = mx.concatenate([self.values, values], axis=2)
+        start = self._offset - (0 if self.keys is None else self.keys.shape[2])
+        self._offset += keys.shape[2] - (0 if self.keys is None else self.keys.shape[2])
+        keep = self.window - 1
+        self.keys, self.values = keys[..., -keep:, :], values[..., -keep:, :]
+        return keys, values, start
+
+    def is_trimmable(self) -> bool:
+        return False
+
+    def trim(self, n: int) -> int:
+        return 0
+
+    def snapshot(self) -> Any:
+        return (self.keys, self.values, self._offset)
+
+    def restore(self, snapshot: Any) -> None:
+        self.keys, self.values, self._offset = snapshot
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.keys, self.values) if a is not None)
