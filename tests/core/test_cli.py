@@ -79,7 +79,7 @@ def test_generate_chat_and_sampling_flags() -> None:
         (["generate", "/nonexistent/model"], "no such checkpoint folder"),
         (["generate", str(FIXTURE), "--prompt", "a", "--chat", "b"], "either --prompt or --chat"),
         (["generate", str(FIXTURE), "--top-p", "0"], "top_p must be in (0, 1]"),
-        (["generate", str(FIXTURE), "--arch", "gpt_oss"], 'pip install "mach[gptoss]"'),
+        (["generate", str(FIXTURE), "--arch", "gemma4"], 'pip install "mach[gemma]"'),
         (["generate", str(FIXTURE), "--dtype", "int8"], "dtype must be one of float32"),
     ],
 )

@@ -80,10 +80,10 @@ def test_unknown_model_type_names_the_package(tmp_path: Path) -> None:
     target = tmp_path / "u"
     shutil.copytree(FAMILY / "mlx-q4", target)
     config = json.loads((target / "config.json").read_text())
-    config.update(model_type="gpt_oss", architectures=[])
+    config.update(model_type="deepseek_v4", architectures=[])
     (target / "config.json").write_text(json.dumps(config))
     report = check_checkpoint(target)
-    assert not report.loads and 'pip install "mach[gptoss]"' in report.diagnosis
+    assert not report.loads and 'pip install "mach[deepseek]"' in report.diagnosis
 
 
 def test_missing_tokenizer_loads_but_cannot_serve(tmp_path: Path) -> None:
