@@ -359,6 +359,23 @@ def make_gpt_oss(tokenizer_dir: Path) -> None:
     (out / "config.json").write_text(json.dumps(raw, indent=2))
     write_layout(out, hf_reference(model, input_ids), tokenizer_dir)
 
+    from mlx_lm import convert
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # mlx-community's "MXFP4-Q8": experts stay MXFP4, the rest at 8-bit affine.
+        source = Path(tmp) / "source"
+        shutil.copytree(out, source)
+        raw = json.loads((source / "config.json").read_text())
+        rope = raw.pop("rope_parameters")
+        raw["rope_theta"] = rope.pop("rope_theta")
+        raw["rope_scaling"] = rope
+        (source / "config.json").write_text(json.dumps(raw, indent=2))
+        (source / "reference.npz").unlink()
+        q8 = family / "mlx-mxfp4-q8"
+        convert(str(source), str(q8), quantize=True, q_bits=8, q_group_size=64)
+        (q8 / "README.md").unlink(missing_ok=True)
+        write_layout(q8, mlx_reference(q8, input_ids), tokenizer_dir)
+
 
 def record_versions(family: str) -> None:
     import mlx.core as mx
