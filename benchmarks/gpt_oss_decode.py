@@ -1,0 +1,106 @@
+"""Decode speed of mach against mlx-lm on one synthetic gpt_oss checkpoint (MXFP4 experts).
+
+mlx-lm builds a random-weight gpt_oss with MXFP4 experts and 8-bit affine attention, router and
+embeddings (the mlx-community "MXFP4-Q8" recipe); both engines load the same files in this
+process, prefill a prompt longer than the sliding window and decode greedily.
+
+    uv run --group bench python benchmarks/gpt_oss_decode.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from mach import load_moe
+from mach.decode.engine import TargetEngine
+from mach.decode.params import SamplingParams
+from mach.default_model.random_qwen3_moe import _tokenizer_json
+
+CONFIG = {
+    "model_type": "gpt_oss", "num_hidden_layers": 8, "num_local_experts": 32,
+    "num_experts_per_tok": 4, "vocab_size": 4096, "rms_norm_eps": 1e-5, "hidden_size": 512,
+    "intermediate_size": 512, "head_dim": 64, "num_attention_heads": 8, "num_key_value_heads": 2,
+    "sliding_window": 128, "rope_theta": 150000,
+    "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                     "original_max_position_embeddings": 4096, "truncate": False},
+    "max_position_embeddings": 131072, "tie_word_embeddings": False,
+}  # fmt: skip
+
+
+def write_model(root: Path) -> Path:
+    from mlx_lm.models import gpt_oss
+
+    model = gpt_oss.Model(gpt_oss.ModelArgs.from_dict(CONFIG))
+    overrides: dict[str, Any] = {}
+
+    def predicate(path: str, module: nn.Module) -> bool | dict[str, Any]:
+        if not hasattr(module, "to_quantized"):
+            return False
+        if ".experts." in path:
+            overrides[path] = {"group_size": 32, "bits": 4, "mode": "mxfp4"}
+        else:
+            overrides[path] = {"group_size": 64, "bits": 8, "mode": "affine"}
+        return overrides[path]
+
+    nn.quantize(model, class_predicate=predicate)
+    weights = dict(tree_flatten(model.parameters()))
+    mx.eval(weights)
+    root.mkdir(parents=True)
+    mx.save_safetensors(str(root / "model.safetensors"), weights, metadata={"format": "mlx"})
+    config = {**CONFIG, "quantization": {"group_size": 64, "bits": 8, **overrides}}
+    (root / "config.json").write_text(json.dumps(config, indent=2))
+    (root / "tokenizer.json").write_text(json.dumps(_tokenizer_json()))
+    return root
+
+
+def timed(tokens: Any) -> tuple[list[int], float]:
+    ids, stamps = [], []
+    for token in tokens:
+        ids.append(token)
+        stamps.append(time.perf_counter())
+    return ids, (len(ids) - 1) / (stamps[-1] - stamps[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt-tokens", type=int, default=256)
+    parser.add_argument("--tokens", type=int, default=64)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_model(Path(tmp) / "model")
+        prompt = np.random.default_rng(0).integers(0, 256, args.prompt_tokens).tolist()
+
+        from mlx_lm import load
+        from mlx_lm.generate import generate_step
+
+        peer, _ = load(str(path))
+        list(generate_step(mx.array(prompt[:8]), peer, max_tokens=4))
+        peer_ids, peer_tps = timed(
+            int(t) for t, _ in generate_step(mx.array(prompt), peer, max_tokens=args.tokens)
+        )
+        model, _, _, cache = load_moe(path)
+        engine = TargetEngine(model, None, cache.new)
+        engine.generate(prompt[:8], SamplingParams(max_tokens=4))
+        params = SamplingParams(max_tokens=args.tokens)
+        ids, tps = timed(e.token for e in engine.stream(prompt, params) if e.token is not None)
+    same = next((i for i, (a, b) in enumerate(zip(ids, peer_ids, strict=False)) if a != b),
+                len(ids))  # fmt: skip
+    print(f"{mx.default_device()}  gpt_oss synthetic (8 layers, 32 experts, top-4, MXFP4-Q8)  "
+          f"prompt {args.prompt_tokens}  decode {args.tokens}")  # fmt: skip
+    print(f"  mach    decode {tps:8.1f} tok/s")
+    print(f"  mlx_lm  decode {peer_tps:8.1f} tok/s")
+    print(f"  mach / mlx-lm: decode x{tps / peer_tps:.3f}  same greedy prefix: {same}/{len(ids)}")
+
+
+if __name__ == "__main__":
+    main()
