@@ -8,7 +8,6 @@ Each token may appear once in a chain.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -77,38 +76,49 @@ def write_scripted_model(root: Path, vocab: int, after: int, chain: list[int]) -
               "num_experts": experts, "num_experts_per_tok": 1, "moe_intermediate_size": 64,
               "norm_topk_prob": True, "vocab_size": vocab, "rope_theta": 1e6,
               "max_position_embeddings": 512, "eos_token_id": chain[-1]}  # fmt: skip
-    root.mkdir()
+    root.mkdir(exist_ok=True)
     save_file(weights, str(root / "model.safetensors"))
     (root / "config.json").write_text(json.dumps(config))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_model_path() / name, root / name)
     return root
 
 
-def scripted_checkpoint(root: Path, text: str, messages: list[dict[str, object]],
-                        tools: list[dict[str, object]] | None = None,
-                        template_suffix: str = "") -> Path:  # fmt: skip
-    """A checkpoint that answers ``messages`` with exactly ``text``, then ``<|im_end|>``.
+def scripted_checkpoint(
+    root: Path,
+    text: str,
+    messages: list[dict[str, object]],
+    tools: list[dict[str, object]] | None = None,
+    template_suffix: str = "",
+    specials: tuple[str, ...] = (),
+    template: str | None = None,
+    end: str = "<|im_end|>",
+) -> Path:
+    """A checkpoint that answers ``messages`` with exactly ``text``, then ``end``.
 
-    ``template_suffix`` is appended to the generation prompt of its chat template (e.g. an
-    opening ``<think>`` tag, as reasoning models' templates do).
+    ``specials`` adds special tokens to the default model's tokenizer; ``template`` replaces its
+    chat template and ``template_suffix`` is appended to its generation prompt (an opening
+    ``<think>`` tag, as reasoning models' templates do).
     """
-    tokenizer = load_tokenizer(default_model_path())
-    assert tokenizer is not None
+    root.mkdir(parents=True)
+    source = default_model_path()
+    tokenizer_json = json.loads((source / "tokenizer.json").read_text())
+    next_id = max(t["id"] for t in tokenizer_json["added_tokens"]) + 1
+    next_id = max(next_id, len(tokenizer_json["model"]["vocab"]))
+    for offset, content in enumerate(specials):
+        tokenizer_json["added_tokens"].append({
+            "id": next_id + offset, "content": content, "single_word": False, "lstrip": False,
+            "rstrip": False, "normalized": False, "special": True})  # fmt: skip
+    (root / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    chat = template or config["chat_template"]
     if template_suffix:
-        assert tokenizer.chat_template is not None
-        tokenizer.chat_template = tokenizer.chat_template.replace(
-            "<|im_start|>assistant\n", "<|im_start|>assistant\n" + template_suffix
-        )
+        chat = chat.replace("<|im_start|>assistant\n", "<|im_start|>assistant\n" + template_suffix)
+    config["chat_template"] = chat
+    (root / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = load_tokenizer(root)
+    assert tokenizer is not None
     prompt = tokenizer.encode(tokenizer.apply_chat_template(messages, tools=tools),
                               add_special_tokens=False)  # fmt: skip
-    end = tokenizer.token_id("<|im_end|>")
-    assert end is not None
-    chain = [*distinct_tokens(tokenizer, text, {prompt[-1], end}), end]
-    write_scripted_model(root, tokenizer.vocab_size, prompt[-1], chain)
-    if template_suffix:
-        config_path = root / "tokenizer_config.json"
-        config = json.loads(config_path.read_text())
-        config["chat_template"] = tokenizer.chat_template
-        config_path.write_text(json.dumps(config))
-    return root
+    end_id = tokenizer.token_id(end)
+    assert end_id is not None
+    chain = [*distinct_tokens(tokenizer, text, {prompt[-1], end_id}), end_id]
+    return write_scripted_model(root, tokenizer.vocab_size, prompt[-1], chain)

@@ -17,12 +17,11 @@ from starlette.routing import Route
 
 from mach.decode.events import GenerationStats, TokenEvent
 from mach.decode.params import SamplingParams
-from mach.decode.reasoning import ReasoningSplitter, split_reasoning
 from mach.registry import arch_summary
 from mach_serve import requests as parse
 from mach_serve.errors import APIError
+from mach_serve.output import Delta, chat_output
 from mach_serve.responses import (
-    ToolCallSplitter,
     chat_logprobs,
     chunk,
     completion_logprobs,
@@ -132,8 +131,6 @@ def create_app(state: ServerState, cors_origins: list[str] | None = None) -> Sta
         req = parse.decode_body(await read_body(request, state), ChatCompletionRequest)
         parse.check_model(state, req.model)
         prompt, prompt_text = parse.chat_prompt(state, req)
-        tags = state.adapter.reasoning_tags
-        thinking = tags is not None and prompt_text.rstrip().endswith(tags.open)
         top = req.top_logprobs if req.logprobs else None
         if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
             raise APIError(400, "top_logprobs must be between 0 and 20", param="top_logprobs")
@@ -144,11 +141,12 @@ def create_app(state: ServerState, cors_origins: list[str] | None = None) -> Sta
         cid, created, model = new_id("chatcmpl"), now(), state.model_id
         tools = bool(req.tools) and req.tool_choice != "none"
         if not req.stream:
-            text, events, last = await collect(state, job)
-            reasoning = ""
-            if tags is not None:
-                reasoning, text = split_reasoning(text, tags, started=thinking)
-            content, calls = state.adapter.parse_tool_calls(text) if tools else (text, [])
+            _, events, last = await collect(state, job)
+            output = chat_output(state.adapter, state.tokenizer, prompt_text, tools)
+            parts = [output.feed(e) for e in events] + [output.finish()]
+            reasoning = "".join(p.reasoning for p in parts)
+            content = "".join(p.content for p in parts)
+            calls = output.calls
             message: dict[str, Any] = {"role": "assistant", "content": content or None}
             if reasoning:
                 message["reasoning_content"] = reasoning
@@ -165,35 +163,25 @@ def create_app(state: ServerState, cors_origins: list[str] | None = None) -> Sta
 
         async def pieces() -> AsyncIterator[str]:
             yield chunk(cid, model, created, {"role": "assistant", "content": ""}, None)
-            splitter = ToolCallSplitter() if tools else None
-            thoughts = ReasoningSplitter(tags, started=thinking) if tags is not None else None
+            output = chat_output(state.adapter, state.tokenizer, prompt_text, tools)
             async for event in job.stream():
-                text = event.text
-                if thoughts is not None:
-                    reasoning, text = thoughts.feed(text)
-                    if event.finish_reason is not None:
-                        tail_reasoning, tail_text = thoughts.finish()
-                        reasoning, text = reasoning + tail_reasoning, text + tail_text
-                    if reasoning:
-                        yield chunk(cid, model, created, {"reasoning_content": reasoning}, None)
-                text = splitter.feed(text) if splitter else text
-                if event.finish_reason is not None and splitter is not None:
-                    text += splitter.finish()
+                delta = output.feed(event)
+                if event.finish_reason is not None:
+                    tail = output.finish()
+                    delta = Delta(delta.reasoning + tail.reasoning, delta.content + tail.content)
+                if delta.reasoning:
+                    yield chunk(cid, model, created, {"reasoning_content": delta.reasoning}, None)
                 logprobs = chat_logprobs(state.tokenizer, [event]) if req.logprobs else None
-                if text or (logprobs and logprobs["content"]):
-                    yield chunk(cid, model, created, {"content": text}, None, logprobs)
+                if delta.content or (logprobs and logprobs["content"]):
+                    yield chunk(cid, model, created, {"content": delta.content}, None, logprobs)
                 if event.finish_reason is None:
                     continue
                 record(state, event.stats)
                 finish: str = event.finish_reason
-                if splitter is not None and splitter.tail:
-                    rest, calls = state.adapter.parse_tool_calls(splitter.tail)
-                    if rest:
-                        yield chunk(cid, model, created, {"content": rest}, None)
-                    if calls:
-                        yield chunk(cid, model, created,
-                                    {"tool_calls": tool_calls_json(calls)}, None)  # fmt: skip
-                        finish = "tool_calls"
+                if output.calls:
+                    calls_delta = {"tool_calls": tool_calls_json(output.calls)}
+                    yield chunk(cid, model, created, calls_delta, None)
+                    finish = "tool_calls"
                 yield chunk(cid, model, created, {}, finish)
                 if include_usage and event.stats is not None:
                     yield usage_chunk(cid, "chat.completion.chunk", created, model, event.stats)
