@@ -4,7 +4,7 @@ mlx-lm builds a random-weight gpt_oss with MXFP4 experts and 8-bit affine attent
 embeddings (the mlx-community "MXFP4-Q8" recipe); both engines load the same files in this
 process, prefill a prompt longer than the sliding window and decode greedily.
 
-    uv run --group bench python benchmarks/gpt_oss_decode.py
+    uv run --group bench python -m benchmarks.gpt_oss_decode
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +20,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mach import load_moe
-from mach.decode.engine import TargetEngine
-from mach.decode.params import SamplingParams
+from benchmarks.peer import compare_decode
 from mach.default_model.random_qwen3_moe import _tokenizer_json
 
 CONFIG = {
@@ -63,14 +60,6 @@ def write_model(root: Path) -> Path:
     return root
 
 
-def timed(tokens: Any) -> tuple[list[int], float]:
-    ids, stamps = [], []
-    for token in tokens:
-        ids.append(token)
-        stamps.append(time.perf_counter())
-    return ids, (len(ids) - 1) / (stamps[-1] - stamps[0])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt-tokens", type=int, default=256)
@@ -79,27 +68,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = write_model(Path(tmp) / "model")
         prompt = np.random.default_rng(0).integers(0, 256, args.prompt_tokens).tolist()
-
-        from mlx_lm import load
-        from mlx_lm.generate import generate_step
-
-        peer, _ = load(str(path))
-        list(generate_step(mx.array(prompt[:8]), peer, max_tokens=4))
-        peer_ids, peer_tps = timed(
-            int(t) for t, _ in generate_step(mx.array(prompt), peer, max_tokens=args.tokens)
+        compare_decode(
+            path, prompt, args.tokens, "gpt_oss synthetic (8 layers, 32 experts, top-4, MXFP4-Q8)"
         )
-        model, _, _, cache = load_moe(path)
-        engine = TargetEngine(model, None, cache.new)
-        engine.generate(prompt[:8], SamplingParams(max_tokens=4))
-        params = SamplingParams(max_tokens=args.tokens)
-        ids, tps = timed(e.token for e in engine.stream(prompt, params) if e.token is not None)
-    same = next((i for i, (a, b) in enumerate(zip(ids, peer_ids, strict=False)) if a != b),
-                len(ids))  # fmt: skip
-    print(f"{mx.default_device()}  gpt_oss synthetic (8 layers, 32 experts, top-4, MXFP4-Q8)  "
-          f"prompt {args.prompt_tokens}  decode {args.tokens}")  # fmt: skip
-    print(f"  mach    decode {tps:8.1f} tok/s")
-    print(f"  mlx_lm  decode {peer_tps:8.1f} tok/s")
-    print(f"  mach / mlx-lm: decode x{tps / peer_tps:.3f}  same greedy prefix: {same}/{len(ids)}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 mlx-lm builds the random-weight model (4-bit, mlx-community layout); both engines then load the
 same files in this process, prefill a prompt, decode greedily, and the script prints the ratio.
 
-    uv run --group bench python benchmarks/qwen3_5_decode.py
+    uv run --group bench python -m benchmarks.qwen3_5_decode
 """
 
 from __future__ import annotations
@@ -11,18 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mach import load_moe
-from mach.decode.engine import TargetEngine
-from mach.decode.params import SamplingParams
+from benchmarks.peer import compare_decode
 from mach.default_model.random_qwen3_moe import CHAT_TEMPLATE, _tokenizer_json
 
 TEXT = {
@@ -56,14 +52,6 @@ def write_model(root: Path) -> Path:
     return root
 
 
-def timed(tokens: Any) -> tuple[list[int], float]:
-    ids, stamps = [], []
-    for token in tokens:
-        ids.append(token)
-        stamps.append(time.perf_counter())
-    return ids, (len(ids) - 1) / (stamps[-1] - stamps[0])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt-tokens", type=int, default=128)
@@ -72,27 +60,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = write_model(Path(tmp) / "model")
         prompt = np.random.default_rng(0).integers(0, 256, args.prompt_tokens).tolist()
-
-        from mlx_lm import load
-        from mlx_lm.generate import generate_step
-
-        peer, _ = load(str(path))
-        list(generate_step(mx.array(prompt[:8]), peer, max_tokens=4))
-        peer_ids, peer_tps = timed(
-            int(t) for t, _ in generate_step(mx.array(prompt), peer, max_tokens=args.tokens)
+        compare_decode(
+            path, prompt, args.tokens, "qwen3_5_moe synthetic (8 layers, 64 experts, top-8, 4-bit)"
         )
-        model, _, _, cache = load_moe(path)
-        engine = TargetEngine(model, None, cache.new)
-        engine.generate(prompt[:8], SamplingParams(max_tokens=4))
-        params = SamplingParams(max_tokens=args.tokens)
-        ids, tps = timed(e.token for e in engine.stream(prompt, params) if e.token is not None)
-    same = next((i for i, (a, b) in enumerate(zip(ids, peer_ids, strict=False)) if a != b),
-                len(ids))  # fmt: skip
-    print(f"{mx.default_device()}  qwen3_5_moe synthetic (8 layers, 64 experts, top-8, 4-bit)  "
-          f"prompt {args.prompt_tokens}  decode {args.tokens}")  # fmt: skip
-    print(f"  mach    decode {tps:8.1f} tok/s")
-    print(f"  mlx_lm  decode {peer_tps:8.1f} tok/s")
-    print(f"  mach / mlx-lm: decode x{tps / peer_tps:.3f}  same greedy prefix: {same}/{len(ids)}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ biases, shipped as MXFP4."""
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -18,6 +18,7 @@ from mach.cache.rotating import RotatingKVCache
 from mach.experts.activations import GateActivation
 from mach.experts.switch import SwitchSpec, UnboundSwitchGLU
 from mach.layers.attention import attend
+from mach.layers.causal_lm import CausalLM, DecoderStack
 from mach.layers.rope import make_rope
 from mach.layers.routing import topk_softmax
 
@@ -115,37 +116,12 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class GptOssModel(nn.Module):
+class Model(CausalLM):
     def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-
-    def __call__(self, tokens: mx.array, cache: Sequence[Any] | None) -> mx.array:
-        h = self.embed_tokens(tokens)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cache[i] if cache is not None else None)
-        return self.norm(h)
-
-
-class Model(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
+        layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
+        stack = DecoderStack(args.vocab_size, args.hidden_size, layers, args.rms_norm_eps)
+        super().__init__(stack, args.tie_word_embeddings)
         self.args = args
-        self.model = GptOssModel(args)
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-
-    def __call__(self, tokens: mx.array, cache: Sequence[Any] | None = None) -> mx.array:
-        h = self.model(tokens, cache)
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
-
-    @property
-    def layers(self) -> list[DecoderLayer]:
-        return self.model.layers
 
     def make_cache(self) -> list[LayerCache]:
         return [RotatingKVCache(self.args.sliding_window) if layer.sliding else KVCache()

@@ -4,7 +4,7 @@ sigmoid-gated shared expert in every layer."""
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -17,6 +17,7 @@ from mach.cache.kv import KVCache
 from mach.experts.layouts import split_gate_up, stack_per_expert
 from mach.experts.switch import SwitchSpec, UnboundSwitchGLU
 from mach.layers.attention import attend
+from mach.layers.causal_lm import CausalLM, DecoderStack
 from mach.layers.gated_delta import chunked_gated_delta, recurrent_gated_delta
 from mach.layers.routing import softmax_topk
 from mach_adapter_qwen.qwen3_moe import MLP
@@ -208,37 +209,12 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class TextModel(nn.Module):
+class Model(CausalLM):
     def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-
-    def __call__(self, tokens: mx.array, cache: Sequence[Any] | None) -> mx.array:
-        h = self.embed_tokens(tokens)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cache[i] if cache is not None else None)
-        return self.norm(h)
-
-
-class Model(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
+        layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
+        stack = DecoderStack(args.vocab_size, args.hidden_size, layers, args.rms_norm_eps)
+        super().__init__(stack, args.tie_word_embeddings)
         self.args = args
-        self.model = TextModel(args)
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-
-    def __call__(self, tokens: mx.array, cache: Sequence[Any] | None = None) -> mx.array:
-        h = self.model(tokens, cache)
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
-
-    @property
-    def layers(self) -> list[DecoderLayer]:
-        return self.model.layers
 
     def make_cache(self) -> list[LayerCache]:
         return [GDNCache() if layer.is_linear else KVCache() for layer in self.layers]

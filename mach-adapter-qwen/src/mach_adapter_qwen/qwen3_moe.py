@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -14,6 +14,7 @@ from mach.cache.base import LayerCache
 from mach.experts.layouts import split_gate_up, stack_per_expert
 from mach.experts.switch import SwitchSpec, UnboundSwitchGLU
 from mach.layers.attention import attend
+from mach.layers.causal_lm import CausalLM, DecoderStack
 from mach.layers.rope import make_rope
 from mach.layers.routing import softmax_topk
 
@@ -139,40 +140,12 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class Qwen3MoeModel(nn.Module):
+class Model(CausalLM):
     def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-
-    def __call__(self, tokens: mx.array, cache: Sequence[LayerCache] | None) -> mx.array:
-        h = self.embed_tokens(tokens)
-        caches: Sequence[LayerCache | None] = (
-            cache if cache is not None else [None] * len(self.layers)
-        )
-        for layer, layer_cache in zip(self.layers, caches, strict=True):
-            h = layer(h, layer_cache)
-        return self.norm(h)
-
-
-class Model(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
+        layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
+        stack = DecoderStack(args.vocab_size, args.hidden_size, layers, args.rms_norm_eps)
+        super().__init__(stack, args.tie_word_embeddings)
         self.args = args
-        self.model = Qwen3MoeModel(args)
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-
-    def __call__(self, tokens: mx.array, cache: Sequence[LayerCache] | None = None) -> mx.array:
-        h = self.model(tokens, cache)
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
-
-    @property
-    def layers(self) -> list[DecoderLayer]:
-        return self.model.layers
 
 
 _EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.")

@@ -1,0 +1,45 @@
+"""Shared by the benchmarks: decode one checkpoint with mlx-lm and mach in this process."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import mlx.core as mx
+
+from mach import load_moe
+from mach.decode.engine import TargetEngine
+from mach.decode.params import SamplingParams
+
+
+def timed(tokens: Iterable[int]) -> tuple[list[int], float]:
+    """Token ids and decode tokens/s, timed from the first token (prefill excluded)."""
+    ids, stamps = [], []
+    for token in tokens:
+        ids.append(token)
+        stamps.append(time.perf_counter())
+    return ids, (len(ids) - 1) / (stamps[-1] - stamps[0])
+
+
+def compare_decode(path: Path, prompt: list[int], tokens: int, title: str) -> None:
+    """Greedy decode with mlx-lm, then mach (one warm-up each); print tok/s and the ratio."""
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+
+    peer, _ = load(str(path))
+    list(generate_step(mx.array(prompt[:8]), peer, max_tokens=4))
+    peer_ids, peer_tps = timed(
+        int(t) for t, _ in generate_step(mx.array(prompt), peer, max_tokens=tokens)
+    )
+    model, _, _, cache = load_moe(path)
+    engine = TargetEngine(model, None, cache.new)
+    engine.generate(prompt[:8], SamplingParams(max_tokens=4))
+    stream = engine.stream(prompt, SamplingParams(max_tokens=tokens))
+    ids, tps = timed(e.token for e in stream if e.token is not None)
+    same = next((i for i, (a, b) in enumerate(zip(ids, peer_ids, strict=False)) if a != b),
+                len(ids))  # fmt: skip
+    print(f"{mx.default_device()}  {title}  prompt {len(prompt)}  decode {tokens}")
+    print(f"  mach    decode {tps:8.1f} tok/s")
+    print(f"  mlx_lm  decode {peer_tps:8.1f} tok/s")
+    print(f"  mach / mlx-lm: decode x{tps / peer_tps:.3f}  same greedy prefix: {same}/{len(ids)}")

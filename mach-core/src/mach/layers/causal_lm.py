@@ -1,0 +1,51 @@
+"""The decoder-only language model frame families share: embed, layers, norm, output head.
+
+Weight names follow the checkpoints: ``model.embed_tokens``, ``model.layers.N``, ``model.norm``
+and ``lm_head`` (absent when the head is tied to the embedding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+class DecoderStack(nn.Module):
+    """Token embedding, the family's decoder layers (``layer(h, cache)``), final RMSNorm."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, layers: list[Any], eps: float) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.embed_tokens = nn.Embedding(vocab_size, hidden_size)
+        self.layers = layers
+        self.norm = nn.RMSNorm(hidden_size, eps=eps)
+
+    def __call__(self, tokens: mx.array, cache: Sequence[Any] | None) -> mx.array:
+        h = self.embed_tokens(tokens)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cache[i] if cache is not None else None)
+        out: mx.array = self.norm(h)
+        return out
+
+
+class CausalLM(nn.Module):
+    """``model(tokens [B, L], cache=None) -> logits [B, L, vocab]`` over a ``DecoderStack``."""
+
+    def __init__(self, model: DecoderStack, tie_word_embeddings: bool) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.model = model
+        self.tied = tie_word_embeddings
+        if not tie_word_embeddings:
+            vocab, hidden = model.embed_tokens.weight.shape
+            self.lm_head = nn.Linear(hidden, vocab, bias=False)
+
+    def __call__(self, tokens: mx.array, cache: Sequence[Any] | None = None) -> mx.array:
+        h = self.model(tokens, cache)
+        out: mx.array = self.model.embed_tokens.as_linear(h) if self.tied else self.lm_head(h)
+        return out
+
+    @property
+    def layers(self) -> list[Any]:
+        return self.model.layers
