@@ -377,6 +377,73 @@ def make_gpt_oss(tokenizer_dir: Path) -> None:
         write_layout(q8, mlx_reference(q8, input_ids), tokenizer_dir)
 
 
+def make_gemma4(tokenizer_dir: Path) -> None:
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+    family = FIXTURES / "gemma4"
+    shutil.rmtree(family, ignore_errors=True)
+    family.mkdir(parents=True)
+    vocab = 512
+    torch.manual_seed(SEED)
+    config = Gemma4TextConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+        num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=6,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=64,
+        hidden_size_per_layer_input=0, num_kv_shared_layers=0, final_logit_softcapping=30.0,
+        max_position_embeddings=512, initializer_range=0.08, tie_word_embeddings=True,
+        eos_token_id=2, pad_token_id=0, bos_token_id=1,
+    )  # fmt: skip
+    config._attn_implementation = "eager"
+    model = Gemma4ForCausalLM(config).eval()
+    generator = torch.Generator().manual_seed(SEED)
+    perturb_unit_params(model, generator)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                buffer.add_(torch.randn(buffer.shape, generator=generator) * 0.1)
+    # Longer than the 6-token sliding window.
+    input_ids = np.random.default_rng(SEED).integers(3, vocab, size=(2, 20)).astype(np.int32)
+    out = family / "hf"
+    model.save_pretrained(out)
+    write_layout(out, hf_reference(model, input_ids), tokenizer_dir)
+
+    # The official layout: the multimodal wrapper (``model.language_model.*``, a vision tower).
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    torch.manual_seed(SEED)
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16,
+              "patch_size": 4, "position_embedding_size": 64}  # fmt: skip
+    wrapper_config = Gemma4Config(text_config=config.to_dict(), vision_config=vision,
+                                  audio_config=None)  # fmt: skip
+    wrapper_config.text_config._attn_implementation = "eager"
+    wrapper = Gemma4ForConditionalGeneration(wrapper_config).eval()
+    wrapper.model.language_model.load_state_dict(model.model.state_dict())
+    wrapper.lm_head.load_state_dict(model.lm_head.state_dict())
+    out = family / "hf-wrapper"
+    wrapper.save_pretrained(out)
+    write_layout(out, hf_reference(wrapper, input_ids), tokenizer_dir)
+
+    from mlx_lm import convert
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "source"
+        shutil.copytree(out, source)
+        (source / "reference.npz").unlink()
+        raw = json.loads((source / "config.json").read_text())
+        raw["vocab_size"] = vocab  # mlx-lm reads the vocabulary size from the top level
+        # ... and the global attention shape as hub configs spell it, not per_layer_config.
+        raw["text_config"]["global_head_dim"] = 32
+        raw["text_config"]["num_global_key_value_heads"] = 1
+        (source / "config.json").write_text(json.dumps(raw, indent=2))
+        q4 = family / "mlx-q4"
+        convert(str(source), str(q4), quantize=True, q_bits=4, q_group_size=64)
+        (q4 / "README.md").unlink(missing_ok=True)
+        write_layout(q4, mlx_reference(q4, input_ids), tokenizer_dir)
+
+
 def record_versions(family: str) -> None:
     import mlx.core as mx
     import mlx_lm
@@ -396,7 +463,12 @@ def record_versions(family: str) -> None:
     (FIXTURES / family / "VERSIONS.json").write_text(json.dumps(versions, indent=2) + "\n")
 
 
-FAMILIES = {"qwen3_moe": make_qwen3_moe, "qwen3_5_moe": make_qwen3_5_moe, "gpt_oss": make_gpt_oss}
+FAMILIES = {
+    "qwen3_moe": make_qwen3_moe,
+    "qwen3_5_moe": make_qwen3_5_moe,
+    "gpt_oss": make_gpt_oss,
+    "gemma4": make_gemma4,
+}
 
 
 def main() -> int:

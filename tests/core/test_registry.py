@@ -28,11 +28,11 @@ def test_explicit_arch_wins() -> None:
 
 def test_unknown_family_of_ours_names_its_package() -> None:
     with pytest.raises(UnknownArchitectureError) as err:
-        detect_arch({"model_type": "gemma4"})
+        detect_arch({"model_type": "deepseek_v4"})
     message = str(err.value)
-    assert "model_type 'gemma4'" in message
+    assert "model_type 'deepseek_v4'" in message
     assert "qwen3_moe" in message and "toy_moe" in message
-    assert 'pip install "mach[gemma]"' in message
+    assert 'pip install "mach[deepseek]"' in message
 
 
 def test_unknown_foreign_arch_points_to_adapters() -> None:

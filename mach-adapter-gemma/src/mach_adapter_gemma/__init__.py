@@ -1,3 +1,5 @@
-"""mach adapter for the gemma family; it registers no architecture yet."""
+"""mach adapter for Gemma 4 MoE (gemma4)."""
 
-__all__: list[str] = []
+from mach_adapter_gemma.adapter import Gemma4Adapter
+
+__all__ = ["Gemma4Adapter"]

@@ -1,0 +1,242 @@
+"""Gemma 4 MoE: a dense GeGLU MLP beside the routed experts in every layer, sliding-window and
+full attention (proportional RoPE, shared keys and values), scaled embeddings, softcapped logits."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mach.cache.base import LayerCache
+from mach.cache.kv import KVCache
+from mach.cache.rotating import RotatingKVCache
+from mach.experts.activations import GateActivation
+from mach.experts.layouts import split_gate_up
+from mach.experts.switch import SwitchSpec, UnboundSwitchGLU
+from mach.layers.attention import attend
+from mach.layers.causal_lm import CausalLM, DecoderStack
+
+
+@dataclass
+class ModelArgs:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    intermediate_size: int
+    num_experts: int
+    top_k_experts: int
+    moe_intermediate_size: int
+    head_dim: int = 256
+    global_head_dim: int | None = None
+    num_global_key_value_heads: int | None = None
+    attention_k_eq_v: bool = False
+    sliding_window: int = 1024
+    rms_norm_eps: float = 1e-6
+    final_logit_softcapping: float | None = None
+    tie_word_embeddings: bool = True
+    layer_types: list[str] = field(default_factory=list)
+    rope_parameters: dict[str, Any] = field(default_factory=dict)
+    per_layer_config: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ModelArgs:
+        text = config.get("text_config")
+        merged = {**config, **text} if isinstance(text, Mapping) else dict(config)
+        names = {f.name for f in fields(cls)}
+        args = cls(**{k: v for k, v in merged.items() if k in names})
+        if not args.layer_types:
+            args.layer_types = ["sliding_attention" if (i + 1) % 6 else "full_attention"
+                                for i in range(args.num_hidden_layers)]  # fmt: skip
+        return args
+
+    def attention_shape(self, layer: int) -> tuple[int, int]:
+        """``(head_dim, kv_heads)`` of a layer."""
+        override = self.per_layer_config.get(str(layer)) or self.per_layer_config.get(layer)
+        if override:
+            return (int(override.get("head_dim", self.head_dim)),
+                    int(override.get("num_key_value_heads", self.num_key_value_heads)))  # fmt: skip
+        if self.layer_types[layer] == "full_attention" and self.global_head_dim:
+            kv = self.num_global_key_value_heads if self.attention_k_eq_v else None
+            return self.global_head_dim, kv or self.num_key_value_heads
+        return self.head_dim, self.num_key_value_heads
+
+
+class GemmaRoPE(nn.Module):
+    """Default RoPE, or proportional RoPE: the first fraction of frequencies over the whole head,
+    the rest left unrotated."""
+
+    def __init__(self, head_dim: int, params: Mapping[str, Any]) -> None:
+        super().__init__()
+        theta = float(params.get("rope_theta", 10000.0))
+        share = float(params.get("partial_rotary_factor", 1.0))
+        if params.get("rope_type", "default") == "proportional":
+            rotated = int(share * head_dim // 2)
+        else:
+            rotated = head_dim // 2
+        periods = theta ** (mx.arange(0, 2 * rotated, 2, dtype=mx.float32) / head_dim)
+        frozen = mx.full((head_dim // 2 - rotated,), mx.inf)
+        self._freqs = mx.concatenate([periods, frozen])
+        self.head_dim = head_dim
+
+    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+        return mx.fast.rope(x, self.head_dim, traditional=False, base=None, scale=1.0,
+                            offset=offset, freqs=self._freqs)  # fmt: skip
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int) -> None:
+        super().__init__()
+        kind = args.layer_types[layer]
+        self.window = args.sliding_window if kind == "sliding_attention" else None
+        self.head_dim, self.n_kv = args.attention_shape(layer)
+        self.n_heads = args.num_attention_heads
+        shares_kv = args.attention_k_eq_v and kind == "full_attention"
+        d, hd, eps = args.hidden_size, self.head_dim, args.rms_norm_eps
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv * hd, bias=False)
+        if not shares_kv:
+            self.v_proj = nn.Linear(d, self.n_kv * hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
+        self.q_norm = nn.RMSNorm(hd, eps=eps)
+        self.k_norm = nn.RMSNorm(hd, eps=eps)
+        self.eps = eps
+        self.shares_kv = shares_kv
+        self.rope = GemmaRoPE(hd, args.rope_parameters.get(kind, {}))
+
+    def __call__(self, x: mx.array, cache: LayerCache | None) -> mx.array:
+        b, length, _ = x.shape
+        q = self.q_norm(self.q_proj(x).reshape(b, length, self.n_heads, -1))
+        k = self.k_proj(x).reshape(b, length, self.n_kv, -1)
+        v = k if self.shares_kv else self.v_proj(x).reshape(b, length, self.n_kv, -1)
+        k = self.k_norm(k)
+        v = mx.fast.rms_norm(v, None, self.eps)
+        offset = cache.offset if cache is not None else 0
+        q = self.rope(q.transpose(0, 2, 1, 3), offset=offset)
+        k = self.rope(k.transpose(0, 2, 1, 3), offset=offset)
+        out = attend(q, k, v.transpose(0, 2, 1, 3), cache, 1.0, window=self.window)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, length, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.top_k, self.eps = args.top_k_experts, args.rms_norm_eps
+        self.root = args.hidden_size**-0.5
+        self.proj = nn.Linear(args.hidden_size, args.num_experts, bias=False)
+        self.scale = mx.ones((args.hidden_size,))
+        self.per_expert_scale = mx.ones((args.num_experts,))
+
+    def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        z = mx.fast.rms_norm(x, None, self.eps) * self.scale * self.root
+        probs = mx.softmax(self.proj(z), axis=-1, precise=True)
+        indices = mx.argpartition(probs, kth=-self.top_k, axis=-1)[..., -self.top_k :]
+        weights = mx.take_along_axis(probs, indices, axis=-1)
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+        return indices, weights * self.per_expert_scale[indices]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int) -> None:
+        super().__init__()
+        d, eps = args.hidden_size, args.rms_norm_eps
+        self.sliding = args.layer_types[layer] == "sliding_attention"
+        self.self_attn = Attention(args, layer)
+        self.mlp = MLP(d, args.intermediate_size)
+        self.router = Router(args)
+        self.experts = UnboundSwitchGLU(SwitchSpec(args.num_experts, d, args.moe_intermediate_size,
+                                                   GateActivation("geglu"),
+                                                   top_k=args.top_k_experts))  # fmt: skip
+        for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm", "post_feedforward_layernorm_1",
+                     "pre_feedforward_layernorm_2", "post_feedforward_layernorm_2"):  # fmt: skip
+            setattr(self, name, nn.RMSNorm(d, eps=eps))
+        self.layer_scalar = mx.ones((1,))
+
+    def __call__(self, x: mx.array, cache: LayerCache | None) -> mx.array:
+        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cache))
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
+        indices, weights = self.router(h)
+        routed = self.experts(self.pre_feedforward_layernorm_2(h), indices)
+        routed = self.post_feedforward_layernorm_2((routed * weights[..., None]).sum(axis=-2))
+        return (h + self.post_feedforward_layernorm(dense + routed)) * self.layer_scalar
+
+
+class ScaledStack(DecoderStack):
+    def __call__(self, tokens: mx.array, cache: Any) -> mx.array:
+        h = self.embed_tokens(tokens)
+        h = h * mx.array(math.sqrt(h.shape[-1]), dtype=h.dtype)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cache[i] if cache is not None else None)
+        out: mx.array = self.norm(h)
+        return out
+
+
+class Model(CausalLM):
+    def __init__(self, args: ModelArgs) -> None:
+        layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
+        stack = ScaledStack(args.vocab_size, args.hidden_size, layers, args.rms_norm_eps)
+        super().__init__(stack, args.tie_word_embeddings)
+        self.args = args
+
+    def __call__(self, tokens: mx.array, cache: Any = None) -> mx.array:
+        logits = super().__call__(tokens, cache)
+        cap = self.args.final_logit_softcapping
+        return mx.tanh(logits / cap) * cap if cap else logits
+
+    def make_cache(self) -> list[LayerCache]:
+        return [RotatingKVCache(self.args.sliding_window) if layer.sliding else KVCache()
+                for layer in self.layers]  # fmt: skip
+
+
+_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+             ("language_model.lm_head.", "lm_head."))  # fmt: skip
+_DROPPED = (
+    "model.vision_tower.",
+    "model.embed_vision.",
+    "model.audio_tower.",
+    "model.embed_audio.",
+    "vision_tower.",
+    "audio_tower.",
+    "embed_vision.",
+    "embed_audio.",
+)
+_EXPERTS = re.compile(r"^(model\.layers\.\d+\.experts)\.")
+
+
+def sanitize(weights: dict[str, mx.array], args: ModelArgs) -> dict[str, mx.array]:
+    """HF (CausalLM or the multimodal wrapper) and mlx-community names -> engine names."""
+    out: dict[str, mx.array] = {}
+    for name, value in weights.items():
+        if name.startswith(_DROPPED) or "rotary_emb" in name:
+            continue
+        for old, new in _PREFIXES:
+            if name.startswith(old):
+                name = new + name[len(old) :]
+                break
+        out[name.replace(".experts.switch_glu.", ".experts.")] = value
+    if args.tie_word_embeddings:
+        out = {k: v for k, v in out.items() if not k.startswith("lm_head.")}
+    for block in sorted({m.group(1) for k in out if (m := _EXPERTS.match(k))}):
+        fused = f"{block}.gate_up_proj"
+        if fused in out:
+            split_gate_up(out, fused, block)
+            out[f"{block}.down_proj.weight"] = out.pop(f"{block}.down_proj")
+    return out
