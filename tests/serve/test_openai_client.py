@@ -132,3 +132,16 @@ def test_json_hint_joins_the_system_message(served: Running) -> None:
     req = msgspec.convert(body, ChatCompletionRequest)
     text = chat_prompt(served.state, req)[1]
     assert "Be terse." in text and JSON_HINT in text
+
+
+def test_chat_stop_sequence_is_not_returned(client: OpenAI, served: Running) -> None:
+    args = {"model": served.state.model_id, "messages": PROMPT, "max_tokens": 24,
+            "temperature": 0}  # fmt: skip
+    free = client.chat.completions.create(**args).choices[0].message.content
+    stop = free.strip()[2:5]
+    assert stop
+    cut = client.chat.completions.create(**args, stop=[stop]).choices[0]
+    assert cut.finish_reason == "stop" and stop not in (cut.message.content or "")
+    streamed = "".join(e.choices[0].delta.content or "" for e in client.chat.completions.create(
+        **args, stop=[stop], stream=True) if e.choices)  # fmt: skip
+    assert stop not in streamed and streamed == (cut.message.content or "")

@@ -52,3 +52,32 @@ def test_splitter_releases_a_false_start() -> None:
     assert splitter.feed("a <tool") == "a "
     assert splitter.feed("box>") == "<toolbox>"
     assert splitter.tail == ""
+
+
+def test_gemma_tool_call_format() -> None:
+    from mach.decode.tool_calls import parse_gemma_tool_calls
+
+    text = 'Sure.<|tool_call>call:search{query:<|"|>a, b: c<|"|>,limit:5,exact:true}<tool_call|>'
+    content, calls = parse_gemma_tool_calls(text)
+    assert content == "Sure."
+    assert [(c.name, c.arguments) for c in calls] == [
+        ("search", {"query": "a, b: c", "limit": 5, "exact": True})
+    ]
+    assert parse_gemma_tool_calls("<|tool_call>garbage<tool_call|>")[1] == []
+
+
+def test_gemma_adapter_output_streams_content_and_parses_calls() -> None:
+    from mach import REGISTRY
+    from mach.decode.events import TokenEvent
+    from mach.default_model import default_model_path
+    from mach.tokenizer.tokenizer import load_tokenizer
+    from mach_serve.output import chat_output
+
+    tokenizer = load_tokenizer(default_model_path())
+    assert tokenizer is not None
+    text = "Let me look.<|tool_call>call:add{a:2,b:3}<tool_call|>"
+    output = chat_output(REGISTRY["gemma4"], tokenizer, "", tools=True)
+    parts = [output.feed(TokenEvent(t, "")) for t in tokenizer.encode(text)]
+    parts.append(output.finish())
+    assert "".join(p.content for p in parts) == "Let me look."
+    assert [(c.name, c.arguments) for c in output.calls] == [("add", {"a": 2, "b": 3})]

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     import mlx.nn as nn
 
     from mach.cache.base import LayerCache
+    from mach.decode.tool_calls import ParsedToolCall
 
 
 class Gemma4Adapter(MoeArchAdapter):
@@ -31,6 +32,13 @@ class Gemma4Adapter(MoeArchAdapter):
         from mach_adapter_gemma.gemma4 import ModelArgs, sanitize
 
         return sanitize(weights, ModelArgs.from_config(config))
+
+    tool_call_open = "<|tool_call>"
+
+    def parse_tool_calls(self, text: str) -> tuple[str, list[ParsedToolCall]]:
+        from mach.decode.tool_calls import parse_gemma_tool_calls
+
+        return parse_gemma_tool_calls(text)
 
     def stacked_names(self, switch: str, projection: str, part: str) -> tuple[str, ...]:
         nested = switch.replace("model.layers.", "language_model.model.layers.", 1)

@@ -56,6 +56,8 @@ class MoeArchAdapter(ABC):
     has_expert_bias: ClassVar[bool] = False
     layouts: ClassVar[tuple[ExpertLayout, ...]] = (ExpertLayout.SLICED, ExpertLayout.STACKED)
     routed_quantization: ClassVar[tuple[str, ...]] = ("float", "affine4", "affine8")
+    tool_call_open: ClassVar[str] = "<tool_call>"
+    """The text that starts a tool call in this family's output (held back while streaming)."""
     reasoning_tags: ClassVar[ReasoningTags | None] = None
     """Tags around reasoning text in this family's output (``<think>`` for Qwen), if any."""
     expert_stores: ClassVar[tuple[str, ...]] = ("resident",)

@@ -142,7 +142,7 @@ def create_app(state: ServerState, cors_origins: list[str] | None = None) -> Sta
         tools = bool(req.tools) and req.tool_choice != "none"
         if not req.stream:
             _, events, last = await collect(state, job)
-            output = chat_output(state.adapter, state.tokenizer, prompt_text, tools)
+            output = chat_output(state.adapter, state.tokenizer, prompt_text, tools, params.stop)
             parts = [output.feed(e) for e in events] + [output.finish()]
             reasoning = "".join(p.reasoning for p in parts)
             content = "".join(p.content for p in parts)
@@ -163,7 +163,7 @@ def create_app(state: ServerState, cors_origins: list[str] | None = None) -> Sta
 
         async def pieces() -> AsyncIterator[str]:
             yield chunk(cid, model, created, {"role": "assistant", "content": ""}, None)
-            output = chat_output(state.adapter, state.tokenizer, prompt_text, tools)
+            output = chat_output(state.adapter, state.tokenizer, prompt_text, tools, params.stop)
             async for event in job.stream():
                 delta = output.feed(event)
                 if event.finish_reason is not None:

@@ -63,7 +63,8 @@ def completion_logprobs(tokenizer: Tokenizer, events: list[TokenEvent]) -> dict[
 class ToolCallSplitter:
     """Streams content until a tool-call block starts; keeps the rest for parsing at the end."""
 
-    def __init__(self) -> None:
+    def __init__(self, open_tag: str = TOOL_CALL_OPEN) -> None:
+        self.open_tag = open_tag
         self.held = ""
         self.tail = ""
         self.in_call = False
@@ -73,12 +74,12 @@ class ToolCallSplitter:
             self.tail += delta
             return ""
         text = self.held + delta
-        start = text.find(TOOL_CALL_OPEN)
+        start = text.find(self.open_tag)
         if start >= 0:
             self.in_call, self.held, self.tail = True, "", text[start:]
             return text[:start]
-        keep = next((n for n in range(len(TOOL_CALL_OPEN) - 1, 0, -1)
-                     if text.endswith(TOOL_CALL_OPEN[:n])), 0)  # fmt: skip
+        keep = next((n for n in range(len(self.open_tag) - 1, 0, -1)
+                     if text.endswith(self.open_tag[:n])), 0)  # fmt: skip
         self.held = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep]
 

@@ -53,3 +53,60 @@ def parse_tool_calls(text: str) -> tuple[str, list[ParsedToolCall]]:
                 break
         rest = after
     return "".join(content).strip(), calls
+
+
+GEMMA_OPEN, GEMMA_CLOSE, GEMMA_QUOTE = "<|tool_call>", "<tool_call|>", '<|"|>'
+
+
+def _gemma_value(text: str) -> Any:
+    text = text.strip()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _gemma_arguments(body: str) -> dict[str, Any]:
+    """``key:value,key:<|"|>text<|"|>`` -> a dict (strings between the quote tokens verbatim)."""
+    arguments: dict[str, Any] = {}
+    rest = body
+    while rest.strip():
+        colon = rest.find(":")
+        if colon < 0:
+            break
+        key, rest = rest[:colon].strip().lstrip(","), rest[colon + 1 :]
+        if rest.startswith(GEMMA_QUOTE):
+            end = rest.find(GEMMA_QUOTE, len(GEMMA_QUOTE))
+            end = len(rest) if end < 0 else end
+            arguments[key] = rest[len(GEMMA_QUOTE) : end]
+            rest = rest[end + len(GEMMA_QUOTE) :].lstrip(",")
+            continue
+        depth, cut = 0, len(rest)
+        for i, ch in enumerate(rest):
+            depth += ch in "[{"
+            depth -= ch in "]}"
+            if ch == "," and depth == 0:
+                cut = i
+                break
+        arguments[key] = _gemma_value(rest[:cut])
+        rest = rest[cut + 1 :]
+    return arguments
+
+
+def parse_gemma_tool_calls(text: str) -> tuple[str, list[ParsedToolCall]]:
+    """Gemma 4's ``<|tool_call>call:NAME{key:value,...}<tool_call|>`` blocks."""
+    content: list[str] = []
+    calls: list[ParsedToolCall] = []
+    rest = text
+    while (start := rest.find(GEMMA_OPEN)) >= 0:
+        end = rest.find(GEMMA_CLOSE, start)
+        block = rest[start + len(GEMMA_OPEN) : end if end >= 0 else len(rest)].strip()
+        content.append(rest[:start])
+        rest = rest[end + len(GEMMA_CLOSE) :] if end >= 0 else ""
+        if block.startswith("call:") and "{" in block and block.endswith("}"):
+            name, _, body = block[len("call:") :].partition("{")
+            calls.append(ParsedToolCall(name.strip(), _gemma_arguments(body[:-1])))
+        else:
+            content.append(GEMMA_OPEN + block + (GEMMA_CLOSE if end >= 0 else ""))
+    content.append(rest)
+    return "".join(content).strip(), calls
