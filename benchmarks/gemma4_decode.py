@@ -1,0 +1,67 @@
+"""Decode speed of mach against mlx-lm on one synthetic gemma4 (26B-A4B shaped) checkpoint.
+
+mlx-lm builds the random-weight model (4-bit); both engines load the same files in this process,
+prefill a prompt longer than the sliding window and decode greedily.
+
+    uv run --group bench python -m benchmarks.gemma4_decode
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from benchmarks.peer import compare_decode
+from mach.default_model.random_qwen3_moe import _tokenizer_json
+
+TEXT = {
+    "model_type": "gemma4_text", "hidden_size": 512, "intermediate_size": 1024,
+    "num_hidden_layers": 6, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64,
+    "global_head_dim": 128, "num_global_key_value_heads": 2, "attention_k_eq_v": True,
+    "sliding_window": 128, "enable_moe_block": True, "num_experts": 32, "top_k_experts": 4,
+    "moe_intermediate_size": 256, "hidden_size_per_layer_input": 0, "num_kv_shared_layers": 0,
+    "final_logit_softcapping": 30.0, "vocab_size": 4096, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True, "max_position_embeddings": 4096,
+    "layer_types": ["sliding_attention"] * 5 + ["full_attention"],
+}  # fmt: skip
+
+
+def write_model(root: Path) -> Path:
+    from mlx_lm.models import gemma4
+
+    config = {"model_type": "gemma4", "vocab_size": TEXT["vocab_size"], "text_config": TEXT}
+    model = gemma4.Model(gemma4.ModelArgs.from_dict(config))
+    nn.quantize(model, group_size=64, bits=4,
+                class_predicate=lambda p, m: hasattr(m, "to_quantized")
+                and m.weight.shape[-1] % 64 == 0)  # fmt: skip
+    weights = dict(tree_flatten(model.parameters()))
+    mx.eval(weights)
+    root.mkdir(parents=True)
+    mx.save_safetensors(str(root / "model.safetensors"), weights, metadata={"format": "mlx"})
+    config["quantization"] = {"group_size": 64, "bits": 4, "mode": "affine"}
+    (root / "config.json").write_text(json.dumps(config, indent=2))
+    (root / "tokenizer.json").write_text(json.dumps(_tokenizer_json()))
+    return root
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt-tokens", type=int, default=256)
+    parser.add_argument("--tokens", type=int, default=64)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_model(Path(tmp) / "model")
+        prompt = np.random.default_rng(0).integers(0, 256, args.prompt_tokens).tolist()
+        compare_decode(path, prompt, args.tokens,
+                       "gemma4 synthetic (6 layers, 32 experts, top-4, 4-bit)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
