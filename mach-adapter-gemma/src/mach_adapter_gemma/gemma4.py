@@ -16,10 +16,11 @@ from mach.cache.base import LayerCache
 from mach.cache.kv import KVCache
 from mach.cache.rotating import RotatingKVCache
 from mach.experts.activations import GateActivation
-from mach.experts.layouts import split_gate_up
+from mach.experts.layouts import rename, split_gate_up
 from mach.experts.switch import SwitchSpec, UnboundSwitchGLU
 from mach.layers.attention import attend
 from mach.layers.causal_lm import CausalLM, DecoderStack
+from mach.layers.mlp import GatedMLP
 
 
 @dataclass
@@ -124,17 +125,6 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, length, -1))
 
 
-class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
-
-
 class Router(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -159,7 +149,7 @@ class DecoderLayer(nn.Module):
         d, eps = args.hidden_size, args.rms_norm_eps
         self.sliding = args.layer_types[layer] == "sliding_attention"
         self.self_attn = Attention(args, layer)
-        self.mlp = MLP(d, args.intermediate_size)
+        self.mlp = GatedMLP(d, args.intermediate_size, nn.gelu_approx)
         self.router = Router(args)
         self.experts = UnboundSwitchGLU(SwitchSpec(args.num_experts, d, args.moe_intermediate_size,
                                                    GateActivation("geglu"),
@@ -223,15 +213,8 @@ _EXPERTS = re.compile(r"^(model\.layers\.\d+\.experts)\.")
 
 def sanitize(weights: dict[str, mx.array], args: ModelArgs) -> dict[str, mx.array]:
     """HF (CausalLM or the multimodal wrapper) and mlx-community names -> engine names."""
-    out: dict[str, mx.array] = {}
-    for name, value in weights.items():
-        if name.startswith(_DROPPED) or "rotary_emb" in name:
-            continue
-        for old, new in _PREFIXES:
-            if name.startswith(old):
-                name = new + name[len(old) :]
-                break
-        out[name.replace(".experts.switch_glu.", ".experts.")] = value
+    out = {k.replace(".experts.switch_glu.", ".experts."): v
+           for k, v in rename(weights, _PREFIXES, _DROPPED).items()}  # fmt: skip
     if args.tie_word_embeddings:
         out = {k: v for k, v in out.items() if not k.startswith("lm_head.")}
     for block in sorted({m.group(1) for k in out if (m := _EXPERTS.match(k))}):

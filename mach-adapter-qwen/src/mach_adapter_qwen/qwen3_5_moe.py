@@ -14,13 +14,13 @@ import mlx.nn as nn
 from mach.cache.base import LayerCache
 from mach.cache.gdn import GDNCache
 from mach.cache.kv import KVCache
-from mach.experts.layouts import split_gate_up, stack_per_expert
+from mach.experts.layouts import rename, split_gate_up, stack_per_expert
 from mach.experts.switch import SwitchSpec, UnboundSwitchGLU
 from mach.layers.attention import attend
 from mach.layers.causal_lm import CausalLM, DecoderStack
 from mach.layers.gated_delta import chunked_gated_delta, recurrent_gated_delta
+from mach.layers.mlp import GatedMLP
 from mach.layers.routing import softmax_topk
-from mach_adapter_qwen.qwen3_moe import MLP
 
 
 @dataclass
@@ -181,7 +181,7 @@ class SparseMoeBlock(nn.Module):
         self.switch_mlp = UnboundSwitchGLU(
             SwitchSpec(args.num_experts, d, args.moe_intermediate_size, top_k=self.top_k)
         )
-        self.shared_expert = MLP(d, args.shared_expert_intermediate_size)
+        self.shared_expert = GatedMLP(d, args.shared_expert_intermediate_size)
         self.shared_expert_gate = nn.Linear(d, 1, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -234,15 +234,7 @@ _PROJECTIONS = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "do
 def sanitize(weights: dict[str, mx.array], args: ModelArgs) -> dict[str, mx.array]:
     """HF (CausalLM or the multimodal wrapper; fused or per-expert) and mlx-community names ->
     engine names. Raw HF checkpoints store zero-centred norms and torch's conv1d layout."""
-    out: dict[str, mx.array] = {}
-    for name, value in weights.items():
-        if name.startswith(_DROPPED) or "rotary_emb" in name:
-            continue
-        for old, new in _PREFIXES:
-            if name.startswith(old):
-                name = new + name[len(old) :]
-                break
-        out[name] = value
+    out = rename(weights, _PREFIXES, _DROPPED)
     if args.tie_word_embeddings:
         out = {k: v for k, v in out.items() if not k.startswith("lm_head.")}
     raw_hf = any(k.endswith("conv1d.weight") and v.shape[-1] != 1 for k, v in out.items())

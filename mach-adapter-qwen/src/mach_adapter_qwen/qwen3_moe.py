@@ -15,6 +15,7 @@ from mach.experts.layouts import split_gate_up, stack_per_expert
 from mach.experts.switch import SwitchSpec, UnboundSwitchGLU
 from mach.layers.attention import attend
 from mach.layers.causal_lm import CausalLM, DecoderStack
+from mach.layers.mlp import GatedMLP
 from mach.layers.rope import make_rope
 from mach.layers.routing import softmax_topk
 
@@ -91,17 +92,6 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, length, -1))
 
 
-class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class SparseMoeBlock(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -132,7 +122,7 @@ class DecoderLayer(nn.Module):
         self.mlp: nn.Module = (
             SparseMoeBlock(args)
             if args.is_sparse(layer)
-            else MLP(args.hidden_size, args.intermediate_size)
+            else GatedMLP(args.hidden_size, args.intermediate_size)
         )
 
     def __call__(self, x: mx.array, cache: LayerCache | None) -> mx.array:

@@ -76,13 +76,13 @@ def test_layout_classification(layout: str, expected: ExpertLayout) -> None:
 def test_dense_layers_from_mlp_only_layers() -> None:
     model, _, store, _ = checks.load(FAMILY / "hf-per-expert")
     kinds = [type(layer.mlp).__name__ for layer in model.layers]
-    assert kinds == ["SparseMoeBlock", "MLP", "SparseMoeBlock"]
+    assert kinds == ["SparseMoeBlock", "GatedMLP", "SparseMoeBlock"]
     assert store.stats()["layers"] == 2
 
 
 def test_decoder_sparse_step() -> None:
     model, _, _, _ = checks.load(FAMILY / "hf-tied")
-    assert [type(layer.mlp).__name__ for layer in model.layers] == ["MLP", "SparseMoeBlock", "MLP"]
+    assert [type(layer.mlp).__name__ for layer in model.layers] == ["GatedMLP", "SparseMoeBlock", "GatedMLP"]
 
 
 def test_quantized_router_keeps_its_eight_bits() -> None:

@@ -48,3 +48,22 @@ def split_gate_up(weights: dict[str, mx.array], name: str, target: str, axis: in
     part = "bias" if name.endswith("bias") else "weight"
     weights[f"{target}.gate_proj.{part}"] = gate
     weights[f"{target}.up_proj.{part}"] = up
+
+
+def rename(
+    weights: dict[str, mx.array],
+    prefixes: tuple[tuple[str, str], ...] = (),
+    dropped: tuple[str, ...] = (),
+) -> dict[str, mx.array]:
+    """Weights with the first matching ``(old, new)`` prefix replaced and ``dropped`` prefixes
+    (vision towers, MTP heads) and rotary caches left out; arrays stay lazy."""
+    out: dict[str, mx.array] = {}
+    for name, value in weights.items():
+        if name.startswith(dropped) or "rotary_emb" in name:
+            continue
+        for old, new in prefixes:
+            if name.startswith(old):
+                name = new + name[len(old) :]
+                break
+        out[name] = value
+    return out
