@@ -9,17 +9,12 @@ prefill a prompt longer than the sliding window and decode greedily.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 
-from benchmarks.peer import compare_decode
-from mach.default_model.random_qwen3_moe import _tokenizer_json
+from benchmarks.peer import compare_decode, quantize_4bit, save_peer_model
 
 TEXT = {
     "model_type": "gemma4_text", "hidden_size": 512, "intermediate_size": 1024,
@@ -38,17 +33,7 @@ def write_model(root: Path) -> Path:
 
     config = {"model_type": "gemma4", "vocab_size": TEXT["vocab_size"], "text_config": TEXT}
     model = gemma4.Model(gemma4.ModelArgs.from_dict(config))
-    nn.quantize(model, group_size=64, bits=4,
-                class_predicate=lambda p, m: hasattr(m, "to_quantized")
-                and m.weight.shape[-1] % 64 == 0)  # fmt: skip
-    weights = dict(tree_flatten(model.parameters()))
-    mx.eval(weights)
-    root.mkdir(parents=True)
-    mx.save_safetensors(str(root / "model.safetensors"), weights, metadata={"format": "mlx"})
-    config["quantization"] = {"group_size": 64, "bits": 4, "mode": "affine"}
-    (root / "config.json").write_text(json.dumps(config, indent=2))
-    (root / "tokenizer.json").write_text(json.dumps(_tokenizer_json()))
-    return root
+    return save_peer_model(root, model, config, quantize_4bit(model))
 
 
 def main() -> None:

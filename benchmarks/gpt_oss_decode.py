@@ -10,18 +10,14 @@ process, prefill a prompt longer than the sliding window and decode greedily.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 
-from benchmarks.peer import compare_decode
-from mach.default_model.random_qwen3_moe import _tokenizer_json
+from benchmarks.peer import compare_decode, save_peer_model
 
 CONFIG = {
     "model_type": "gpt_oss", "num_hidden_layers": 8, "num_local_experts": 32,
@@ -50,14 +46,7 @@ def write_model(root: Path) -> Path:
         return overrides[path]
 
     nn.quantize(model, class_predicate=predicate)
-    weights = dict(tree_flatten(model.parameters()))
-    mx.eval(weights)
-    root.mkdir(parents=True)
-    mx.save_safetensors(str(root / "model.safetensors"), weights, metadata={"format": "mlx"})
-    config = {**CONFIG, "quantization": {"group_size": 64, "bits": 8, **overrides}}
-    (root / "config.json").write_text(json.dumps(config, indent=2))
-    (root / "tokenizer.json").write_text(json.dumps(_tokenizer_json()))
-    return root
+    return save_peer_model(root, model, CONFIG, {"group_size": 64, "bits": 8, **overrides})
 
 
 def main() -> None:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from mach import load_moe
 from mach.decode.engine import TargetEngine
 from mach.decode.params import SamplingParams
+from mach.default_model.random_qwen3_moe import _tokenizer_json
 
 
 def timed(tokens: Iterable[int]) -> tuple[list[int], float]:
@@ -43,3 +48,25 @@ def compare_decode(path: Path, prompt: list[int], tokens: int, title: str) -> No
     print(f"  mach    decode {tps:8.1f} tok/s")
     print(f"  mlx_lm  decode {peer_tps:8.1f} tok/s")
     print(f"  mach / mlx-lm: decode x{tps / peer_tps:.3f}  same greedy prefix: {same}/{len(ids)}")
+
+
+def save_peer_model(
+    root: Path, model: Any, config: dict[str, Any], quantization: dict[str, Any]
+) -> Path:
+    """Write an mlx-lm model (already quantized as ``quantization`` says) as a checkpoint folder
+    both engines load: mlx-community layout, the byte-level tokenizer of mach's random models."""
+    weights = dict(tree_flatten(model.parameters()))
+    mx.eval(weights)
+    root.mkdir(parents=True)
+    mx.save_safetensors(str(root / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (root / "config.json").write_text(json.dumps({**config, "quantization": quantization}))
+    (root / "tokenizer.json").write_text(json.dumps(_tokenizer_json()))
+    return root
+
+
+def quantize_4bit(model: Any) -> dict[str, Any]:
+    """Affine 4-bit, group 64, for every layer whose input size allows it."""
+    nn.quantize(model, group_size=64, bits=4,
+                class_predicate=lambda p, m: hasattr(m, "to_quantized")
+                and m.weight.shape[-1] % 64 == 0)  # fmt: skip
+    return {"group_size": 64, "bits": 4, "mode": "affine"}

@@ -9,17 +9,12 @@ same files in this process, prefill a prompt, decode greedily, and the script pr
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 
-from benchmarks.peer import compare_decode
-from mach.default_model.random_qwen3_moe import CHAT_TEMPLATE, _tokenizer_json
+from benchmarks.peer import compare_decode, quantize_4bit, save_peer_model
 
 TEXT = {
     "model_type": "qwen3_5_moe_text", "hidden_size": 512, "num_hidden_layers": 8,
@@ -38,18 +33,7 @@ def write_model(root: Path) -> Path:
 
     config = {"model_type": "qwen3_5_moe", "text_config": TEXT}
     model = qwen3_5_moe.Model(qwen3_5_moe.ModelArgs.from_dict(config))
-    nn.quantize(model, group_size=64, bits=4,
-                class_predicate=lambda p, m: hasattr(m, "to_quantized")
-                and m.weight.shape[-1] % 64 == 0)  # fmt: skip
-    weights = dict(tree_flatten(model.parameters()))
-    mx.eval(weights)
-    root.mkdir(parents=True)
-    mx.save_safetensors(str(root / "model.safetensors"), weights, metadata={"format": "mlx"})
-    config["quantization"] = {"group_size": 64, "bits": 4, "mode": "affine"}
-    (root / "config.json").write_text(json.dumps(config, indent=2))
-    (root / "tokenizer.json").write_text(json.dumps(_tokenizer_json()))
-    (root / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
-    return root
+    return save_peer_model(root, model, config, quantize_4bit(model))
 
 
 def main() -> None:

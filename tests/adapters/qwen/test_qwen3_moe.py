@@ -82,7 +82,11 @@ def test_dense_layers_from_mlp_only_layers() -> None:
 
 def test_decoder_sparse_step() -> None:
     model, _, _, _ = checks.load(FAMILY / "hf-tied")
-    assert [type(layer.mlp).__name__ for layer in model.layers] == ["GatedMLP", "SparseMoeBlock", "GatedMLP"]
+    assert [type(layer.mlp).__name__ for layer in model.layers] == [
+        "GatedMLP",
+        "SparseMoeBlock",
+        "GatedMLP",
+    ]
 
 
 def test_quantized_router_keeps_its_eight_bits() -> None:
