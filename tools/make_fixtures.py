@@ -463,8 +463,16 @@ def record_versions(family: str) -> None:
     (FIXTURES / family / "VERSIONS.json").write_text(json.dumps(versions, indent=2) + "\n")
 
 
+def make_deepseek_v4(tokenizer_dir: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    import fixtures_deepseek_v4
+
+    fixtures_deepseek_v4.make(FIXTURES, tokenizer_dir, write_layout)
+
+
 FAMILIES = {
     "qwen3_moe": make_qwen3_moe,
+    "deepseek_v4": make_deepseek_v4,
     "qwen3_5_moe": make_qwen3_5_moe,
     "gpt_oss": make_gpt_oss,
     "gemma4": make_gemma4,

@@ -1,3 +1,5 @@
-"""mach adapter for the deepseek family; it registers no architecture yet."""
+"""mach adapter for DeepSeek-V4 (deepseek_v4)."""
 
-__all__: list[str] = []
+from mach_adapter_deepseek.adapter import DeepseekV4Adapter
+
+__all__ = ["DeepseekV4Adapter"]

@@ -11,11 +11,17 @@ import mlx.nn as nn
 
 @dataclass(frozen=True)
 class GateActivation:
-    """``kind`` is ``swiglu``, ``geglu`` or ``clamped_swiglu`` (with ``alpha`` and ``limit``)."""
+    """``kind`` is ``swiglu``, ``geglu`` or ``clamped_swiglu``.
+
+    ``clamped_swiglu`` is ``g * sigmoid(alpha * g) * (u + up_shift)`` with ``g = min(gate,
+    limit)`` and ``u = clip(up, -limit, limit)``: GPT-OSS uses ``alpha=1.702, up_shift=1``,
+    DeepSeek-V4 plain SiLU (``alpha=1, up_shift=0``).
+    """
 
     kind: str = "swiglu"
     alpha: float = 1.702
     limit: float = 7.0
+    up_shift: float = 1.0
 
     def function(self) -> Callable[[mx.array, mx.array], mx.array]:
         """``f(gate, up)`` for this variant."""
@@ -24,12 +30,12 @@ class GateActivation:
         if self.kind == "geglu":
             return _geglu
         if self.kind == "clamped_swiglu":
-            alpha, limit = self.alpha, self.limit
+            alpha, limit, shift = self.alpha, self.limit, self.up_shift
 
             def clamped(gate: mx.array, up: mx.array) -> mx.array:
                 gate = mx.minimum(gate, limit)
                 up = mx.clip(up, -limit, limit)
-                return gate * mx.sigmoid(alpha * gate) * (up + 1)
+                return gate * mx.sigmoid(alpha * gate) * (up + shift)
 
             return clamped
         raise ValueError(f"unknown gate activation {self.kind!r}")

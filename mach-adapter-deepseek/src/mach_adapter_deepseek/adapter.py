@@ -1,0 +1,45 @@
+"""The DeepSeek-V4 adapter (model code is imported only when a model is built)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from mach.adapter import ExpertLayout, MoeArchAdapter
+
+if TYPE_CHECKING:
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from mach.cache.base import LayerCache
+
+
+class DeepseekV4Adapter(MoeArchAdapter):
+    name = "deepseek_v4"
+    model_types = ("deepseek_v4",)
+    architectures = ("DeepseekV4ForCausalLM",)
+    description = (
+        "DeepSeek-V4: V4-Flash, V4-Pro (compressed sparse attention, hyper-connections, hash "
+        "routing, FP8/FP4 release, MTP draft)"
+    )
+    kv_cache_kind = "compressed"
+    specdec_kind = "mtp_eagle3"
+    swiglu_variant = "clamped_swiglu"
+    has_expert_bias = False
+    layouts = (ExpertLayout.SLICED, ExpertLayout.STACKED)
+    routed_quantization = ("float", "mxfp4")
+    cache_backends = ("compressed",)
+    tool_call_open = "<tool_call>"
+
+    def build_model(self, config: dict[str, Any]) -> nn.Module:
+        from mach_adapter_deepseek.config import ModelArgs
+        from mach_adapter_deepseek.model import Model
+
+        return Model(ModelArgs.from_config(config))
+
+    def sanitize(self, weights: dict[str, mx.array], config: dict[str, Any]) -> dict[str, mx.array]:
+        from mach_adapter_deepseek.checkpoint import sanitize
+
+        return sanitize(weights, config)
+
+    def make_cache(self, model: nn.Module) -> list[LayerCache]:
+        return model.make_cache()  # type: ignore[no-any-return]

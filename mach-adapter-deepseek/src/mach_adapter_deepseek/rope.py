@@ -1,0 +1,41 @@
+"""DeepSeek-V4's rotary tables: interleaved pairs on the trailing ``rope_dims`` of a head.
+
+Compressed entries sit at strided positions (``i * ratio``), so angles are computed from an
+explicit position array rather than an offset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import mlx.core as mx
+
+from mach.layers.rope import YarnRoPE
+
+
+class RotaryTable:
+    """One table (``main`` or ``compress``): ``apply(x [..., L, D], positions [L])``."""
+
+    def __init__(self, rope_dims: int, theta: float, scaling: Mapping[str, Any] | None) -> None:
+        kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+        if kind == "yarn":
+            scaling = {**dict(scaling or {}), "attention_factor": 1.0}
+            freqs = YarnRoPE(rope_dims, theta, scaling, traditional=True)._freqs
+            self.inv_freq = 1.0 / freqs
+        else:
+            self.inv_freq = 1.0 / theta ** (mx.arange(0, rope_dims, 2, dtype=mx.float32) / rope_dims)
+        self.rope_dims = rope_dims
+
+    def apply(self, x: mx.array, positions: mx.array, inverse: bool = False) -> mx.array:
+        """Rotate the trailing ``rope_dims`` of ``x`` (positions index axis -2)."""
+        angles = positions.astype(mx.float32)[:, None] * self.inv_freq[None, :]
+        cos, sin = mx.cos(angles), mx.sin(angles)
+        if inverse:
+            sin = -sin
+        rd = self.rope_dims
+        nope, rope = x[..., :-rd], x[..., -rd:]
+        pairs = rope.astype(mx.float32).reshape(*rope.shape[:-1], rd // 2, 2)
+        even, odd = pairs[..., 0], pairs[..., 1]
+        rotated = mx.stack([even * cos - odd * sin, odd * cos + even * sin], axis=-1)
+        return mx.concatenate([nope, rotated.reshape(rope.shape).astype(x.dtype)], axis=-1)
