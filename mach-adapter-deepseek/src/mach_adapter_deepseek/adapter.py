@@ -28,7 +28,7 @@ class DeepseekV4Adapter(MoeArchAdapter):
     layouts = (ExpertLayout.SLICED, ExpertLayout.STACKED)
     routed_quantization = ("float", "mxfp4")
     cache_backends = ("compressed",)
-    tool_call_open = "<tool_call>"
+    load_path = "mach_adapter_deepseek.load:load_v4_flash"
 
     def build_model(self, config: dict[str, Any]) -> nn.Module:
         from mach_adapter_deepseek.config import ModelArgs

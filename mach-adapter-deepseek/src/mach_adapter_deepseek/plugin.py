@@ -10,3 +10,8 @@ from mach import hookimpl
 @hookimpl
 def register_archs(register: Any) -> None:
     register("mach_adapter_deepseek.adapter:DeepseekV4Adapter", name="deepseek_v4")
+
+
+@hookimpl
+def register_drafters(register: Any) -> None:
+    register("mtp_eagle3", "mach_adapter_deepseek.mtp:make_mtp_drafter")

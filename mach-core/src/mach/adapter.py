@@ -104,6 +104,10 @@ class MoeArchAdapter(ABC):
             return ExpertLayout.STACKED
         return ExpertLayout.SLICED
 
+    load_path: ClassVar[str | None] = None
+    """``"module:function"`` of the family's own load path, called by ``load_moe`` with the
+    checkpoint folder and every load option; ``None`` uses the generic pipeline."""
+
     def make_cache(self, model: nn.Module) -> list[LayerCache]:
         """One fresh per-sequence cache per decoder layer."""
         from mach.cache.kv import KVCache

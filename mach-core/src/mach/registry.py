@@ -247,3 +247,37 @@ def arch_summary(adapter: MoeArchAdapter) -> dict[str, Any]:
         "distribution": distribution,
         "version": version,
     }
+
+
+DrafterFactory = Any
+"""``factory(model, checkpoint_path, config) -> Drafter | None`` (``None``: no draft here)."""
+
+
+def drafter_factories() -> dict[str, DrafterFactory]:
+    """Draft families registered by plugins (``register_drafters``), by ``specdec_kind``."""
+    plugins.load_plugins()
+    found: dict[str, DrafterFactory] = {}
+
+    def register(name: str, factory: DrafterFactory) -> None:
+        if isinstance(factory, str):
+            module_name, _, attr = factory.partition(":")
+            path = factory
+
+            def factory(*args: Any, **kwargs: Any) -> Any:
+                loaded = getattr(importlib.import_module(module_name), attr)
+                return loaded(*args, **kwargs)
+
+            factory.__qualname__ = path
+        found[name] = factory
+
+    plugins.pm.hook.register_drafters(register=register)
+    return found
+
+
+def make_drafter(adapter: MoeArchAdapter, model: Any, checkpoint: Any,
+                 config: Mapping[str, Any]) -> Any:  # fmt: skip
+    """The adapter's draft family bound to a loaded model, or ``None`` when it has none."""
+    if adapter.specdec_kind is None:
+        return None
+    factory = drafter_factories().get(adapter.specdec_kind)
+    return None if factory is None else factory(model, checkpoint, config)

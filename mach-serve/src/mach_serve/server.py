@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mach.decode.engine import TargetEngine
+from mach.decode.select import build_engine
 from mach.errors import MachError
 from mach.io.checkpoint import open_checkpoint
 from mach.io.load import load_moe, resolve_model_path
@@ -51,7 +51,7 @@ def build_state(
         raise MachError(f"{path}: tokenizer.json is missing; the server needs it to read text")
     config = json.loads((path / "config.json").read_text())
     adapter = detect_arch(config, open_checkpoint(path).tensor_names, arch)
-    engine = TargetEngine(net, tokenizer, cache.new)
+    engine = build_engine(net, tokenizer, cache, path, arch, draft=None)
     from mach.check import check_checkpoint
 
     return ServerState(

@@ -35,10 +35,15 @@ def _reasoning_tags(path: Path | str, arch: str | None) -> ReasoningTags | None:
 
 
 def _stats_line(stats: dict[str, Any], finish: str) -> str:
+    draft = (
+        f" | draft: {stats['accepted_tokens']}/{stats['draft_tokens']} accepted, "
+        f"{stats['acceptance_length']:.2f} tokens/pass"
+        if stats.get("verify_passes") else ""
+    )
     return (
         f"prompt: {stats['prompt_tokens']} tokens, {stats['prompt_tps']:.1f} tok/s | "
         f"generation: {stats['generation_tokens']} tokens, {stats['generation_tps']:.1f} tok/s | "
-        f"peak memory: {stats['peak_memory_bytes'] / 1e9:.3f} GB | finish: {finish}"
+        f"peak memory: {stats['peak_memory_bytes'] / 1e9:.3f} GB{draft} | finish: {finish}"
     )
 
 
@@ -82,11 +87,19 @@ def generate_command(
     expert_budget: ExpertBudget = None,
     prefill: Prefill = "transient",
     streaming_embedding: StreamingEmbedding = False,
+    draft: Annotated[
+        Optional[bool],  # noqa: UP045
+        typer.Option("--draft/--no-draft",
+                     help="Speculative decoding with the family's draft (default: when present)."),
+    ] = None,
+    draft_tokens: Annotated[
+        int, typer.Option("--draft-tokens", min=1, help="Tokens drafted per verify pass.")
+    ] = 2,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Generate text from a prompt with a MoE checkpoint."""
-    from mach.decode.engine import TargetEngine
     from mach.decode.params import SamplingParams
+    from mach.decode.select import build_engine
 
     if prompt is not None and chat is not None:
         raise ValueError("give either --prompt or --chat, not both")
@@ -133,7 +146,7 @@ def generate_command(
         prompt_text = prompt if prompt is not None else DEFAULT_PROMPT
         tokens = tokenizer.encode(prompt_text)
 
-    engine = TargetEngine(net, tokenizer, cache.new)
+    engine = build_engine(net, tokenizer, cache, path, arch, draft, draft_tokens)
     if as_json:
         result = engine.generate(tokens, params)
         payload = {**result.to_dict(), "model": str(path), "default_model": default_model}

@@ -16,6 +16,12 @@ class GenerationStats:
     generation_seconds: float = 0.0
     time_to_first_token: float = 0.0
     peak_memory_bytes: int = 0
+    draft_tokens: int = 0
+    """Tokens a speculative drafter proposed (0 for target-only decoding)."""
+    accepted_tokens: int = 0
+    """Proposed tokens the target accepted."""
+    verify_passes: int = 0
+    """Target forward passes during speculative decoding (one per draft-verify cycle)."""
 
     @property
     def prompt_tps(self) -> float:
@@ -25,11 +31,18 @@ class GenerationStats:
     def generation_tps(self) -> float:
         return self.generation_tokens / self.generation_seconds if self.generation_seconds else 0.0
 
+    @property
+    def acceptance_length(self) -> float:
+        """Tokens produced per target pass while speculating (1.0 means no draft accepted)."""
+        return (self.accepted_tokens + self.verify_passes) / self.verify_passes if (
+            self.verify_passes) else 0.0  # fmt: skip
+
     def to_dict(self) -> dict[str, Any]:
         return {
             **asdict(self),
             "prompt_tps": self.prompt_tps,
             "generation_tps": self.generation_tps,
+            "acceptance_length": self.acceptance_length,
         }
 
 

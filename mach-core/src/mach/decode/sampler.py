@@ -21,15 +21,29 @@ class Sampler:
 
     def __call__(self, logits: mx.array, history: mx.array | None = None) -> mx.array:
         """Token ids ``[batch]``; ``history`` is ``[batch, n]`` of recent tokens (or ``None``)."""
+        logits = self.penalized(logits, history)
+        if self.params.temperature == 0:
+            return mx.argmax(logits, axis=-1)
+        return mx.random.categorical(self.logprobs(logits), axis=-1, key=self.next_key())
+
+    def penalized(self, logits: mx.array, history: mx.array | None) -> mx.array:
+        """Float32 logits with the repetition penalty applied over ``history``."""
         p = self.params
         logits = logits.astype(mx.float32)
         if p.repetition_penalty != 1.0 and history is not None and history.size:
             seen = mx.take_along_axis(logits, history, axis=-1)
             seen = mx.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
             logits = mx.put_along_axis(logits, history, seen, axis=-1)
-        if p.temperature == 0:
-            return mx.argmax(logits, axis=-1)
-        logprobs = logits / p.temperature
+        return logits
+
+    def logprobs(self, logits: mx.array) -> mx.array:
+        """The distribution a draw comes from: temperature, then top-k, min-p and top-p.
+
+        Filtered-out tokens get ``-inf``; the rest are not renormalised (the draw does not need
+        it; callers comparing distributions renormalise). Needs ``temperature > 0``.
+        """
+        p = self.params
+        logprobs = logits.astype(mx.float32) / p.temperature
         logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
         if 0 < p.top_k < logprobs.shape[-1]:
             kth = mx.sort(logprobs, axis=-1)[..., -p.top_k][..., None]
@@ -43,5 +57,9 @@ class Sampler:
             before = mx.cumsum(mx.exp(ordered), axis=-1) - mx.exp(ordered)
             ordered = mx.where(before >= p.top_p, -mx.inf, ordered)
             logprobs = mx.put_along_axis(logprobs, order, ordered, axis=-1)
+        return logprobs
+
+    def next_key(self) -> mx.array:
+        """A fresh PRNG key from this sampler's stream."""
         self._key, key = mx.random.split(self._key)
-        return mx.random.categorical(logprobs, axis=-1, key=key)
+        return key

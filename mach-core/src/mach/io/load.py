@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from mach.experts.swap import find_switches, swap_switch_mlp
 from mach.io.checkpoint import Checkpoint, open_checkpoint
 from mach.io.quant import quantize_modules
 from mach.io.residency import build_store
+from mach.adapter import MoeArchAdapter
 from mach.registry import detect_arch
 from mach.tokenizer.tokenizer import Tokenizer, load_tokenizer
 
@@ -152,6 +154,35 @@ def load_moe(
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     ckpt = open_checkpoint(resolve_model_path(checkpoint))
     adapter = detect_arch(ckpt.config, ckpt.tensor_names, arch)
+    options = dict(dtype=dtype, streaming=streaming, expert_budget=expert_budget,
+                   expert_residency=expert_residency, prefill=prefill,
+                   gather_dispatch=gather_dispatch, verify_experts=verify_experts,
+                   streaming_embedding=streaming_embedding, progress=progress)  # fmt: skip
+    if adapter.load_path is not None:
+        module_name, _, attr = adapter.load_path.partition(":")
+        loader = getattr(importlib.import_module(module_name), attr)
+        return loader(ckpt, adapter, **options)  # type: ignore[no-any-return]
+    return load_checkpoint(ckpt, adapter, **options)
+
+
+def load_checkpoint(
+    ckpt: Checkpoint,
+    adapter: MoeArchAdapter,
+    *,
+    dtype: str | None = None,
+    streaming: bool | None = None,
+    expert_budget: int | str | None = None,
+    expert_residency: str | None = None,
+    prefill: PrefillMode = "transient",
+    gather_dispatch: bool | None = None,
+    verify_experts: bool = True,
+    streaming_embedding: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[nn.Module, Tokenizer | None, ExpertStore, SequenceCache]:
+    """The generic pipeline behind ``load_moe`` for an opened checkpoint and its adapter.
+
+    A family's own load path (``MoeArchAdapter.load_path``) calls this for the parts it shares.
+    """
     model = adapter.build_model(ckpt.config)
     weights, origin = _read_weights(ckpt)
     weights = adapter.sanitize(weights, ckpt.config)

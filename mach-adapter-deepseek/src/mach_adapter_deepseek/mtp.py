@@ -1,0 +1,153 @@
+"""The release's multi-token-prediction module (``mtp.0.*``) as a speculative drafter.
+
+At position ``i`` the module reads the next token's embedding and the target's residual
+streams at ``i`` (before the final collapse): ``e_proj(enorm(embed(x[i+1]))) + h_proj(
+hnorm(streams[i]))`` feeds one decoder block of its own, whose collapsed, normalised output goes
+through the target's head to predict ``x[i+2]``. Drafting chains it: each guess and the block's
+own output streams feed the next step. The block keeps a cache like any attention layer; what
+it computed from its own guesses is trimmed before the next proposal, and the target's real
+streams for the committed positions take their place.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mach.decode.sampler import Sampler
+from mach.decode.speculative import Draft, Drafter, DraftGate
+from mach.experts.store import ResidentStackedExpertCache
+from mach.experts.swap import find_switches, swap_switch_mlp
+from mach.io.checkpoint import open_checkpoint
+from mach_adapter_deepseek.config import ModelArgs
+from mach_adapter_deepseek.hyper import HyperHead
+from mach_adapter_deepseek.model import DecoderLayer, Model, rotary_tables
+
+DRAFT_ENV = "LME_V4_DRAFT"
+DEFAULT_RHO = 0.0
+"""Default rho gate (``LME_RHO_GATE``); see docs/speculative-decoding.md for the measurement."""
+
+
+class MtpModule(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        h, eps = args.hidden_size, args.rms_norm_eps
+        self.e_proj = nn.Linear(h, h, bias=False)
+        self.h_proj = nn.Linear(h, h, bias=False)
+        self.enorm = nn.RMSNorm(h, eps=eps)
+        self.hnorm = nn.RMSNorm(h, eps=eps)
+        self.norm = nn.RMSNorm(h, eps=eps)
+        self.hc_head = HyperHead(args.hc_mult, h, args.hc_eps, eps)
+        self.layers = [DecoderLayer(args, args.mtp_layer_type, False, rotary_tables(args))]
+
+    def __call__(self, target: Model, tokens: mx.array, streams: mx.array,
+                 cache: Any) -> tuple[mx.array, mx.array]:  # fmt: skip
+        """``(logits [B, L, V], streams [B, L, n, H])`` for pairs (tokens, target streams)."""
+        e = self.e_proj(self.enorm(target.model.embed_tokens(tokens)))
+        x = e[:, :, None] + self.h_proj(self.hnorm(streams))
+        out = self.layers[0](x, tokens, cache)
+        return target.lm_head(self.norm(self.hc_head(out))), out
+
+
+def _mtp_weights(path: Path, config: dict[str, Any]) -> dict[str, mx.array]:
+    from mach_adapter_deepseek.checkpoint import sanitize
+
+    ckpt = open_checkpoint(path)
+    raw: dict[str, mx.array] = {}
+    for file in ckpt.files:
+        loaded = mx.load(str(file))
+        assert isinstance(loaded, dict)
+        raw.update({k[len("mtp.0.") :]: v for k, v in loaded.items() if k.startswith("mtp.0.")})
+    block = {f"layers.0.{k}": v for k, v in raw.items()
+             if not k.startswith(("e_proj.", "h_proj.", "enorm.", "hnorm.", "norm.", "hc_head_"))}
+    own = {k: v for k, v in raw.items() if f"layers.0.{k}" not in block}
+    out = sanitize(block, config, prefix="layers.")
+    for name, value in sanitize({f"x.{k}": v for k, v in own.items()}, config).items():
+        out[name.removeprefix("x.")] = value
+    for part in ("fn", "base", "scale"):
+        if f"hc_head_{part}" in out:
+            out[f"hc_head.hc_{part}"] = out.pop(f"hc_head_{part}")
+    return out
+
+
+def load_mtp(target: Model, path: Path, config: dict[str, Any]) -> MtpModule | None:
+    """The checkpoint's MTP module with its experts resident, or ``None`` if it ships none."""
+    weights = _mtp_weights(path, config)
+    if not weights:
+        return None
+    mtp = MtpModule(target.args)
+    dtype = target.model.embed_tokens.weight.dtype
+    weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
+               for k, v in weights.items()}  # fmt: skip
+    switches = find_switches(mtp)
+    store = ResidentStackedExpertCache.from_weights(weights, switches, lambda _: str(path), True)
+    store.materialize(lambda _: None)
+    swap_switch_mlp(mtp, store, None)
+    mtp.load_weights(list(weights.items()), strict=True)
+    mx.eval(mtp.parameters())
+    mtp.eval()
+    return mtp
+
+
+class MtpDrafter(Drafter):
+    needs_hidden = True
+
+    def __init__(self, target: Model, mtp: MtpModule) -> None:
+        self.target, self.mtp = target, mtp
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache = self.mtp.layers[0].self_attn.new_cache()
+        self._tokens: list[mx.array] = []
+        self._streams: list[mx.array] = []
+        self._guessed = 0
+
+    def observe(self, next_tokens: mx.array, hidden: mx.array | None) -> None:
+        assert hidden is not None
+        self._tokens.append(next_tokens)
+        self._streams.append(hidden)
+
+    def propose(self, k: int, sampler: Sampler, gate: DraftGate) -> Draft:
+        self.cache.trim(self._guessed)
+        self._guessed = 0
+        tokens = mx.concatenate(self._tokens)[None]
+        streams = mx.concatenate(self._streams, axis=1)
+        self._tokens, self._streams = [], []
+        logits, out = self.mtp(self.target, tokens, streams, self.cache)
+        logits, out = logits[:, -1:], out[:, -1:]
+        greedy = sampler.params.temperature == 0
+        drafted: list[int] = []
+        dists: list[mx.array] = []
+        confidence: list[float] = []
+        while True:
+            row = logits[0].astype(mx.float32)
+            logprobs = sampler.logprobs(row) if not greedy else row - mx.logsumexp(row, -1, True)
+            token = mx.argmax(logprobs, -1) if greedy else mx.random.categorical(
+                logprobs, key=sampler.next_key())  # fmt: skip
+            conf = float(mx.exp(mx.take_along_axis(logprobs, token[:, None], -1)
+                                - mx.logsumexp(logprobs, -1, True)).item())  # fmt: skip
+            if not gate.keeps(len(drafted), conf):
+                break
+            drafted.append(int(token.item()))
+            dists.append(logprobs)
+            confidence.append(conf)
+            if len(drafted) == k:
+                break
+            logits, out = self.mtp(self.target, token[None].astype(mx.uint32), out, self.cache)
+            self._guessed += 1
+        # The last observed pair was real; every later pair was fed a guess.
+        return Draft(drafted, mx.concatenate(dists) if dists else None, confidence)
+
+
+def make_mtp_drafter(target: nn.Module, checkpoint: Any, config: dict[str, Any]) -> Drafter | None:
+    """``register_drafters`` factory: the MTP drafter, unless switched off or absent."""
+    if os.environ.get(DRAFT_ENV, "1").strip().lower() in ("0", "off", "false", "no"):
+        return None
+    if not isinstance(target, Model):
+        return None
+    mtp = load_mtp(target, Path(checkpoint), config)
+    return None if mtp is None else MtpDrafter(target, mtp)

@@ -1,0 +1,253 @@
+"""Speculative decoding: a drafter proposes tokens, one target pass verifies them all.
+
+The engine is the same for every draft family. Each cycle the drafter proposes up to ``k``
+tokens after the last committed one; the target runs the last committed token and the drafts
+in one forward pass; drafts are accepted left to right by the standard rule (greedy: the draft
+equals the target's argmax; sampling: accept ``d`` with probability ``min(1, p(d) / q(d))``,
+else draw the replacement from ``max(p - q, 0)`` renormalised), and one more token comes from
+the target's own distribution at the first rejection or after the last draft. Output is
+therefore exactly target-only greedy output, or draws from the target's own distribution.
+Rejected positions are trimmed from the target's cache (recurrent layers replay recorded
+states), and the drafter is told which tokens were committed together with the target's hidden
+states at those positions.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mach.cache.base import SequenceCache
+from mach.decode.engine import DecodeEngine, TargetEngine
+from mach.decode.events import FinishReason, GenerationStats, TokenEvent
+from mach.decode.params import SamplingParams
+from mach.decode.sampler import Sampler
+from mach.decode.stopping import StopMatcher
+from mach.tokenizer.tokenizer import Tokenizer
+
+
+@dataclass
+class Draft:
+    """Proposed tokens, the log-distribution each was drawn from, and its probability."""
+
+    tokens: list[int]
+    logprobs: mx.array | None
+    """``[n, vocab]`` (``None`` for greedy drafts, which need no distribution)."""
+    confidence: list[float]
+
+
+@dataclass(frozen=True)
+class DraftGate:
+    """Confidence gate on draft length (the "rho gate").
+
+    A draft token is kept only while the drafter's own probability of it is at least ``rho``;
+    drafting stops at the first token below. The first ``min_tokens`` drafts are always kept.
+    ``rho = 0`` keeps every draft up to the requested length.
+    """
+
+    rho: float = 0.0
+    min_tokens: int = 1
+
+    def keeps(self, index: int, confidence: float) -> bool:
+        return index < self.min_tokens or confidence >= self.rho
+
+    @classmethod
+    def from_env(cls, default_rho: float = 0.0, prefix: str = "LME_RHO_GATE") -> DraftGate:
+        """``LME_RHO_GATE`` (rho) and ``LME_RHO_GATE_MIN`` (min_tokens), else the defaults."""
+        raw, floor = os.environ.get(prefix), os.environ.get(f"{prefix}_MIN")
+        try:
+            rho = float(raw) if raw not in (None, "") else default_rho
+            minimum = int(floor) if floor not in (None, "") else 1
+        except ValueError as exc:
+            raise ValueError(f"{prefix}={raw!r}, {prefix}_MIN={floor!r}: {exc}") from exc
+        if not 0 <= rho <= 1 or minimum < 0:
+            raise ValueError(f"{prefix} must be in [0, 1] and {prefix}_MIN >= 0 (got {rho}, {minimum})")
+        return cls(rho, minimum)
+
+
+class Drafter(ABC):
+    """A draft family's per-sequence proposer, driven by ``SpecDecEngine``.
+
+    Position ``i`` pairs the target's hidden state at ``i`` with the token at ``i + 1``;
+    ``observe`` hands over such pairs as the target commits them and ``propose`` drafts the
+    tokens after the last committed one. A drafter keeps its own cache and drops whatever it
+    computed from its own guesses before the next proposal.
+    """
+
+    needs_hidden: bool = True
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Forget the previous sequence."""
+
+    @abstractmethod
+    def observe(self, next_tokens: mx.array, hidden: mx.array | None) -> None:
+        """Committed pairs: ``next_tokens [L]`` and the target's ``hidden [1, L, ...]``."""
+
+    @abstractmethod
+    def propose(self, k: int, sampler: Sampler, gate: DraftGate) -> Draft:
+        """Up to ``k`` tokens after the last committed one (fewer when the gate closes)."""
+
+    def stats(self) -> dict[str, float]:
+        return {}
+
+
+def accept_draft(
+    target_logits: mx.array, draft: Draft, sampler: Sampler
+) -> tuple[int, int]:
+    """``(accepted, next_token)`` for one verify pass.
+
+    ``target_logits`` is ``[n + 1, vocab]``: row ``i`` is the target's prediction after the last
+    committed token and the first ``i`` drafts.
+    """
+    n = len(draft.tokens)
+    if sampler.params.temperature == 0:
+        best: list[int] = mx.argmax(target_logits, axis=-1).tolist()  # type: ignore[assignment]
+        for i, token in enumerate(draft.tokens):
+            if token != best[i]:
+                return i, best[i]
+        return n, best[n]
+    target = sampler.logprobs(target_logits)
+    target = target - mx.logsumexp(target, axis=-1, keepdims=True)
+    if n:
+        assert draft.logprobs is not None
+        drafted = draft.logprobs - mx.logsumexp(draft.logprobs, axis=-1, keepdims=True)
+        idx = mx.array(draft.tokens)[:, None]
+        p = mx.take_along_axis(target[:n], idx, axis=-1)[:, 0]
+        q = mx.take_along_axis(drafted, idx, axis=-1)[:, 0]
+        u = mx.random.uniform(shape=(n,), key=sampler.next_key())
+        accept: list[bool] = (mx.log(u) < p - q).tolist()  # type: ignore[assignment]
+        for i in range(n):
+            if not accept[i]:
+                residual = mx.maximum(mx.exp(target[i]) - mx.exp(drafted[i]), 0)
+                total = residual.sum()
+                if float(total.item()) <= 0:
+                    return i, int(mx.random.categorical(target[i], key=sampler.next_key()).item())
+                logits = mx.log(residual / total)
+                return i, int(mx.random.categorical(logits, key=sampler.next_key()).item())
+    return n, int(mx.random.categorical(target[n], key=sampler.next_key()).item())
+
+
+def _recording(cache: SequenceCache, on: bool) -> None:
+    """Recurrent layers record per-token states while a verify pass may be trimmed."""
+    for layer in cache:
+        if hasattr(layer, "start_recording"):
+            layer.start_recording() if on else layer.stop_recording()
+
+
+class SpecDecEngine(DecodeEngine):
+    """Speculative decoding with any ``Drafter``; lossless against ``TargetEngine``.
+
+    The target model must accept ``return_hidden=True`` when the drafter needs hidden states.
+    Requests this engine does not speculate on (repetition penalty, logprobs) run target-only.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Tokenizer | None,
+        make_cache: Callable[[], SequenceCache],
+        drafter: Drafter,
+        num_draft_tokens: int = 2,
+        gate: DraftGate | None = None,
+        prefill_step_size: int = 512,
+    ) -> None:
+        if num_draft_tokens < 1:
+            raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
+        self.model, self.tokenizer, self.make_cache = model, tokenizer, make_cache
+        self.drafter, self.k = drafter, num_draft_tokens
+        self.gate = gate or DraftGate()
+        self.prefill_step_size = prefill_step_size
+        self._fallback = TargetEngine(model, tokenizer, make_cache, prefill_step_size)
+
+    def _forward(self, tokens: mx.array, cache: SequenceCache) -> tuple[mx.array, mx.array | None]:
+        if self.drafter.needs_hidden:
+            logits, hidden = self.model(tokens[None], cache=cache, return_hidden=True)
+            return logits[0], hidden
+        return self.model(tokens[None], cache=cache)[0], None
+
+    def stream(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[TokenEvent]:
+        if params.repetition_penalty != 1.0 or params.logprobs is not None:
+            yield from self._fallback.stream(prompt, params)
+            return
+        if not prompt:
+            raise ValueError("the prompt is empty: give at least one token")
+        stats = GenerationStats(prompt_tokens=len(prompt))
+        stops = set(params.stop_token_ids)
+        if self.tokenizer is not None:
+            stops |= self.tokenizer.eos_token_ids
+        detok = self.tokenizer.detokenizer() if self.tokenizer is not None else None
+        matcher = StopMatcher(params.stop)
+        sampler = Sampler(params)
+        cache = self.make_cache()
+        self.drafter.reset()
+        mx.reset_peak_memory()
+        start = time.perf_counter()
+        if params.max_tokens == 0:
+            stats.prompt_seconds = time.perf_counter() - start
+            yield TokenEvent(None, "", "length", stats)
+            return
+
+        tokens = mx.array(list(prompt), dtype=mx.uint32)
+        step = self.prefill_step_size
+        logits = hidden = None
+        for begin in range(0, tokens.size, step):
+            logits, hidden = self._forward(tokens[begin : begin + step], cache)
+            end = min(begin + step, tokens.size)
+            if end < tokens.size:
+                self.drafter.observe(tokens[begin + 1 : end + 1], hidden)
+            mx.eval(logits)
+        assert logits is not None
+        last = int(sampler(logits[-1:]).item())
+        self.drafter.observe(mx.concatenate([tokens[begin + 1 :], mx.array([last], mx.uint32)]),
+                             hidden)  # fmt: skip
+        decode_start = time.perf_counter()
+        stats.prompt_seconds = stats.time_to_first_token = decode_start - start
+
+        finish: FinishReason = "length"
+        generated = 0
+        pending = [last]
+        while True:
+            stopped = False
+            for token in pending:
+                generated += 1
+                if token in stops:
+                    finish, stopped = "stop", True
+                    break
+                text = detok.add_token(token) if detok is not None else ""
+                yield TokenEvent(token, matcher.feed(text))
+                if matcher.stopped:
+                    finish, stopped = "stop", True
+                    break
+                if generated >= params.max_tokens:
+                    stopped = True
+                    break
+            if stopped:
+                break
+            k = min(self.k, params.max_tokens - generated - 1)
+            draft = self.drafter.propose(k, sampler, self.gate) if k > 0 else Draft([], None, [])
+            verify = mx.array([pending[-1], *draft.tokens], dtype=mx.uint32)
+            _recording(cache, True)
+            logits, hidden = self._forward(verify, cache)
+            accepted, bonus = accept_draft(logits, draft, sampler)
+            cache.trim(len(draft.tokens) - accepted)
+            _recording(cache, False)
+            committed = [*draft.tokens[:accepted], bonus]
+            self.drafter.observe(mx.array(committed, dtype=mx.uint32),
+                                 None if hidden is None else hidden[:, : accepted + 1])  # fmt: skip
+            stats.draft_tokens += len(draft.tokens)
+            stats.accepted_tokens += accepted
+            stats.verify_passes += 1
+            pending = committed
+        tail = detok.finalize() if detok is not None else ""
+        tail = matcher.feed(tail) + matcher.flush()
+        stats.generation_tokens = generated
+        stats.generation_seconds = time.perf_counter() - decode_start
+        stats.peak_memory_bytes = mx.get_peak_memory()
+        yield TokenEvent(None, tail, finish, stats)
