@@ -14,8 +14,8 @@ class GateActivation:
     """``kind`` is ``swiglu``, ``geglu`` or ``clamped_swiglu``.
 
     ``clamped_swiglu`` is ``g * sigmoid(alpha * g) * (u + up_shift)`` with ``g = min(gate,
-    limit)`` and ``u = clip(up, -limit, limit)``: GPT-OSS uses ``alpha=1.702, up_shift=1``,
-    DeepSeek-V4 plain SiLU (``alpha=1, up_shift=0``).
+    limit)`` and ``u = clip(up, -limit, limit)``: ``alpha=1.702, up_shift=1`` is GPT-OSS's form,
+    ``alpha=1, up_shift=0`` a plain SiLU gate with clamped inputs.
     """
 
     kind: str = "swiglu"
