@@ -212,7 +212,10 @@ FP8_SUFFIXES = (".attn.wq_a.weight", ".attn.wq_b.weight", ".attn.wkv.weight", ".
                 ".h_proj.weight")  # fmt: skip
 
 
-def _pack_release(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:  # fmt: skip
+Tensors = dict[str, torch.Tensor]
+
+
+def _pack_release(state: Tensors) -> tuple[Tensors, Tensors]:
     """(packed tensors, the float values they dequantize to)."""
     packed: dict[str, torch.Tensor] = {}
     dequantized: dict[str, torch.Tensor] = {}

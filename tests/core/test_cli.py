@@ -29,7 +29,7 @@ def test_archs_json_lists_installed_families() -> None:
     result = mach("archs", "--json")
     assert result.returncode == 0, result.stderr
     names = [a["name"] for a in json.loads(result.stdout)["archs"]]
-    assert names == ["gemma4", "gpt_oss", "qwen3_5_moe", "qwen3_moe", "toy_moe"]
+    assert names == ["deepseek_v4", "gemma4", "gpt_oss", "qwen3_5_moe", "qwen3_moe", "toy_moe"]
 
 
 def test_mach_archs_console_script() -> None:
@@ -79,7 +79,7 @@ def test_generate_chat_and_sampling_flags() -> None:
         (["generate", "/nonexistent/model"], "no such checkpoint folder"),
         (["generate", str(FIXTURE), "--prompt", "a", "--chat", "b"], "either --prompt or --chat"),
         (["generate", str(FIXTURE), "--top-p", "0"], "top_p must be in (0, 1]"),
-        (["generate", str(FIXTURE), "--arch", "deepseek_v4"], 'pip install "mach[deepseek]"'),
+        (["generate", str(FIXTURE), "--arch", "nosuch_moe"], 'pip install "mach[all]"'),
         (["generate", str(FIXTURE), "--dtype", "int8"], "dtype must be one of float32"),
     ],
 )

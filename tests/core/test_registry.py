@@ -26,13 +26,16 @@ def test_explicit_arch_wins() -> None:
     assert detect_arch({"model_type": "qwen3_moe"}, arch="toy_moe").name == "toy_moe"
 
 
-def test_unknown_family_of_ours_names_its_package() -> None:
+def test_unknown_family_of_ours_names_its_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mach import registry
+
+    monkeypatch.setitem(registry.KNOWN_FAMILIES, "futuremoe", "future")
     with pytest.raises(UnknownArchitectureError) as err:
-        detect_arch({"model_type": "deepseek_v4"})
+        detect_arch({"model_type": "futuremoe"})
     message = str(err.value)
-    assert "model_type 'deepseek_v4'" in message
+    assert "model_type 'futuremoe'" in message
     assert "qwen3_moe" in message and "toy_moe" in message
-    assert 'pip install "mach[deepseek]"' in message
+    assert 'pip install "mach[future]"' in message
 
 
 def test_unknown_foreign_arch_points_to_adapters() -> None:
@@ -48,8 +51,8 @@ def test_config_without_any_key() -> None:
 
 
 def test_get_adapter_unknown_key() -> None:
-    with pytest.raises(UnknownArchitectureError, match="deepseek_v4"):
-        get_adapter("deepseek_v4")
+    with pytest.raises(UnknownArchitectureError, match="nosuch_moe"):
+        get_adapter("nosuch_moe")
 
 
 def test_arch_summary_fields() -> None:

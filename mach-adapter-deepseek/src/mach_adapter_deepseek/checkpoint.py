@@ -70,7 +70,8 @@ _BLOCK = (
 )  # fmt: skip
 _LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.(.+)$")
 _EXPERT_PROJECTIONS = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj",
-                       "gate_proj": "gate_proj", "down_proj": "down_proj", "up_proj": "up_proj"}  # fmt: skip
+                       "gate_proj": "gate_proj", "down_proj": "down_proj",
+                       "up_proj": "up_proj"}  # fmt: skip
 
 
 def engine_name(name: str, prefix: str = "model.layers.") -> str | None:
@@ -130,7 +131,8 @@ def _unpack(weights: dict[str, mx.array], config: Mapping[str, Any]) -> dict[str
     """Packed ``X.weight`` + ``X.scale`` pairs -> float weights or ``mxfp4`` weight/scales."""
     qc = config.get("quantization_config") or {}
     block = tuple(qc.get("weight_block_size") or (128, 128))
-    floats = [v.dtype for k, v in weights.items() if k.endswith(("embed.weight", "embed_tokens.weight"))]  # fmt: skip
+    embeds = ("embed.weight", "embed_tokens.weight")
+    floats = [v.dtype for k, v in weights.items() if k.endswith(embeds)]
     dtype = floats[0] if floats and mx.issubdtype(floats[0], mx.floating) else mx.bfloat16
     out: dict[str, mx.array] = {}
     for name, value in weights.items():

@@ -20,8 +20,9 @@ def rotary_tables(args: ModelArgs) -> dict[str, RotaryTable]:
     """Sliding layers rotate with the plain table, compressed layers with the YaRN one."""
     return {
         "main": RotaryTable(args.qk_rope_head_dim, args.rope_theta, None),
-        "compress": RotaryTable(args.qk_rope_head_dim, args.compress_rope_theta,
-                                args.compress_rope),  # fmt: skip
+        "compress": RotaryTable(
+            args.qk_rope_head_dim, args.compress_rope_theta, args.compress_rope
+        ),
     }
 
 
@@ -52,8 +53,10 @@ class DeepseekV4Model(nn.Module):
         super().__init__()  # type: ignore[no-untyped-call]
         tables = rotary_tables(args)
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args, kind, mlp == "hash_moe", tables)
-                       for kind, mlp in zip(args.layer_types, args.mlp_layer_types, strict=True)]
+        self.layers = [
+            DecoderLayer(args, kind, mlp == "hash_moe", tables)
+            for kind, mlp in zip(args.layer_types, args.mlp_layer_types, strict=True)
+        ]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.hc_head = HyperHead(args.hc_mult, args.hidden_size, args.hc_eps, args.rms_norm_eps)
         self.hc_mult = args.hc_mult

@@ -35,6 +35,7 @@ class Gate(nn.Module):
         else:
             biased = scores + self.e_score_correction_bias.astype(mx.float32)
             indices = mx.argpartition(-biased, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
+        indices = mx.stop_gradient(indices)
         weights = mx.take_along_axis(scores, indices, axis=-1)
         weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20) * self.scaling
         return indices, weights.astype(x.dtype)

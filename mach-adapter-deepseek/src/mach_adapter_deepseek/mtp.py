@@ -62,8 +62,11 @@ def _mtp_weights(path: Path, config: dict[str, Any]) -> dict[str, mx.array]:
         loaded = mx.load(str(file))
         assert isinstance(loaded, dict)
         raw.update({k[len("mtp.0.") :]: v for k, v in loaded.items() if k.startswith("mtp.0.")})
-    block = {f"layers.0.{k}": v for k, v in raw.items()
-             if not k.startswith(("e_proj.", "h_proj.", "enorm.", "hnorm.", "norm.", "hc_head_"))}
+    block = {
+        f"layers.0.{k}": v
+        for k, v in raw.items()
+        if not k.startswith(("e_proj.", "h_proj.", "enorm.", "hnorm.", "norm.", "hc_head_"))
+    }
     own = {k: v for k, v in raw.items() if f"layers.0.{k}" not in block}
     out = sanitize(block, config, prefix="layers.")
     for name, value in sanitize({f"x.{k}": v for k, v in own.items()}, config).items():

@@ -24,7 +24,9 @@ class RotaryTable:
             freqs = YarnRoPE(rope_dims, theta, scaling, traditional=True)._freqs
             self.inv_freq = 1.0 / freqs
         else:
-            self.inv_freq = 1.0 / theta ** (mx.arange(0, rope_dims, 2, dtype=mx.float32) / rope_dims)
+            self.inv_freq = 1.0 / theta ** (
+                mx.arange(0, rope_dims, 2, dtype=mx.float32) / rope_dims
+            )
         self.rope_dims = rope_dims
 
     def apply(self, x: mx.array, positions: mx.array, inverse: bool = False) -> mx.array:

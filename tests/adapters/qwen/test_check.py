@@ -76,14 +76,20 @@ def test_truncated_header_is_diagnosed(tmp_path: Path) -> None:
     assert not report.loads and "too short to be a safetensors file" in report.diagnosis
 
 
-def test_unknown_model_type_names_the_package(tmp_path: Path) -> None:
+def test_unknown_model_type_names_the_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A family mach publishes but that is not installed here names its extra."""
+    from mach import registry
+
+    monkeypatch.setitem(registry.KNOWN_FAMILIES, "futuremoe", "future")
     target = tmp_path / "u"
     shutil.copytree(FAMILY / "mlx-q4", target)
     config = json.loads((target / "config.json").read_text())
-    config.update(model_type="deepseek_v4", architectures=[])
+    config.update(model_type="futuremoe", architectures=[])
     (target / "config.json").write_text(json.dumps(config))
     report = check_checkpoint(target)
-    assert not report.loads and 'pip install "mach[deepseek]"' in report.diagnosis
+    assert not report.loads and 'pip install "mach[future]"' in report.diagnosis
 
 
 def test_missing_tokenizer_loads_but_cannot_serve(tmp_path: Path) -> None:

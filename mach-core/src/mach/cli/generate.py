@@ -38,7 +38,8 @@ def _stats_line(stats: dict[str, Any], finish: str) -> str:
     draft = (
         f" | draft: {stats['accepted_tokens']}/{stats['draft_tokens']} accepted, "
         f"{stats['acceptance_length']:.2f} tokens/pass"
-        if stats.get("verify_passes") else ""
+        if stats.get("verify_passes")
+        else ""
     )
     return (
         f"prompt: {stats['prompt_tokens']} tokens, {stats['prompt_tps']:.1f} tok/s | "
@@ -89,8 +90,10 @@ def generate_command(
     streaming_embedding: StreamingEmbedding = False,
     draft: Annotated[
         Optional[bool],  # noqa: UP045
-        typer.Option("--draft/--no-draft",
-                     help="Speculative decoding with the family's draft (default: when present)."),
+        typer.Option(
+            "--draft/--no-draft",
+            help="Speculative decoding with the family's draft (default: when present).",
+        ),
     ] = None,
     draft_tokens: Annotated[
         int, typer.Option("--draft-tokens", min=1, help="Tokens drafted per verify pass.")

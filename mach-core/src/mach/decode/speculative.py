@@ -67,7 +67,9 @@ class DraftGate:
         except ValueError as exc:
             raise ValueError(f"{prefix}={raw!r}, {prefix}_MIN={floor!r}: {exc}") from exc
         if not 0 <= rho <= 1 or minimum < 0:
-            raise ValueError(f"{prefix} must be in [0, 1] and {prefix}_MIN >= 0 (got {rho}, {minimum})")
+            raise ValueError(
+                f"{prefix} must be in [0, 1] and {prefix}_MIN >= 0 (got {rho}, {minimum})"
+            )
         return cls(rho, minimum)
 
 
@@ -98,9 +100,7 @@ class Drafter(ABC):
         return {}
 
 
-def accept_draft(
-    target_logits: mx.array, draft: Draft, sampler: Sampler
-) -> tuple[int, int]:
+def accept_draft(target_logits: mx.array, draft: Draft, sampler: Sampler) -> tuple[int, int]:
     """``(accepted, next_token)`` for one verify pass.
 
     ``target_logits`` is ``[n + 1, vocab]``: row ``i`` is the target's prediction after the last
@@ -127,18 +127,23 @@ def accept_draft(
             if not accept[i]:
                 residual = mx.maximum(mx.exp(target[i]) - mx.exp(drafted[i]), 0)
                 total = residual.sum()
-                if float(total.item()) <= 0:
-                    return i, int(mx.random.categorical(target[i], key=sampler.next_key()).item())
+                if _scalar(total) <= 0:
+                    return i, int(_scalar(mx.random.categorical(target[i], key=sampler.next_key())))
                 logits = mx.log(residual / total)
-                return i, int(mx.random.categorical(logits, key=sampler.next_key()).item())
-    return n, int(mx.random.categorical(target[n], key=sampler.next_key()).item())
+                return i, int(_scalar(mx.random.categorical(logits, key=sampler.next_key())))
+    return n, int(_scalar(mx.random.categorical(target[n], key=sampler.next_key())))
+
+
+def _scalar(value: mx.array) -> float:
+    out: list[float] = value.reshape(1).tolist()  # type: ignore[assignment]
+    return float(out[0])
 
 
 def _recording(cache: SequenceCache, on: bool) -> None:
     """Recurrent layers record per-token states while a verify pass may be trimmed."""
     for layer in cache:
         if hasattr(layer, "start_recording"):
-            layer.start_recording() if on else layer.stop_recording()
+            getattr(layer, "start_recording" if on else "stop_recording")()
 
 
 class SpecDecEngine(DecodeEngine):
@@ -204,7 +209,7 @@ class SpecDecEngine(DecodeEngine):
                 self.drafter.observe(tokens[begin + 1 : end + 1], hidden)
             mx.eval(logits)
         assert logits is not None
-        last = int(sampler(logits[-1:]).item())
+        last = int(_scalar(sampler(logits[-1:])))
         self.drafter.observe(mx.concatenate([tokens[begin + 1 :], mx.array([last], mx.uint32)]),
                              hidden)  # fmt: skip
         decode_start = time.perf_counter()

@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from mach.adapter import MoeArchAdapter
 from mach.cache.base import LayerCache, SequenceCache
 from mach.errors import MissingFileError, ShapeMismatchError
 from mach.experts.bank import PrefillMode
@@ -21,7 +22,6 @@ from mach.experts.swap import find_switches, swap_switch_mlp
 from mach.io.checkpoint import Checkpoint, open_checkpoint
 from mach.io.quant import quantize_modules
 from mach.io.residency import build_store
-from mach.adapter import MoeArchAdapter
 from mach.registry import detect_arch
 from mach.tokenizer.tokenizer import Tokenizer, load_tokenizer
 
@@ -154,7 +154,7 @@ def load_moe(
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     ckpt = open_checkpoint(resolve_model_path(checkpoint))
     adapter = detect_arch(ckpt.config, ckpt.tensor_names, arch)
-    options = dict(dtype=dtype, streaming=streaming, expert_budget=expert_budget,
+    options: dict[str, Any] = dict(dtype=dtype, streaming=streaming, expert_budget=expert_budget,
                    expert_residency=expert_residency, prefill=prefill,
                    gather_dispatch=gather_dispatch, verify_experts=verify_experts,
                    streaming_embedding=streaming_embedding, progress=progress)  # fmt: skip

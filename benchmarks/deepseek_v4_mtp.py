@@ -1,0 +1,135 @@
+"""DeepSeek-V4 MTP draft: acceptance length and expert loads per token, with and without it.
+
+mlx-lm has no DeepSeek-V4 model to run as a peer, so the comparison is mach's speculative
+engine against mach's target-only engine on the same checkpoint and the same expert bank.
+
+The checkpoint is the synthesized release-format fixture (FP8 matrices, FP4 experts). Its MTP
+module starts random, which would accept nothing, so the benchmark first distils it on the
+target's own greedy continuations (the MTP head learns to predict the token after next from the
+target's streams), the way a released MTP head is trained alongside its model. Routed experts
+stream from the sidecar through a bank that holds a third of them, so every expert the target
+touches and does not hold is a disk read ("load").
+
+    python -m benchmarks.deepseek_v4_mtp [--steps 300] [--tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten
+
+from mach import load_moe
+from mach.decode.engine import TargetEngine
+from mach.decode.params import SamplingParams
+from mach.decode.speculative import DraftGate, SpecDecEngine
+from mach.io.convert import convert
+from mach_adapter_deepseek.mtp import MtpDrafter, load_mtp
+
+FIXTURE = Path(__file__).parents[1] / "tests" / "fixtures" / "deepseek_v4" / "upstream-fp8"
+
+
+def distil(model: nn.Module, mtp: nn.Module, steps: int, seed: int = 0) -> float:
+    """Train the MTP module's dense weights on the target's own next-token predictions.
+
+    For pair ``(x[i+1], streams[i])`` the label is the target's argmax at ``i + 1``: exactly
+    what verification will compare the first draft with.
+    """
+    rng = np.random.default_rng(seed)
+    data = mx.array(rng.integers(3, 500, size=(512, 48)))
+    streams, labels = [], []
+    for rows in range(0, data.shape[0], 64):
+        logits, hidden = model(data[rows : rows + 64], return_hidden=True)
+        streams.append(hidden)
+        labels.append(mx.argmax(logits, axis=-1))
+        mx.eval(streams[-1], labels[-1])
+    hidden_all, label_all = mx.concatenate(streams), mx.concatenate(labels)
+    mtp.freeze()
+    mtp.unfreeze(keys=["weight"], strict=False)
+    for layer in mtp.layers:
+        layer.mlp.freeze()
+
+    def loss_fn(module: nn.Module, tokens: mx.array, hidden: mx.array,
+                target: mx.array) -> mx.array:  # fmt: skip
+        logits, _ = module(model, tokens[:, 1:], hidden[:, :-1], None)
+        return nn.losses.cross_entropy(logits, target[:, 1:]).mean()
+
+    opt = optim.Adam(learning_rate=3e-3)
+    step = nn.value_and_grad(mtp, loss_fn)
+    loss = mx.array(0.0)
+    for _ in range(steps):
+        pick = mx.array(rng.integers(0, data.shape[0], size=64))
+        loss, grads = step(mtp, data[pick], hidden_all[pick], label_all[pick])
+        opt.update(mtp, grads)
+        mx.eval(mtp.parameters(), opt.state)
+    return float(loss.item())
+
+
+def _cache(model: nn.Module) -> object:
+    from mach.cache.base import SequenceCache
+
+    return SequenceCache(model.make_cache(), model.make_cache)
+
+
+def run(engine: object, store: object, prompts: list[list[int]], tokens: int) -> dict[str, float]:
+    params = SamplingParams(max_tokens=tokens, temperature=0.0)
+    before = store.stats()["misses"]  # type: ignore[attr-defined]
+    generated = passes = accepted = drafted = 0
+    start = time.perf_counter()
+    for prompt in prompts:
+        stats = engine.generate(prompt, params).stats  # type: ignore[attr-defined]
+        generated += stats.generation_tokens
+        passes += stats.verify_passes or stats.generation_tokens
+        accepted += stats.accepted_tokens
+        drafted += stats.draft_tokens
+    seconds = time.perf_counter() - start
+    loads = store.stats()["misses"] - before  # type: ignore[attr-defined]
+    return {"tokens": generated, "passes_per_token": passes / generated,
+            "acceptance_length": generated / passes, "accept_rate": accepted / max(drafted, 1),
+            "loads_per_token": loads / generated, "tps": generated / seconds}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--tokens", type=int, default=64)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        sidecar = Path(tmp) / "sidecar"
+        convert(FIXTURE, sidecar)
+        model, _, store, cache = load_moe(sidecar, expert_budget="45KB")
+        mtp = load_mtp(
+            model, FIXTURE, __import__("json").loads((FIXTURE / "config.json").read_text())
+        )
+        assert mtp is not None
+        loss = distil(model, mtp, args.steps)
+        print(f"MTP distilled for {args.steps} steps: loss {loss:.3f} "
+              f"({len(tree_flatten(mtp.trainable_parameters()))} trained tensors)")  # fmt: skip
+        rng = np.random.default_rng(1)
+        prompts = [rng.integers(3, 500, size=12).tolist() for _ in range(4)]
+        base = run(TargetEngine(model, None, cache.new), store, prompts, args.tokens)
+        print(f"{'engine':28} {'tok/pass':>8} {'accept':>7} {'loads/tok':>9} {'tok/s':>7} "
+              f"{'loads ratio':>11}")  # fmt: skip
+        print(f"{'target only':28} {1.0:8.2f} {'-':>7} {base['loads_per_token']:9.2f} "
+              f"{base['tps']:7.1f} {1.0:11.2f}")  # fmt: skip
+        for k in (1, 3):
+            for rho in (0.0, 0.3, 0.6):
+                gate = DraftGate(rho, 0 if rho else 1)
+                engine = SpecDecEngine(model, None, cache.new, MtpDrafter(model, mtp), k, gate)
+                r = run(engine, store, prompts, args.tokens)
+                print(f"{f'MTP k={k} rho={rho}':28} {r['acceptance_length']:8.2f} "
+                      f"{r['accept_rate']:7.2f} {r['loads_per_token']:9.2f} {r['tps']:7.1f} "
+                      f"{r['loads_per_token'] / base['loads_per_token']:11.2f}")  # fmt: skip
+    os.environ.pop("LME_RHO_GATE", None)
+
+
+if __name__ == "__main__":
+    main()
