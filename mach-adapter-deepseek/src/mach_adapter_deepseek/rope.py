@@ -28,6 +28,8 @@ class RotaryTable:
                 mx.arange(0, rope_dims, 2, dtype=mx.float32) / rope_dims
             )
         self.rope_dims = rope_dims
+        # Evaluated now: a lazy table would be computed by whichever thread first decodes.
+        mx.eval(self.inv_freq)
 
     def apply(self, x: mx.array, positions: mx.array, inverse: bool = False) -> mx.array:
         """Rotate the trailing ``rope_dims`` of ``x`` (positions index axis -2)."""

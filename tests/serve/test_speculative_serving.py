@@ -1,0 +1,40 @@
+"""Serving a DeepSeek-V4 release checkpoint: the MTP draft behind the OpenAI API."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from mach.decode.engine import TargetEngine
+from mach.decode.params import SamplingParams
+from tests.serve.conftest import Running, serve_with
+
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "deepseek_v4" / "upstream-fp8"
+
+
+@pytest.fixture(scope="module")
+def v4() -> Iterator[Running]:
+    yield from serve_with(model=str(FIXTURE))
+
+
+def test_capabilities_report_the_draft(v4: Running) -> None:
+    body = httpx.get(f"{v4.url}/v1/capabilities").json()
+    assert body["server"]["speculative_decoding"] is True
+    assert body["arch"]["name"] == "deepseek_v4"
+    assert body["arch"]["continuous_batching"] is False
+
+
+def test_greedy_completion_equals_target_only(v4: Running) -> None:
+    client = openai.OpenAI(base_url=f"{v4.url}/v1", api_key="unused")
+    prompt = "def add(a, b):"
+    out = client.completions.create(model=v4.state.model_id, prompt=prompt, max_tokens=24, temperature=0)
+    state = v4.state
+    tokens = state.tokenizer.encode(prompt)
+    engine = TargetEngine(state.worker.engine.model, state.tokenizer,  # type: ignore[attr-defined]
+                          state.worker.engine.make_cache)  # type: ignore[attr-defined]  # fmt: skip
+    expected = engine.generate(tokens, SamplingParams(max_tokens=24, temperature=0.0))
+    assert out.choices[0].text == expected.text
