@@ -31,7 +31,9 @@ def test_capabilities_report_the_draft(v4: Running) -> None:
 def test_greedy_completion_equals_target_only(v4: Running) -> None:
     client = openai.OpenAI(base_url=f"{v4.url}/v1", api_key="unused")
     prompt = "def add(a, b):"
-    out = client.completions.create(model=v4.state.model_id, prompt=prompt, max_tokens=24, temperature=0)
+    out = client.completions.create(
+        model=v4.state.model_id, prompt=prompt, max_tokens=24, temperature=0
+    )
     state = v4.state
     tokens = state.tokenizer.encode(prompt)
     engine = TargetEngine(state.worker.engine.model, state.tokenizer,  # type: ignore[attr-defined]

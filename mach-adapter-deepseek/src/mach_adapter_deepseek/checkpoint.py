@@ -127,7 +127,7 @@ def _fp4_as_mxfp4(weight: mx.array, scale: mx.array, name: str) -> tuple[mx.arra
     return weight.view(mx.uint8).view(mx.uint32), scale
 
 
-def _unpack(weights: dict[str, mx.array], config: Mapping[str, Any]) -> dict[str, mx.array]:
+def unpack(weights: dict[str, mx.array], config: Mapping[str, Any]) -> dict[str, mx.array]:
     """Packed ``X.weight`` + ``X.scale`` pairs -> float weights or ``mxfp4`` weight/scales."""
     qc = config.get("quantization_config") or {}
     block = tuple(qc.get("weight_block_size") or (128, 128))
@@ -151,23 +151,27 @@ def _unpack(weights: dict[str, mx.array], config: Mapping[str, Any]) -> dict[str
     return out
 
 
-def sanitize(weights: dict[str, mx.array], config: Mapping[str, Any],
-             prefix: str = "model.layers.") -> dict[str, mx.array]:  # fmt: skip
+def stack_experts(weights: dict[str, mx.array]) -> None:
+    """Per-expert (``experts.E.w1``) or fused (``experts.gate_up_proj``) -> ``switch_mlp``."""
+    blocks = {m.group(1) for k in weights if (m := re.match(r"^(.*\.mlp)\.experts\.", k))}
+    for block in sorted(blocks):
+        source, target = f"{block}.experts", f"{block}.switch_mlp"
+        if f"{source}.gate_up_proj" in weights:
+            weights[f"{source}.gate_up_proj.weight"] = weights.pop(f"{source}.gate_up_proj")
+            split_gate_up(weights, f"{source}.gate_up_proj.weight", target, axis=-2)
+            weights[f"{target}.down_proj.weight"] = weights.pop(f"{source}.down_proj")
+        else:
+            stack_per_expert(weights, source, target, _EXPERT_PROJECTIONS)
+    for name in [k for k in weights if k.endswith(".tid2eid")]:
+        weights[name] = weights[name].astype(mx.int32)
+
+
+def sanitize(weights: dict[str, mx.array], config: Mapping[str, Any]) -> dict[str, mx.array]:
     """Every supported naming and packing -> engine names."""
-    unpacked = _unpack(weights, config)
     out: dict[str, mx.array] = {}
-    for name, value in unpacked.items():
-        target = engine_name(name, prefix)
+    for name, value in unpack(weights, config).items():
+        target = engine_name(name)
         if target is not None:
             out[target] = value
-    for block in sorted({m.group(1) for k in out if (m := re.match(r"^(.*\.mlp)\.experts\.", k))}):
-        source, target = f"{block}.experts", f"{block}.switch_mlp"
-        if f"{source}.gate_up_proj" in out:
-            out[f"{source}.gate_up_proj.weight"] = out.pop(f"{source}.gate_up_proj")
-            split_gate_up(out, f"{source}.gate_up_proj.weight", target, axis=-2)
-            out[f"{target}.down_proj.weight"] = out.pop(f"{source}.down_proj")
-        else:
-            stack_per_expert(out, source, target, _EXPERT_PROJECTIONS)
-    for name in [k for k in out if k.endswith(".tid2eid")]:
-        out[name] = out[name].astype(mx.int32)
+    stack_experts(out)
     return out

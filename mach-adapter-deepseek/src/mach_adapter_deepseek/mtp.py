@@ -53,27 +53,29 @@ class MtpModule(nn.Module):
         return target.lm_head(self.norm(self.hc_head(out))), out
 
 
-def _mtp_weights(path: Path, config: dict[str, Any]) -> dict[str, mx.array]:
-    from mach_adapter_deepseek.checkpoint import sanitize
+_OWN = ("e_proj.", "h_proj.", "enorm.", "hnorm.", "norm.")
 
-    ckpt = open_checkpoint(path)
+
+def _mtp_weights(path: Path, config: dict[str, Any]) -> dict[str, mx.array]:
+    """``mtp.0.*`` -> the module's names: its own tensors as they are, its block as layer 0."""
+    from mach_adapter_deepseek.checkpoint import engine_name, stack_experts, unpack
+
     raw: dict[str, mx.array] = {}
-    for file in ckpt.files:
+    for file in open_checkpoint(path).files:
         loaded = mx.load(str(file))
         assert isinstance(loaded, dict)
-        raw.update({k[len("mtp.0.") :]: v for k, v in loaded.items() if k.startswith("mtp.0.")})
-    block = {
-        f"layers.0.{k}": v
-        for k, v in raw.items()
-        if not k.startswith(("e_proj.", "h_proj.", "enorm.", "hnorm.", "norm.", "hc_head_"))
-    }
-    own = {k: v for k, v in raw.items() if f"layers.0.{k}" not in block}
-    out = sanitize(block, config, prefix="layers.")
-    for name, value in sanitize({f"x.{k}": v for k, v in own.items()}, config).items():
-        out[name.removeprefix("x.")] = value
-    for part in ("fn", "base", "scale"):
-        if f"hc_head_{part}" in out:
-            out[f"hc_head.hc_{part}"] = out.pop(f"hc_head_{part}")
+        raw.update(
+            {k.removeprefix("mtp.0."): v for k, v in loaded.items() if k.startswith("mtp.0.")}
+        )
+    out: dict[str, mx.array] = {}
+    for name, value in unpack(raw, config).items():
+        if name.startswith(_OWN):
+            out[name] = value
+        elif name.startswith("hc_head_"):
+            out[f"hc_head.hc_{name.removeprefix('hc_head_')}"] = value
+        else:
+            out[str(engine_name(f"layers.0.{name}", prefix="layers."))] = value
+    stack_experts(out)
     return out
 
 

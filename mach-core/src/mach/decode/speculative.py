@@ -241,7 +241,12 @@ class SpecDecEngine(DecodeEngine):
             _recording(cache, True)
             logits, hidden = self._forward(verify, cache)
             accepted, bonus = accept_draft(logits, draft, sampler)
-            cache.trim(len(draft.tokens) - accepted)
+            rejected = len(draft.tokens) - accepted
+            if rejected and cache.trim(rejected) != rejected:
+                raise RuntimeError(
+                    f"the target cache could not drop {rejected} rejected positions; use fewer "
+                    "draft tokens per pass"
+                )
             _recording(cache, False)
             committed = [*draft.tokens[:accepted], bonus]
             self.drafter.observe(mx.array(committed, dtype=mx.uint32),
