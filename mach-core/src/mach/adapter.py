@@ -60,7 +60,7 @@ class MoeArchAdapter(ABC):
     """The text that starts a tool call in this family's output (held back while streaming)."""
     reasoning_tags: ClassVar[ReasoningTags | None] = None
     """Tags around reasoning text in this family's output (``<think>`` for Qwen), if any."""
-    expert_stores: ClassVar[tuple[str, ...]] = ("resident",)
+    expert_stores: ClassVar[tuple[str, ...]] = ("resident", "streaming")
     cache_backends: ClassVar[tuple[str, ...]] = ("kv",)
 
     @abstractmethod
