@@ -37,17 +37,29 @@ from mach_adapter_deepseek.mtp import MtpDrafter, load_mtp
 FIXTURE = Path(__file__).parents[1] / "tests" / "fixtures" / "deepseek_v4" / "upstream-fp8"
 
 
-def distil(model: nn.Module, mtp: nn.Module, steps: int, seed: int = 0) -> float:
+def distil(model: nn.Module, mtp: nn.Module, steps: int, batch: int = 64, seed: int = 0) -> float:
     """Train the MTP module's dense weights on the target's own next-token predictions.
 
-    For pair ``(x[i+1], streams[i])`` the label is the target's argmax at ``i + 1``: exactly
-    what verification will compare the first draft with.
+    The data is what drafting will see: random 12-token prompts continued greedily by the
+    target (batched). For pair ``(x[i+1], streams[i])`` the label is the target's argmax at
+    ``i + 1``: exactly what verification compares the first draft with.
     """
     rng = np.random.default_rng(seed)
-    data = mx.array(rng.integers(3, 500, size=(512, 48)))
+    rows: list[mx.array] = []
+    for _ in range(4):
+        tokens = mx.array(rng.integers(3, 500, size=(256, 12)))
+        cache = model.make_cache()
+        logits = model(tokens, cache=cache)
+        for _ in range(36):
+            nxt = mx.argmax(logits[:, -1:], axis=-1)
+            tokens = mx.concatenate([tokens, nxt], axis=1)
+            logits = model(nxt, cache=cache)
+            mx.eval(tokens, logits)
+        rows.append(tokens)
+    data = mx.concatenate(rows)
     streams, labels = [], []
-    for rows in range(0, data.shape[0], 64):
-        logits, hidden = model(data[rows : rows + 64], return_hidden=True)
+    for start in range(0, data.shape[0], 64):
+        logits, hidden = model(data[start : start + 64], return_hidden=True)
         streams.append(hidden)
         labels.append(mx.argmax(logits, axis=-1))
         mx.eval(streams[-1], labels[-1])
@@ -66,17 +78,11 @@ def distil(model: nn.Module, mtp: nn.Module, steps: int, seed: int = 0) -> float
     step = nn.value_and_grad(mtp, loss_fn)
     loss = mx.array(0.0)
     for _ in range(steps):
-        pick = mx.array(rng.integers(0, data.shape[0], size=64))
+        pick = mx.array(rng.integers(0, data.shape[0], size=batch))
         loss, grads = step(mtp, data[pick], hidden_all[pick], label_all[pick])
         opt.update(mtp, grads)
         mx.eval(mtp.parameters(), opt.state)
     return float(loss.item())
-
-
-def _cache(model: nn.Module) -> object:
-    from mach.cache.base import SequenceCache
-
-    return SequenceCache(model.make_cache(), model.make_cache)
 
 
 def run(engine: object, store: object, prompts: list[list[int]], tokens: int) -> dict[str, float]:
@@ -100,7 +106,8 @@ def run(engine: object, store: object, prompts: list[list[int]], tokens: int) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--batch", type=int, default=64, help="Sequences per distillation step.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         sidecar = Path(tmp) / "sidecar"
@@ -110,7 +117,7 @@ def main() -> None:
             model, FIXTURE, __import__("json").loads((FIXTURE / "config.json").read_text())
         )
         assert mtp is not None
-        loss = distil(model, mtp, args.steps)
+        loss = distil(model, mtp, args.steps, args.batch)
         print(f"MTP distilled for {args.steps} steps: loss {loss:.3f} "
               f"({len(tree_flatten(mtp.trainable_parameters()))} trained tensors)")  # fmt: skip
         rng = np.random.default_rng(1)
