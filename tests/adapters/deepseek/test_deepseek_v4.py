@@ -162,3 +162,15 @@ def test_unknown_compress_ratio_is_reported(tmp_path: Path) -> None:
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(AdapterError, match="compress_ratios"):
         load_moe(folder)
+
+
+def test_snapshot_restore_resumes_a_prefix() -> None:
+    model, _, _, cache = load_moe(FAMILY / "hf-fused")
+    ids = mx.array(checks.reference(FAMILY / "hf-fused")["input_ids"][:1])
+    model(ids[:, :26], cache=cache)
+    saved = cache.snapshot()
+    first = np.array(model(ids[:, 26:40], cache=cache))
+    cache.restore(saved)
+    assert cache.offset == 26
+    again = np.array(model(ids[:, 26:40], cache=cache))
+    assert np.abs(first - again).max() == 0
