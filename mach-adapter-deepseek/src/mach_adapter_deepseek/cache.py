@@ -35,11 +35,11 @@ class CompressorState:
 
     def append(self, kv: mx.array, gate: mx.array) -> tuple[mx.array, mx.array, int, int]:
         """Add rows; returns all kept rows, their first position and the windows now closed."""
+        self.tokens += kv.shape[1]
         if self.kv is not None and self.gate is not None:
             kv = mx.concatenate([self.kv, kv], axis=1)
             gate = mx.concatenate([self.gate, gate], axis=1)
         self.kv, self.gate = kv, gate
-        self.tokens += kv.shape[1] - (self.tokens - self.row_start)
         return kv, gate, self.row_start, self.tokens // self.ratio
 
     def extend(self, new_entries: mx.array) -> mx.array:
