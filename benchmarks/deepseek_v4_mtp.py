@@ -7,7 +7,7 @@ The checkpoint is the synthesized release-format fixture (FP8 matrices, FP4 expe
 module starts random, which would accept nothing, so the benchmark first distils it on the
 target's own greedy continuations (the MTP head learns to predict the token after next from the
 target's streams), the way a released MTP head is trained alongside its model. Routed experts
-stream from the sidecar through a bank that holds a third of them, so every expert the target
+stream from the sidecar through a bank that holds half of them, so every expert the target
 touches and does not hold is a disk read ("load").
 
     python -m benchmarks.deepseek_v4_mtp [--steps 300] [--tokens 64]
@@ -30,7 +30,8 @@ from mlx.utils import tree_flatten
 from mach import load_moe
 from mach.decode.engine import TargetEngine
 from mach.decode.params import SamplingParams
-from mach.decode.speculative import DraftGate, SpecDecEngine
+from mach.decode.sampler import Sampler
+from mach.decode.speculative import Draft, Drafter, DraftGate, SpecDecEngine
 from mach.io.convert import convert
 from mach_adapter_deepseek.mtp import MtpDrafter, load_mtp
 
@@ -85,12 +86,51 @@ def distil(model: nn.Module, mtp: nn.Module, steps: int, batch: int = 64, seed: 
     return float(loss.item())
 
 
+class OracleDrafter(Drafter):
+    """The target drafting for itself: its greedy continuation, each draft replaced by a wrong
+    token with probability ``1 - alpha``. It runs a resident copy of the target, so its own
+    expert reads do not count; it shows how expert loads per token follow acceptance."""
+
+    needs_hidden = False
+
+    def __init__(self, model: nn.Module, alpha: float, seed: int = 0) -> None:
+        self.model, self.alpha = model, alpha
+        self.rng = np.random.default_rng(seed)
+        self.first = 0
+
+    def reset(self) -> None:
+        self.cache = self.model.make_cache()
+        self.pending: list[int] = [self.first]
+        self.guessed = 0
+
+    def observe(self, next_tokens: mx.array, hidden: mx.array | None) -> None:
+        self.pending += next_tokens.tolist()  # type: ignore[operator]
+
+    def propose(self, k: int, sampler: Sampler, gate: DraftGate) -> Draft:
+        for layer in self.cache:
+            layer.trim(self.guessed)
+        logits = self.model(mx.array([self.pending]), cache=self.cache)[0, -1]
+        self.pending, drafted = [], []
+        for i in range(k):
+            token = int(mx.argmax(logits).item())
+            if self.rng.random() > self.alpha:
+                token = (token + 1) % logits.shape[-1]
+            drafted.append(token)
+            if i + 1 < k:
+                logits = self.model(mx.array([[token]]), cache=self.cache)[0, -1]
+        self.guessed = k - 1
+        return Draft(drafted, None, [1.0] * k)
+
+
 def run(engine: object, store: object, prompts: list[list[int]], tokens: int) -> dict[str, float]:
     params = SamplingParams(max_tokens=tokens, temperature=0.0)
     before = store.stats()["misses"]  # type: ignore[attr-defined]
     generated = passes = accepted = drafted = 0
     start = time.perf_counter()
     for prompt in prompts:
+        drafter = getattr(engine, "drafter", None)
+        if isinstance(drafter, OracleDrafter):
+            drafter.first = prompt[0]
         stats = engine.generate(prompt, params).stats  # type: ignore[attr-defined]
         generated += stats.generation_tokens
         passes += stats.verify_passes or stats.generation_tokens
@@ -112,7 +152,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sidecar = Path(tmp) / "sidecar"
         convert(FIXTURE, sidecar)
-        model, _, store, cache = load_moe(sidecar, expert_budget="45KB")
+        model, _, store, cache = load_moe(sidecar, expert_budget="70KB")
         mtp = load_mtp(
             model, FIXTURE, __import__("json").loads((FIXTURE / "config.json").read_text())
         )
@@ -127,14 +167,23 @@ def main() -> None:
               f"{'loads ratio':>11}")  # fmt: skip
         print(f"{'target only':28} {1.0:8.2f} {'-':>7} {base['loads_per_token']:9.2f} "
               f"{base['tps']:7.1f} {1.0:11.2f}")  # fmt: skip
+
+        def row(name: str, engine: SpecDecEngine) -> None:
+            r = run(engine, store, prompts, args.tokens)
+            print(f"{name:28} {r['acceptance_length']:8.2f} {r['accept_rate']:7.2f} "
+                  f"{r['loads_per_token']:9.2f} {r['tps']:7.1f} "
+                  f"{r['loads_per_token'] / base['loads_per_token']:11.2f}")  # fmt: skip
+
+        shadow, _, _, _ = load_moe(FIXTURE)
+        for alpha in (1.0, 0.7):
+            for k in (1, 3):
+                oracle = OracleDrafter(shadow, alpha)
+                row(f"oracle a={alpha} k={k}", SpecDecEngine(model, None, cache.new, oracle, k))
         for k in (1, 3):
             for rho in (0.0, 0.3, 0.6):
                 gate = DraftGate(rho, 0 if rho else 1)
-                engine = SpecDecEngine(model, None, cache.new, MtpDrafter(model, mtp), k, gate)
-                r = run(engine, store, prompts, args.tokens)
-                print(f"{f'MTP k={k} rho={rho}':28} {r['acceptance_length']:8.2f} "
-                      f"{r['accept_rate']:7.2f} {r['loads_per_token']:9.2f} {r['tps']:7.1f} "
-                      f"{r['loads_per_token'] / base['loads_per_token']:11.2f}")  # fmt: skip
+                drafter = MtpDrafter(model, mtp)
+                row(f"MTP k={k} rho={rho}", SpecDecEngine(model, None, cache.new, drafter, k, gate))
     os.environ.pop("LME_RHO_GATE", None)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,15 @@ FIXTURE = Path(__file__).parents[1] / "fixtures" / "deepseek_v4" / "upstream-fp8
 
 @pytest.fixture(scope="module")
 def v4() -> Iterator[Running]:
-    yield from serve_with(model=str(FIXTURE))
+    # The fixture's MTP head is random and never confident: open the gate so it drafts.
+    saved = os.environ.get("LME_RHO_GATE")
+    os.environ["LME_RHO_GATE"] = "0"
+    try:
+        yield from serve_with(model=str(FIXTURE))
+    finally:
+        os.environ.pop("LME_RHO_GATE")
+        if saved is not None:
+            os.environ["LME_RHO_GATE"] = saved
 
 
 def test_capabilities_report_the_draft(v4: Running) -> None:
@@ -40,3 +49,4 @@ def test_greedy_completion_equals_target_only(v4: Running) -> None:
                           state.worker.engine.make_cache)  # type: ignore[attr-defined]  # fmt: skip
     expected = engine.generate(tokens, SamplingParams(max_tokens=24, temperature=0.0))
     assert out.choices[0].text == expected.text
+    assert state.worker.engine.gate.rho == 0  # type: ignore[attr-defined]

@@ -28,8 +28,8 @@ from mach_adapter_deepseek.hyper import HyperHead
 from mach_adapter_deepseek.model import DecoderLayer, Model, rotary_tables
 
 DRAFT_ENV = "LME_V4_DRAFT"
-DEFAULT_RHO = 0.0
-"""Default rho gate (``LME_RHO_GATE``); see docs/speculative-decoding.md for the measurement."""
+DEFAULT_GATE = DraftGate(rho=0.6, min_tokens=0)
+"""Draft only what the MTP head is at least 60% sure of (``benchmarks/deepseek_v4_mtp.py``)."""
 
 
 class MtpModule(nn.Module):
@@ -100,6 +100,7 @@ def load_mtp(target: Model, path: Path, config: dict[str, Any]) -> MtpModule | N
 
 class MtpDrafter(Drafter):
     needs_hidden = True
+    default_gate = DEFAULT_GATE
 
     def __init__(self, target: Model, mtp: MtpModule) -> None:
         self.target, self.mtp = target, mtp

@@ -16,6 +16,13 @@ from tests.adapters import family_checks as checks
 FAMILY = Path(__file__).parents[2] / "fixtures" / "deepseek_v4"
 
 
+@pytest.fixture(autouse=True)
+def draft_every_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fixture's MTP head is random and never confident: open the gate so it drafts."""
+    monkeypatch.setenv("LME_RHO_GATE", "0")
+    monkeypatch.setenv("LME_RHO_GATE_MIN", "1")
+
+
 @pytest.mark.parametrize("layout", ["upstream", "upstream-fp8"])
 @pytest.mark.parametrize("k", [1, 3])
 def test_greedy_with_the_mtp_draft_equals_target_only(layout: str, k: int) -> None:
@@ -48,6 +55,16 @@ def test_draft_switch_and_missing_draft(monkeypatch: pytest.MonkeyPatch) -> None
     assert isinstance(build_engine(fused, tokenizer, cache, FAMILY / "hf-fused"), TargetEngine)
     with pytest.raises(ValueError, match="no draft here"):
         build_engine(fused, tokenizer, cache, FAMILY / "hf-fused", draft=True)
+
+
+def test_default_gate_is_the_measured_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mach_adapter_deepseek.mtp import DEFAULT_GATE
+
+    monkeypatch.delenv("LME_RHO_GATE")
+    monkeypatch.delenv("LME_RHO_GATE_MIN")
+    model, tokenizer, _, cache = load_moe(FAMILY / "upstream")
+    engine = build_engine(model, tokenizer, cache, FAMILY / "upstream")
+    assert isinstance(engine, SpecDecEngine) and engine.gate == DEFAULT_GATE
 
 
 def test_rho_gate_closes_the_draft(monkeypatch: pytest.MonkeyPatch) -> None:

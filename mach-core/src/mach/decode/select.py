@@ -47,5 +47,5 @@ def build_engine(
                 "family's draft switch is off)"
             )
         return TargetEngine(model, tokenizer, cache.new)
-    gate = DraftGate.from_env(getattr(drafter, "default_rho", 0.0))
+    gate = DraftGate.from_env(drafter.default_gate)
     return SpecDecEngine(model, tokenizer, cache.new, drafter, num_draft_tokens, gate)

@@ -58,12 +58,13 @@ class DraftGate:
         return index < self.min_tokens or confidence >= self.rho
 
     @classmethod
-    def from_env(cls, default_rho: float = 0.0, prefix: str = "LME_RHO_GATE") -> DraftGate:
-        """``LME_RHO_GATE`` (rho) and ``LME_RHO_GATE_MIN`` (min_tokens), else the defaults."""
+    def from_env(cls, default: DraftGate | None = None, prefix: str = "LME_RHO_GATE") -> DraftGate:
+        """``LME_RHO_GATE`` (rho) and ``LME_RHO_GATE_MIN`` (min_tokens) over ``default``."""
+        default = default or cls()
         raw, floor = os.environ.get(prefix), os.environ.get(f"{prefix}_MIN")
         try:
-            rho = float(raw) if raw not in (None, "") else default_rho
-            minimum = int(floor) if floor not in (None, "") else 1
+            rho = float(raw) if raw not in (None, "") else default.rho
+            minimum = int(floor) if floor not in (None, "") else default.min_tokens
         except ValueError as exc:
             raise ValueError(f"{prefix}={raw!r}, {prefix}_MIN={floor!r}: {exc}") from exc
         if not 0 <= rho <= 1 or minimum < 0:
@@ -83,6 +84,8 @@ class Drafter(ABC):
     """
 
     needs_hidden: bool = True
+    default_gate: DraftGate = DraftGate()
+    """The family's measured default for the rho gate (the environment overrides it)."""
 
     @abstractmethod
     def reset(self) -> None:

@@ -18,6 +18,10 @@ from mach.experts.store import ExpertStore, LayerExperts
 
 PrefillMode = Literal["transient", "resident"]
 
+DECODE_TOKENS = 8
+"""Calls of at most this many tokens are decode steps (a speculative verify pass is the last
+token plus a few drafts): they go through the bank even in ``transient`` prefill mode."""
+
 
 class BudgetError(MachError):
     """The expert budget cannot hold the experts one token needs."""
@@ -54,8 +58,9 @@ class LayerExpertBank(LayerExperts):
     ``route`` reads the routed ids back to the host (the one sync per layer), reads the missing
     experts concurrently, writes them into free or least-recently-used slots (never a slot the
     same call needs) and returns slot indices. Calls that route to more distinct experts than
-    there are slots, and prefill chunks in ``transient`` mode, get a temporary set of the experts
-    they need instead, leaving the bank (the decode working set) untouched.
+    there are slots, and prefill chunks (more than ``DECODE_TOKENS`` tokens) in ``transient``
+    mode, get a temporary set of the experts they need instead, leaving the bank (the decode
+    working set) untouched.
     """
 
     def __init__(
@@ -156,7 +161,7 @@ class LayerExpertBank(LayerExperts):
         ids = np.asarray(indices).astype(np.int64)
         wanted = [int(e) for e in np.unique(ids)]
         tokens = ids.size // max(1, ids.shape[-1])
-        if len(wanted) > self.slots or (tokens > 1 and self.prefill == "transient"):
+        if len(wanted) > self.slots or (tokens > DECODE_TOKENS and self.prefill == "transient"):
             return self._transient(wanted, ids)
         missing = [e for e in wanted if e not in self._slot_of]
         self.hits += len(wanted) - len(missing)
