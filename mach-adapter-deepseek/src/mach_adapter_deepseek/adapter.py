@@ -30,6 +30,16 @@ class DeepseekV4Adapter(MoeArchAdapter):
     cache_backends = ("compressed",)
     load_path = "mach_adapter_deepseek.load:load_v4_flash"
 
+    def per_expert_name(self, switch: str, expert: int, projection: str, part: str) -> str | None:
+        """The release's own names (``layers.N.ffn.experts.E.w1.weight`` / ``.scale``), so its
+        FP4 experts stream in place; other layouts convert to the sidecar first."""
+        names = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+        parts = {"weight": "weight", "scales": "scale"}
+        if part not in parts:
+            return None
+        layer = switch.removeprefix("model.layers.").split(".")[0]
+        return f"layers.{layer}.ffn.experts.{expert}.{names[projection]}.{parts[part]}"
+
     def build_model(self, config: dict[str, Any]) -> nn.Module:
         from mach_adapter_deepseek.config import ModelArgs
         from mach_adapter_deepseek.model import Model

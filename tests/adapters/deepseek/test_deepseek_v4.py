@@ -94,6 +94,22 @@ def test_sidecar_streaming_matches_resident(tmp_path: Path) -> None:
     assert np.abs(got - ref["logits"]).max() <= 1e-4
 
 
+def test_release_fp4_experts_stream_in_place() -> None:
+    """No conversion: the release's per-expert FP4 tensors are read one by one as mxfp4."""
+    ref = checks.reference(FAMILY / "upstream-fp8")
+    model, _, store, cache = load_moe(FAMILY / "upstream-fp8", expert_budget="70KB")
+    assert store.stats()["kind"] == "streaming" and store.stats()["slots_per_layer"] == 4
+    got = np.array(model(mx.array(ref["input_ids"])).astype(mx.float32))
+    assert np.abs(got - ref["logits"]).max() <= 1e-4
+    split = int(ref["prefill"])
+    ids = mx.array(ref["input_ids"][:1])
+    steps = [model(ids[:, :split], cache=cache)]
+    steps += [model(ids[:, t : t + 1], cache=cache) for t in range(split, ids.shape[1])]
+    got = np.array(mx.concatenate(steps, axis=1).astype(mx.float32))
+    assert np.abs(got - ref["incremental_logits"]).max() <= 1e-4
+    assert store.stats()["misses"] > 0
+
+
 def test_cache_trim_returns_to_the_earlier_state() -> None:
     """Trimming over closed compression windows rebuilds the compressors from kept rows."""
     model, _, _, cache = load_moe(FAMILY / "hf-fused")

@@ -146,6 +146,27 @@ def stacked_source(
             pieces[key] = Piece(key, first.dtype, first.shape, files, tuple(i.start for i in found))
     if not all(f"{proj}.weight" in pieces for proj in PROJECTIONS):
         return None
+    _as_mxfp4(pieces)
     if any(p.dtype not in DTYPES for p in pieces.values()):
         return None
     return LayerSource(prefix, spec, pieces)
+
+
+def _as_mxfp4(pieces: dict[str, Piece]) -> None:
+    """E2M1 codes two per int8 with an E8M0 scale per 32 inputs are MLX's ``mxfp4`` bytes.
+
+    The same bytes read as ``uint32`` words (eight codes each) and ``uint8`` scales, so such
+    checkpoints stream without conversion; only the declared dtype and shape change.
+    """
+    for proj in PROJECTIONS:
+        weight, scales = pieces.get(f"{proj}.weight"), pieces.get(f"{proj}.scales")
+        if weight is None or scales is None or weight.dtype != "I8":
+            continue
+        if scales.dtype not in ("F8_E8M0", "U8") or weight.shape[-1] * 2 != scales.shape[-1] * 32:
+            continue
+        if weight.shape[-1] % 4:
+            continue
+        words = (*weight.shape[:-1], weight.shape[-1] // 4)
+        pieces[f"{proj}.weight"] = Piece(weight.part, "U32", words, weight.files, weight.offsets)
+        pieces[f"{proj}.scales"] = Piece(scales.part, "U8", scales.shape, scales.files,
+                                         scales.offsets)  # fmt: skip
