@@ -50,3 +50,11 @@ def test_greedy_completion_equals_target_only(v4: Running) -> None:
     expected = engine.generate(tokens, SamplingParams(max_tokens=24, temperature=0.0))
     assert out.choices[0].text == expected.text
     assert state.worker.engine.gate.rho == 0  # type: ignore[attr-defined]
+
+
+def test_no_draft_serves_target_only() -> None:
+    from mach_serve import build_state
+
+    state = build_state(str(FIXTURE), draft=False)
+    assert isinstance(state.worker.engine, TargetEngine)
+    state.worker.shutdown()

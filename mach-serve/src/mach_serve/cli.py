@@ -39,6 +39,16 @@ def serve_command(
     streaming: Streaming = None,
     expert_budget: ExpertBudget = None,
     prefill: Prefill = "transient",
+    draft: Annotated[
+        Optional[bool],  # noqa: UP045
+        typer.Option(
+            "--draft/--no-draft",
+            help="Speculative decoding with the family's draft (default: when present).",
+        ),
+    ] = None,
+    draft_tokens: Annotated[
+        int, typer.Option("--draft-tokens", min=1, help="Tokens drafted per verify pass.")
+    ] = 2,
 ) -> None:
     """Serve a model over HTTP with the OpenAI API."""
     from mach_serve.server import build_state, run
@@ -55,6 +65,8 @@ def serve_command(
             "expert_budget": expert_budget,
             "prefill": prefill,
         },
+        draft=draft,
+        draft_tokens=draft_tokens,
     )
     typer.echo(f"mach: serving {state.model_id} on http://{host}:{port}/v1", err=True)
     run(state, host, port, cors_origin)

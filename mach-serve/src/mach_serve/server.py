@@ -34,8 +34,14 @@ def build_state(
     max_queue: int = 32,
     max_body_bytes: int = 4 * 2**20,
     load_options: dict[str, Any] | None = None,
+    draft: bool | None = None,
+    draft_tokens: int = 2,
 ) -> ServerState:
-    """Load ``model`` (the embedded default when ``None``) and wrap it for serving."""
+    """Load ``model`` (the embedded default when ``None``) and wrap it for serving.
+
+    ``draft`` picks speculative decoding: ``None`` uses the family's draft when the checkpoint
+    ships one, ``False`` never, ``True`` requires it.
+    """
     if model is None:
         from mach.default_model import DEFAULT_MODEL_NAME, default_model_path
 
@@ -51,7 +57,7 @@ def build_state(
         raise MachError(f"{path}: tokenizer.json is missing; the server needs it to read text")
     config = json.loads((path / "config.json").read_text())
     adapter = detect_arch(config, open_checkpoint(path).tensor_names, arch)
-    engine = build_engine(net, tokenizer, cache, path, arch, draft=None)
+    engine = build_engine(net, tokenizer, cache, path, arch, draft, draft_tokens)
     from mach.check import check_checkpoint
 
     return ServerState(
