@@ -127,6 +127,8 @@ def test_check_reports_the_family() -> None:
     assert report["arch"] == "deepseek_v4"
     assert report["continuous_batching"] is False
     assert report["specdec_kind"] == "mtp_eagle3"
+    assert report["draft_present"] is True
+    assert check_checkpoint(FAMILY / "hf-fused").to_dict()["draft_present"] is False
 
 
 def _copy(tmp_path: Path, layout: str = "upstream-fp8") -> Path:

@@ -25,10 +25,13 @@ def _row(r: dict[str, Any]) -> list[str]:
         "chat" if r["serving"]["chat_completions"] else (
             "completions" if r["serving"]["completions"] else "no"))  # fmt: skip
     verdict = "ok" + (f" ({'; '.join(r['warnings'])})" if r["warnings"] else "")
+    spec = r["specdec_kind"] or "no"
+    if r["specdec_kind"] and not r["draft_present"]:
+        spec += " (no draft weights)"
     return [r["path"], r["arch"], r["layout"], r["routed_quantization"] or "-",
             f"{_gb(r['expert_bytes'])} + {_gb(r['non_expert_bytes'])}", mem,
             f"{r['bytes_per_token_cold'] / 1e6:.2f} MB -> {r['decode_bound_cold_tps']:.0f} tok/s",
-            f"batch {batching}, spec {r['specdec_kind'] or 'no'}, serve {serve}",
+            f"batch {batching}, spec {spec}, serve {serve}",
             verdict]  # fmt: skip
 
 
