@@ -65,16 +65,28 @@ class Attention(nn.Module):
         keys, first_key = cache.update_and_fetch(kv)
         mask = window_mask(length, first_query, keys.shape[2], first_key, self.window)
         if self.kind != SLIDING:
-            entries = self.compressor(x, cache.compressors["compressor"], rope)
-            if self.kind == CSA:
-                chosen = self.compressor.indexer(x, q_residual, positions,
-                                                 cache.compressors["indexer"], rope)  # fmt: skip
-            else:
-                chosen = visible_entries(positions, entries.shape[1], self.ratio)[None]
-            keys = mx.concatenate([keys, entries[:, None].astype(keys.dtype)], axis=2)
+            entries = self.compressor(x, cache.compressors["compressor"], rope)[:, None]
+            entries = entries.astype(keys.dtype)  # [B, 1, T, D]
             local = mx.broadcast_to(mask[None], (b, *mask.shape))
-            mask = mx.concatenate([local, mx.broadcast_to(chosen, (b, *chosen.shape[1:]))],
-                                  axis=-1)[:, None]  # fmt: skip
+            chosen = (self.compressor.indexer(x, q_residual, positions,
+                                              cache.compressors["indexer"], rope)
+                      if self.kind == CSA else None)  # fmt: skip
+            if chosen is None:
+                visible = visible_entries(positions, entries.shape[2], self.ratio)
+                extra, extra_mask = entries, mx.broadcast_to(visible[None], (b, *visible.shape))
+            elif length == 1:
+                # Decode: attend just the picked entries, not a mask over all of them.
+                picked, valid = chosen
+                extra = mx.take_along_axis(entries, picked[:, :, :, None], axis=2)
+                extra_mask = valid
+            else:
+                picked, valid = chosen
+                extra = entries
+                extra_mask = mx.put_along_axis(
+                    mx.zeros((b, length, entries.shape[2]), dtype=mx.bool_), picked, valid, axis=-1
+                )
+            keys = mx.concatenate([keys, extra], axis=2)
+            mask = mx.concatenate([local, extra_mask], axis=-1)[:, None]
         out = mx.fast.scaled_dot_product_attention(
             q, keys, keys, scale=self.head_dim**-0.5, mask=mask,
             sinks=self.sinks.astype(q.dtype),

@@ -76,25 +76,29 @@ class Indexer(nn.Module):
         self.heads, self.head_dim, self.ratio, self.topk = heads, head_dim, ratio, topk
 
     def __call__(self, x: mx.array, q_residual: mx.array, positions: mx.array,
-                 state: CompressorState, rope: RotaryTable) -> mx.array:  # fmt: skip
-        """``[B, L, T]`` bool: the entries each query keeps."""
+                 state: CompressorState, rope: RotaryTable) -> tuple[mx.array, mx.array] | None:  # fmt: skip
+        """The entries each query keeps: ``(picked [B, L, k], valid [B, L, k])``.
+
+        ``None`` when every visible entry is kept (no more entries than ``topk``).
+        """
         keys = self.compressor(x, state, rope)
         b, length, _ = x.shape
         count = keys.shape[1]
-        if count == 0:
-            return mx.zeros((b, length, 0), dtype=mx.bool_)
-        q = self.q_b_proj(q_residual).reshape(b, length, self.heads, self.head_dim)
-        q = rope.apply(q.transpose(0, 2, 1, 3), positions).transpose(0, 2, 1, 3)
-        scores = mx.maximum(q.astype(mx.float32) @ keys.astype(mx.float32)[:, None]
-                            .swapaxes(-1, -2), 0) * self.head_dim**-0.5  # fmt: skip
-        weights = self.weights_proj(x).astype(mx.float32) * self.heads**-0.5
-        scores = (scores * weights[..., None]).sum(axis=2)
-        visible = visible_entries(positions, count, self.ratio)
         k = min(self.topk, count)
         if k == count:
-            return mx.broadcast_to(visible, (b, length, count))
+            return None
+        q = self.q_b_proj(q_residual).reshape(b, length, self.heads, self.head_dim)
+        q = rope.apply(q.transpose(0, 2, 1, 3), positions).astype(mx.float32)  # [B, H, L, d]
+        weights = self.weights_proj(x).astype(mx.float32) * self.heads**-0.5  # [B, L, H]
+        keys_t = keys.astype(mx.float32).swapaxes(-1, -2)[:, None]  # [B, 1, d, T]
+        scores = mx.zeros((b, length, count), dtype=mx.float32)
+        # Head by head, so long contexts never hold a [B, L, heads, entries] tensor.
+        for h in range(self.heads):
+            per_head = mx.maximum(q[:, h : h + 1] @ keys_t, 0)[:, 0]  # [B, L, T]
+            scores = scores + per_head * weights[..., h : h + 1]
+        scores = scores * self.head_dim**-0.5
+        visible = visible_entries(positions, count, self.ratio)
         scores = mx.where(visible, scores, -mx.inf)
         picked = mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k]
-        chosen = mx.put_along_axis(mx.zeros(scores.shape, dtype=mx.bool_), picked,
-                                   mx.array(True), axis=-1)  # fmt: skip
-        return chosen & visible
+        valid = picked < ((positions + 1) // self.ratio)[:, None]
+        return picked, mx.broadcast_to(valid, picked.shape)
