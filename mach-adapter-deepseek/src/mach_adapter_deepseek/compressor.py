@@ -64,6 +64,10 @@ def visible_entries(positions: mx.array, count: int, ratio: int) -> mx.array:
     return mx.arange(count)[None, :] < ((positions + 1) // ratio)[:, None]
 
 
+Selection = tuple[mx.array, mx.array]
+"""``(picked [B, L, k], valid [B, L, k])``: entry ids each query keeps, and which are real."""
+
+
 class Indexer(nn.Module):
     """The lightning indexer: picks the ``topk`` compressed entries each query attends to."""
 
@@ -76,7 +80,7 @@ class Indexer(nn.Module):
         self.heads, self.head_dim, self.ratio, self.topk = heads, head_dim, ratio, topk
 
     def __call__(self, x: mx.array, q_residual: mx.array, positions: mx.array,
-                 state: CompressorState, rope: RotaryTable) -> tuple[mx.array, mx.array] | None:  # fmt: skip
+                 state: CompressorState, rope: RotaryTable) -> Selection | None:  # fmt: skip
         """The entries each query keeps: ``(picked [B, L, k], valid [B, L, k])``.
 
         ``None`` when every visible entry is kept (no more entries than ``topk``).
