@@ -31,6 +31,9 @@ class ShadowDrafter(Drafter):
 
     def reset(self) -> None:
         self.cache = self.template.new()
+        for layer in self.cache:  # recurrent layers must record to step back over guesses
+            if hasattr(layer, "start_recording"):
+                layer.start_recording()
         self.pending: list[int] = []
         self.guessed = 0
         self.count = 0
@@ -45,7 +48,8 @@ class ShadowDrafter(Drafter):
         self.first = first
 
     def propose(self, k: int, sampler: Sampler, gate: DraftGate) -> Draft:
-        self.cache.trim(self.guessed)
+        if self.guessed:
+            self.cache.trim(self.guessed)
         logits = self.model(mx.array([self.pending]), cache=self.cache)[0, -1]  # type: ignore[operator]
         self.pending, drafted = [], []
         for i in range(k):
@@ -134,3 +138,18 @@ def test_requests_it_cannot_speculate_on_run_target_only(
     params = SamplingParams(max_tokens=8, temperature=0.0, repetition_penalty=1.3)
     result = _engine(loaded, prompt, 0, 2).generate(prompt, params)
     assert result.stats.verify_passes == 0 and len(result.tokens) == 8
+
+
+@pytest.mark.parametrize("wrong", [0, 3])
+def test_recurrent_layers_roll_back_through_recorded_states(wrong: int) -> None:
+    """Qwen3.5's Gated DeltaNet layers cannot cut a state back; the engine replays recordings."""
+    path = Path(__file__).parents[1] / "fixtures" / "qwen3_5_moe" / "hf-per-expert"
+    model, _, _, cache = load_moe(path)
+    prompt = [5, 17, 99, 4, 250, 31, 7]
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    expected = TargetEngine(model, None, cache.new).generate(prompt, params).tokens
+    drafter = ShadowDrafter(model, cache, wrong)
+    drafter.start(prompt[0])
+    result = SpecDecEngine(model, None, cache.new, drafter, 3).generate(prompt, params)
+    assert result.tokens == expected
+    assert result.stats.accepted_tokens > 0
