@@ -143,9 +143,9 @@ class MtpDrafter(Drafter):
             confidence.append(conf)
             if len(drafted) == k:
                 break
+            # This pair holds a guess, not a committed token: dropped before the next proposal.
             logits, out = self.mtp(self.target, token[None].astype(mx.uint32), out, self.cache)
             self._guessed += 1
-        # The last observed pair was real; every later pair was fed a guess.
         return Draft(drafted, mx.concatenate(dists) if dists else None, confidence)
 
 

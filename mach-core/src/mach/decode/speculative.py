@@ -99,9 +99,6 @@ class Drafter(ABC):
     def propose(self, k: int, sampler: Sampler, gate: DraftGate) -> Draft:
         """Up to ``k`` tokens after the last committed one (fewer when the gate closes)."""
 
-    def stats(self) -> dict[str, float]:
-        return {}
-
 
 def accept_draft(target_logits: mx.array, draft: Draft, sampler: Sampler) -> tuple[int, int]:
     """``(accepted, next_token)`` for one verify pass.
