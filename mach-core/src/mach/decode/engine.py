@@ -38,6 +38,44 @@ class DecodeEngine(ABC):
         raise RuntimeError("decode stream ended without a finish event")
 
 
+class TextOutput:
+    """One request's generated ids -> token events: end ids, detokenizing, stop strings."""
+
+    def __init__(self, tokenizer: Tokenizer | None, params: SamplingParams) -> None:
+        self.stops = set(params.stop_token_ids)
+        if tokenizer is not None:
+            self.stops |= tokenizer.eos_token_ids
+        self.detok: StreamingDetokenizer | None = (
+            tokenizer.detokenizer() if tokenizer is not None else None
+        )
+        self.matcher = StopMatcher(params.stop)
+        self.finish: FinishReason = "length"
+
+    def event(self, token: int) -> TokenEvent | None:
+        """The token's event, or ``None`` for an end id (which ends generation unprinted)."""
+        if token in self.stops:
+            self.finish = "stop"
+            return None
+        text = self.detok.add_token(token) if self.detok is not None else ""
+        return TokenEvent(token, self.matcher.feed(text))
+
+    @property
+    def stopped(self) -> bool:
+        """A stop string has appeared; nothing after it is emitted."""
+        if self.matcher.stopped:
+            self.finish = "stop"
+        return self.matcher.stopped
+
+    def final(self, stats: GenerationStats, generated: int, decode_start: float) -> TokenEvent:
+        """The closing event: held-back text, the finish reason and the run's statistics."""
+        tail = self.detok.finalize() if self.detok is not None else ""
+        tail = self.matcher.feed(tail) + self.matcher.flush()
+        stats.generation_tokens = generated
+        stats.generation_seconds = time.perf_counter() - decode_start
+        stats.peak_memory_bytes = mx.get_peak_memory()
+        return TokenEvent(None, tail, self.finish, stats)
+
+
 class TargetEngine(DecodeEngine):
     """Target-model-only decoding: chunked prefill, then one token per step.
 
@@ -67,13 +105,7 @@ class TargetEngine(DecodeEngine):
         if not prompt:
             raise ValueError("the prompt is empty: give at least one token")
         stats = GenerationStats(prompt_tokens=len(prompt))
-        stops = set(params.stop_token_ids)
-        if self.tokenizer is not None:
-            stops |= self.tokenizer.eos_token_ids
-        detok: StreamingDetokenizer | None = (
-            self.tokenizer.detokenizer() if self.tokenizer is not None else None
-        )
-        matcher = StopMatcher(params.stop)
+        output = TextOutput(self.tokenizer, params)
         sampler = Sampler(params)
         cache = self.make_cache()
         mx.reset_peak_memory()
@@ -109,7 +141,6 @@ class TargetEngine(DecodeEngine):
         self._prefill(tokens[:-1], cache)
         pending = step(tokens[-1:])
         mx.async_eval(pending)
-        finish: FinishReason = "length"
         generated = 0
         decode_start = start
         while generated < params.max_tokens:
@@ -122,12 +153,9 @@ class TargetEngine(DecodeEngine):
                 decode_start = time.perf_counter()
                 stats.prompt_seconds = stats.time_to_first_token = decode_start - start
             generated += 1
-            if token in stops:
-                finish = "stop"
+            event = output.event(token)
+            if event is None:
                 break
-            text = detok.add_token(token) if detok is not None else ""
-            emitted = matcher.feed(text)
-            event = TokenEvent(token, emitted)
             if want_logprobs:
                 event.logprob = float(current[1].item())  # type: ignore[arg-type]
                 if top_n:
@@ -136,12 +164,6 @@ class TargetEngine(DecodeEngine):
                     pairs = sorted(zip(ids, values, strict=True), key=lambda p: -p[1])
                     event.top_logprobs = pairs
             yield event
-            if matcher.stopped:
-                finish = "stop"
+            if output.stopped:
                 break
-        tail = detok.finalize() if detok is not None else ""
-        tail = matcher.feed(tail) + matcher.flush()
-        stats.generation_tokens = generated
-        stats.generation_seconds = time.perf_counter() - decode_start
-        stats.peak_memory_bytes = mx.get_peak_memory()
-        yield TokenEvent(None, tail, finish, stats)
+        yield output.final(stats, generated, decode_start)

@@ -24,11 +24,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mach.cache.base import SequenceCache
-from mach.decode.engine import DecodeEngine, TargetEngine
-from mach.decode.events import FinishReason, GenerationStats, TokenEvent
+from mach.decode.engine import DecodeEngine, TargetEngine, TextOutput
+from mach.decode.events import GenerationStats, TokenEvent
 from mach.decode.params import SamplingParams
 from mach.decode.sampler import Sampler
-from mach.decode.stopping import StopMatcher
 from mach.tokenizer.tokenizer import Tokenizer
 
 
@@ -184,11 +183,7 @@ class SpecDecEngine(DecodeEngine):
         if not prompt:
             raise ValueError("the prompt is empty: give at least one token")
         stats = GenerationStats(prompt_tokens=len(prompt))
-        stops = set(params.stop_token_ids)
-        if self.tokenizer is not None:
-            stops |= self.tokenizer.eos_token_ids
-        detok = self.tokenizer.detokenizer() if self.tokenizer is not None else None
-        matcher = StopMatcher(params.stop)
+        output = TextOutput(self.tokenizer, params)
         sampler = Sampler(params)
         cache = self.make_cache()
         self.drafter.reset()
@@ -215,23 +210,18 @@ class SpecDecEngine(DecodeEngine):
         decode_start = time.perf_counter()
         stats.prompt_seconds = stats.time_to_first_token = decode_start - start
 
-        finish: FinishReason = "length"
         generated = 0
         pending = [last]
         while True:
             stopped = False
             for token in pending:
                 generated += 1
-                if token in stops:
-                    finish, stopped = "stop", True
-                    break
-                text = detok.add_token(token) if detok is not None else ""
-                yield TokenEvent(token, matcher.feed(text))
-                if matcher.stopped:
-                    finish, stopped = "stop", True
-                    break
-                if generated >= params.max_tokens:
-                    stopped = True
+                event = output.event(token)
+                stopped = event is None
+                if event is not None:
+                    yield event
+                    stopped = output.stopped or generated >= params.max_tokens
+                if stopped:
                     break
             if stopped:
                 break
@@ -255,9 +245,4 @@ class SpecDecEngine(DecodeEngine):
             stats.accepted_tokens += accepted
             stats.verify_passes += 1
             pending = committed
-        tail = detok.finalize() if detok is not None else ""
-        tail = matcher.feed(tail) + matcher.flush()
-        stats.generation_tokens = generated
-        stats.generation_seconds = time.perf_counter() - decode_start
-        stats.peak_memory_bytes = mx.get_peak_memory()
-        yield TokenEvent(None, tail, finish, stats)
+        yield output.final(stats, generated, decode_start)
