@@ -128,3 +128,11 @@ def test_too_small_budget_is_one_clear_line() -> None:
     result = mach("generate", "-n", "2", "--expert-budget", "1KB")
     assert result.returncode == 1
     assert "give at least" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_draft_options_are_validated() -> None:
+    too_long = mach("generate", str(FIXTURE), "--draft-tokens", "40")
+    assert too_long.returncode == 2 and "--draft-tokens" in too_long.stderr
+    # The qwen3_moe fixture has no draft family: asking for one is an error, not a silent no.
+    forced = mach("generate", str(FIXTURE), "-p", "x", "-n", "2", "--draft")
+    assert forced.returncode == 1 and "no draft here" in forced.stderr

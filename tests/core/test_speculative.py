@@ -153,3 +153,8 @@ def test_recurrent_layers_roll_back_through_recorded_states(wrong: int) -> None:
     result = SpecDecEngine(model, None, cache.new, drafter, 3).generate(prompt, params)
     assert result.tokens == expected
     assert result.stats.accepted_tokens > 0
+
+
+def test_draft_length_is_bounded(loaded: tuple[object, object, SequenceCache]) -> None:
+    with pytest.raises(ValueError, match="between 1 and 16"):
+        _engine(loaded, [5, 6], 0, 17)

@@ -15,7 +15,7 @@ from typing import Any
 import mlx.core as mx
 
 TRIM_CAPACITY = 32
-"""Positions ``trim`` can always drop (the longest speculative draft plus its bonus token)."""
+"""Positions ``trim`` can always drop: more than the engine's longest draft (16 tokens)."""
 
 
 class CompressorState:

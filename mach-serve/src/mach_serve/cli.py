@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from mach.cli import reports_errors
-from mach.cli.residency import ExpertBudget, Prefill, Streaming
+from mach.cli.residency import Draft, DraftTokens, ExpertBudget, Prefill, Streaming
 
 
 @reports_errors
@@ -39,16 +39,8 @@ def serve_command(
     streaming: Streaming = None,
     expert_budget: ExpertBudget = None,
     prefill: Prefill = "transient",
-    draft: Annotated[
-        Optional[bool],  # noqa: UP045
-        typer.Option(
-            "--draft/--no-draft",
-            help="Speculative decoding with the family's draft (default: when present).",
-        ),
-    ] = None,
-    draft_tokens: Annotated[
-        int, typer.Option("--draft-tokens", min=1, help="Tokens drafted per verify pass.")
-    ] = 2,
+    draft: Draft = None,
+    draft_tokens: DraftTokens = 2,
 ) -> None:
     """Serve a model over HTTP with the OpenAI API."""
     from mach_serve.server import build_state, run

@@ -11,6 +11,8 @@ import typer
 
 from mach.cli import reports_errors
 from mach.cli.residency import (
+    Draft,
+    DraftTokens,
     ExpertBudget,
     Prefill,
     Streaming,
@@ -88,16 +90,8 @@ def generate_command(
     expert_budget: ExpertBudget = None,
     prefill: Prefill = "transient",
     streaming_embedding: StreamingEmbedding = False,
-    draft: Annotated[
-        Optional[bool],  # noqa: UP045
-        typer.Option(
-            "--draft/--no-draft",
-            help="Speculative decoding with the family's draft (default: when present).",
-        ),
-    ] = None,
-    draft_tokens: Annotated[
-        int, typer.Option("--draft-tokens", min=1, help="Tokens drafted per verify pass.")
-    ] = 2,
+    draft: Draft = None,
+    draft_tokens: DraftTokens = 2,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Generate text from a prompt with a MoE checkpoint."""

@@ -28,6 +28,16 @@ Prefill = Annotated[
     str,
     typer.Option(help="Streaming prefill: transient (keep the decode bank) or resident."),
 ]
+Draft = Annotated[
+    Optional[bool],  # noqa: UP045
+    typer.Option(
+        "--draft/--no-draft",
+        help="Speculative decoding with the family's draft (default: when present).",
+    ),
+]
+DraftTokens = Annotated[
+    int, typer.Option("--draft-tokens", min=1, max=16, help="Tokens drafted per verify pass.")
+]
 
 
 def load_model(

@@ -31,6 +31,10 @@ from mach.decode.sampler import Sampler
 from mach.tokenizer.tokenizer import Tokenizer
 
 
+MAX_DRAFT_TOKENS = 16
+"""The most drafts one verify pass checks; caches guarantee ``trim`` over at least this many."""
+
+
 @dataclass
 class Draft:
     """Proposed tokens, the log-distribution each was drawn from, and its probability."""
@@ -162,8 +166,10 @@ class SpecDecEngine(DecodeEngine):
         gate: DraftGate | None = None,
         prefill_step_size: int = 512,
     ) -> None:
-        if num_draft_tokens < 1:
-            raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
+        if not 1 <= num_draft_tokens <= MAX_DRAFT_TOKENS:
+            raise ValueError(
+                f"num_draft_tokens must be between 1 and {MAX_DRAFT_TOKENS}, got {num_draft_tokens}"
+            )
         self.model, self.tokenizer, self.make_cache = model, tokenizer, make_cache
         self.drafter, self.k = drafter, num_draft_tokens
         self.gate = gate or DraftGate()
