@@ -30,7 +30,6 @@ from mach.decode.params import SamplingParams
 from mach.decode.sampler import Sampler
 from mach.tokenizer.tokenizer import Tokenizer
 
-
 MAX_DRAFT_TOKENS = 16
 """The most drafts one verify pass checks; caches guarantee ``trim`` over at least this many."""
 
