@@ -8,13 +8,9 @@ prefill a prompt longer than the sliding window and decode greedily.
 
 from __future__ import annotations
 
-import argparse
-import tempfile
 from pathlib import Path
 
-import numpy as np
-
-from benchmarks.peer import compare_decode, quantize_4bit, save_peer_model
+from benchmarks.peer import quantize_4bit, run_synthetic, save_peer_model
 
 TEXT = {
     "model_type": "gemma4_text", "hidden_size": 512, "intermediate_size": 1024,
@@ -37,15 +33,12 @@ def write_model(root: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompt-tokens", type=int, default=256)
-    parser.add_argument("--tokens", type=int, default=64)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = write_model(Path(tmp) / "model")
-        prompt = np.random.default_rng(0).integers(0, 256, args.prompt_tokens).tolist()
-        compare_decode(path, prompt, args.tokens,
-                       "gemma4 synthetic (6 layers, 32 experts, top-4, 4-bit)")  # fmt: skip
+    run_synthetic(
+        __doc__,
+        write_model,
+        "gemma4 synthetic (6 layers, 32 experts, top-4, 4-bit)",
+        prompt_tokens=256,
+    )
 
 
 if __name__ == "__main__":

@@ -9,15 +9,12 @@ process, prefill a prompt longer than the sliding window and decode greedily.
 
 from __future__ import annotations
 
-import argparse
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import mlx.nn as nn
-import numpy as np
 
-from benchmarks.peer import compare_decode, save_peer_model
+from benchmarks.peer import run_synthetic, save_peer_model
 
 CONFIG = {
     "model_type": "gpt_oss", "num_hidden_layers": 8, "num_local_experts": 32,
@@ -50,16 +47,12 @@ def write_model(root: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompt-tokens", type=int, default=256)
-    parser.add_argument("--tokens", type=int, default=64)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = write_model(Path(tmp) / "model")
-        prompt = np.random.default_rng(0).integers(0, 256, args.prompt_tokens).tolist()
-        compare_decode(
-            path, prompt, args.tokens, "gpt_oss synthetic (8 layers, 32 experts, top-4, MXFP4-Q8)"
-        )
+    run_synthetic(
+        __doc__,
+        write_model,
+        "gpt_oss synthetic (8 layers, 32 experts, top-4, MXFP4-Q8)",
+        prompt_tokens=256,
+    )
 
 
 if __name__ == "__main__":

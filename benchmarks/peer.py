@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
 from mach import load_moe
@@ -70,3 +73,17 @@ def quantize_4bit(model: Any) -> dict[str, Any]:
                 class_predicate=lambda p, m: hasattr(m, "to_quantized")
                 and m.weight.shape[-1] % 64 == 0)  # fmt: skip
     return {"group_size": 64, "bits": 4, "mode": "affine"}
+
+
+def run_synthetic(
+    doc: str, write_model: Callable[[Path], Path], title: str, prompt_tokens: int
+) -> None:
+    """A family benchmark's command line: build the synthetic model, decode it with both."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--prompt-tokens", type=int, default=prompt_tokens)
+    parser.add_argument("--tokens", type=int, default=64)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_model(Path(tmp) / "model")
+        prompt = np.random.default_rng(0).integers(0, 256, args.prompt_tokens).tolist()
+        compare_decode(path, prompt, args.tokens, title)

@@ -8,13 +8,9 @@ same files in this process, prefill a prompt, decode greedily, and the script pr
 
 from __future__ import annotations
 
-import argparse
-import tempfile
 from pathlib import Path
 
-import numpy as np
-
-from benchmarks.peer import compare_decode, quantize_4bit, save_peer_model
+from benchmarks.peer import quantize_4bit, run_synthetic, save_peer_model
 
 TEXT = {
     "model_type": "qwen3_5_moe_text", "hidden_size": 512, "num_hidden_layers": 8,
@@ -37,16 +33,12 @@ def write_model(root: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--tokens", type=int, default=64)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = write_model(Path(tmp) / "model")
-        prompt = np.random.default_rng(0).integers(0, 256, args.prompt_tokens).tolist()
-        compare_decode(
-            path, prompt, args.tokens, "qwen3_5_moe synthetic (8 layers, 64 experts, top-8, 4-bit)"
-        )
+    run_synthetic(
+        __doc__,
+        write_model,
+        "qwen3_5_moe synthetic (8 layers, 64 experts, top-8, 4-bit)",
+        prompt_tokens=128,
+    )
 
 
 if __name__ == "__main__":
