@@ -66,3 +66,14 @@ def test_arch_summary_fields() -> None:
     assert set(summary["layouts"]) == {"sliced", "stacked"}
     toy = arch_summary(REGISTRY["toy_moe"])
     assert toy["has_expert_bias"] is True and toy["swiglu_variant"] == "geglu"
+
+
+def test_lazy_plugin_paths_fail_clearly() -> None:
+    from mach.errors import AdapterError
+    from mach.registry import load_object
+
+    with pytest.raises(AdapterError, match="must look like 'package.module:name'"):
+        load_object("mach_adapter_deepseek.mtp.make_mtp_drafter", "drafter factory")
+    with pytest.raises(AdapterError, match="does not resolve"):
+        load_object("mach_adapter_deepseek.mtp:no_such_factory", "drafter factory")
+    assert callable(load_object("mach_adapter_deepseek.mtp:make_mtp_drafter"))

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import importlib_metadata
 
 from mach import plugins
 from mach.adapter import MoeArchAdapter
 from mach.errors import AdapterError, UnknownArchitectureError
+
+if TYPE_CHECKING:
+    from mach.decode.speculative import Drafter
 
 # Families that mach publishes, so an unknown model_type can name the package that adds it.
 KNOWN_FAMILIES: dict[str, str] = {
@@ -32,14 +36,22 @@ def install_hint(family: str | None = None) -> str:
     return f'pip install "mach[{extra}]"'
 
 
+def load_object(path: str, what: str = "adapter") -> Any:
+    """The object a plugin names lazily as ``"package.module:name"``."""
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise AdapterError(f"{what} path {path!r} must look like 'package.module:name'")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise AdapterError(f"{what} path {path!r} does not resolve: {exc}") from exc
+
+
 def _resolve(spec: AdapterSpec) -> MoeArchAdapter:
     if isinstance(spec, MoeArchAdapter):
         return spec
     if isinstance(spec, str):
-        module_name, _, attr = spec.partition(":")
-        if not attr:
-            raise AdapterError(f"adapter path {spec!r} must look like 'package.module:ClassName'")
-        spec = getattr(importlib.import_module(module_name), attr)
+        spec = load_object(spec)
     if isinstance(spec, type) and issubclass(spec, MoeArchAdapter):
         return spec()
     raise AdapterError(f"{spec!r} is not a MoeArchAdapter subclass, instance or 'module:Class'")
@@ -249,35 +261,31 @@ def arch_summary(adapter: MoeArchAdapter) -> dict[str, Any]:
     }
 
 
-DrafterFactory = Any
-"""``factory(model, checkpoint_path, config) -> Drafter | None`` (``None``: no draft here)."""
+DrafterFactory = Callable[[Any, Path, Mapping[str, Any]], "Drafter | None"]
+"""``factory(model, checkpoint_folder, config)``; ``None`` means no draft for this checkpoint."""
 
 
-def drafter_factories() -> dict[str, DrafterFactory]:
-    """Draft families registered by plugins (``register_drafters``), by ``specdec_kind``."""
+def drafter_factories() -> dict[str, DrafterFactory | str]:
+    """Draft families registered by plugins (``register_drafters``), by ``specdec_kind``.
+
+    A factory may be given lazily as ``"package.module:function"``.
+    """
     plugins.load_plugins()
-    found: dict[str, DrafterFactory] = {}
+    found: dict[str, DrafterFactory | str] = {}
 
-    def register(name: str, factory: DrafterFactory) -> None:
-        if isinstance(factory, str):
-            module_name, _, attr = factory.partition(":")
-            path = factory
-
-            def factory(*args: Any, **kwargs: Any) -> Any:
-                loaded = getattr(importlib.import_module(module_name), attr)
-                return loaded(*args, **kwargs)
-
-            factory.__qualname__ = path
+    def register(name: str, factory: DrafterFactory | str) -> None:
         found[name] = factory
 
     plugins.pm.hook.register_drafters(register=register)
     return found
 
 
-def make_drafter(adapter: MoeArchAdapter, model: Any, checkpoint: Any,
-                 config: Mapping[str, Any]) -> Any:  # fmt: skip
+def make_drafter(adapter: MoeArchAdapter, model: Any, checkpoint: Path,
+                 config: Mapping[str, Any]) -> Drafter | None:  # fmt: skip
     """The adapter's draft family bound to a loaded model, or ``None`` when it has none."""
     if adapter.specdec_kind is None:
         return None
     factory = drafter_factories().get(adapter.specdec_kind)
+    if isinstance(factory, str):
+        factory = load_object(factory, "drafter factory")
     return None if factory is None else factory(model, checkpoint, config)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import warnings
 from collections.abc import Callable
@@ -22,7 +21,7 @@ from mach.experts.swap import find_switches, swap_switch_mlp
 from mach.io.checkpoint import Checkpoint, open_checkpoint
 from mach.io.quant import quantize_modules
 from mach.io.residency import build_store
-from mach.registry import detect_arch
+from mach.registry import detect_arch, load_object
 from mach.tokenizer.tokenizer import Tokenizer, load_tokenizer
 
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -159,8 +158,7 @@ def load_moe(
                    gather_dispatch=gather_dispatch, verify_experts=verify_experts,
                    streaming_embedding=streaming_embedding, progress=progress)  # fmt: skip
     if adapter.load_path is not None:
-        module_name, _, attr = adapter.load_path.partition(":")
-        loader = getattr(importlib.import_module(module_name), attr)
+        loader = load_object(adapter.load_path, f"{adapter.name} load_path")
         return loader(ckpt, adapter, **options)  # type: ignore[no-any-return]
     return load_checkpoint(ckpt, adapter, **options)
 
