@@ -72,7 +72,7 @@ def test_lazy_plugin_paths_fail_clearly() -> None:
     from mach.errors import AdapterError
     from mach.registry import load_object
 
-    with pytest.raises(AdapterError, match="must look like 'package.module:name'"):
+    with pytest.raises(AdapterError, match=r"must look like 'package\.module:name'"):
         load_object("mach_adapter_deepseek.mtp.make_mtp_drafter", "drafter factory")
     with pytest.raises(AdapterError, match="does not resolve"):
         load_object("mach_adapter_deepseek.mtp:no_such_factory", "drafter factory")

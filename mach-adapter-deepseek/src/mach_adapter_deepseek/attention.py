@@ -58,8 +58,9 @@ class Attention(nn.Module):
         q = self.q_b_proj(q_residual).reshape(b, length, self.heads, self.head_dim)
         q32 = q.astype(mx.float32)
         q = (q32 * mx.rsqrt(mx.mean(q32 * q32, axis=-1, keepdims=True) + self.eps)).astype(q.dtype)
-        q = rope.apply(q.transpose(0, 2, 1, 3), positions)
-        kv = rope.apply(self.kv_norm(self.kv_proj(x))[:, None], positions)
+        rotation = rope.at(positions)
+        q = rotation.apply(q.transpose(0, 2, 1, 3))
+        kv = rotation.apply(self.kv_norm(self.kv_proj(x))[:, None])
 
         first_query = cache.offset
         keys, first_key = cache.update_and_fetch(kv)
@@ -68,7 +69,7 @@ class Attention(nn.Module):
             entries = self.compressor(x, cache.compressors["compressor"], rope)[:, None]
             entries = entries.astype(keys.dtype)  # [B, 1, T, D]
             local = mx.broadcast_to(mask[None], (b, *mask.shape))
-            chosen = (self.compressor.indexer(x, q_residual, positions,
+            chosen = (self.compressor.indexer(x, q_residual, positions, rotation,
                                               cache.compressors["indexer"], rope)
                       if self.kind == CSA else None)  # fmt: skip
             if chosen is None:
@@ -91,7 +92,7 @@ class Attention(nn.Module):
             q, keys, keys, scale=self.head_dim**-0.5, mask=mask,
             sinks=self.sinks.astype(q.dtype),
         )  # fmt: skip
-        out = rope.apply(out, positions, inverse=True)
+        out = rotation.apply(out, inverse=True)
         return self.o_b_proj(self._grouped_out(out.transpose(0, 2, 1, 3)))
 
     def _grouped_out(self, out: mx.array) -> mx.array:

@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mach_adapter_deepseek.cache import CompressorState
-from mach_adapter_deepseek.rope import RotaryTable
+from mach_adapter_deepseek.rope import RotaryTable, Rotation
 
 
 class Compressor(nn.Module):
@@ -80,7 +80,8 @@ class Indexer(nn.Module):
         self.heads, self.head_dim, self.ratio, self.topk = heads, head_dim, ratio, topk
 
     def __call__(self, x: mx.array, q_residual: mx.array, positions: mx.array,
-                 state: CompressorState, rope: RotaryTable) -> Selection | None:  # fmt: skip
+                 rotation: Rotation, state: CompressorState,
+                 rope: RotaryTable) -> Selection | None:  # fmt: skip
         """The entries each query keeps: ``(picked [B, L, k], valid [B, L, k])``.
 
         ``None`` when every visible entry is kept (no more entries than ``topk``).
@@ -92,7 +93,7 @@ class Indexer(nn.Module):
         if k == count:
             return None
         q = self.q_b_proj(q_residual).reshape(b, length, self.heads, self.head_dim)
-        q = rope.apply(q.transpose(0, 2, 1, 3), positions).astype(mx.float32)  # [B, H, L, d]
+        q = rotation.apply(q.transpose(0, 2, 1, 3)).astype(mx.float32)  # [B, H, L, d]
         weights = self.weights_proj(x).astype(mx.float32) * self.heads**-0.5  # [B, L, H]
         keys_t = keys.astype(mx.float32).swapaxes(-1, -2)[:, None]  # [B, 1, d, T]
         scores = mx.zeros((b, length, count), dtype=mx.float32)

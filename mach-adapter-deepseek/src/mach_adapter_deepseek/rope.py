@@ -15,7 +15,7 @@ from mach.layers.rope import YarnRoPE
 
 
 class RotaryTable:
-    """One table (``main`` or ``compress``): ``apply(x [..., L, D], positions [L])``."""
+    """One table (``main`` or ``compress``): rotations for any positions."""
 
     def __init__(self, rope_dims: int, theta: float, scaling: Mapping[str, Any] | None) -> None:
         kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
@@ -31,12 +31,25 @@ class RotaryTable:
         # Evaluated now: a lazy table would be computed by whichever thread first decodes.
         mx.eval(self.inv_freq)
 
-    def apply(self, x: mx.array, positions: mx.array, inverse: bool = False) -> mx.array:
-        """Rotate the trailing ``rope_dims`` of ``x`` (positions index axis -2)."""
+    def at(self, positions: mx.array) -> Rotation:
+        """The rotation for these positions, to apply to several tensors."""
         angles = positions.astype(mx.float32)[:, None] * self.inv_freq[None, :]
-        cos, sin = mx.cos(angles), mx.sin(angles)
-        if inverse:
-            sin = -sin
+        return Rotation(mx.cos(angles), mx.sin(angles), self.rope_dims)
+
+    def apply(self, x: mx.array, positions: mx.array) -> mx.array:
+        """Rotate the trailing ``rope_dims`` of ``x`` (positions index axis -2)."""
+        return self.at(positions).apply(x)
+
+
+class Rotation:
+    """Cosines and sines ``[L, rope_dims / 2]`` of one set of positions."""
+
+    def __init__(self, cos: mx.array, sin: mx.array, rope_dims: int) -> None:
+        self.cos, self.sin, self.rope_dims = cos, sin, rope_dims
+
+    def apply(self, x: mx.array, inverse: bool = False) -> mx.array:
+        """Rotate the trailing ``rope_dims`` of ``x`` [..., L, D]; ``inverse`` turns it back."""
+        cos, sin = self.cos, -self.sin if inverse else self.sin
         rd = self.rope_dims
         nope, rope = x[..., :-rd], x[..., -rd:]
         pairs = rope.astype(mx.float32).reshape(*rope.shape[:-1], rd // 2, 2)
