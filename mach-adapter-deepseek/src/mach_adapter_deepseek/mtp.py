@@ -134,8 +134,10 @@ class MtpDrafter(Drafter):
             logprobs = sampler.logprobs(row) if not greedy else row - mx.logsumexp(row, -1, True)
             token = mx.argmax(logprobs, -1) if greedy else mx.random.categorical(
                 logprobs, key=sampler.next_key())  # fmt: skip
-            conf = float(mx.exp(mx.take_along_axis(logprobs, token[:, None], -1)
-                                - mx.logsumexp(logprobs, -1, True)).item())  # fmt: skip
+            chosen = mx.take_along_axis(logprobs, token[:, None], -1)
+            chosen = mx.exp(chosen - mx.logsumexp(logprobs, -1, True))
+            mx.eval(token, chosen)  # one sync for both
+            conf = float(chosen.item())
             if not gate.keeps(len(drafted), conf):
                 break
             drafted.append(int(token.item()))
