@@ -14,8 +14,10 @@ from typing import Any
 
 import mlx.core as mx
 
-TRIM_CAPACITY = 32
-"""Positions ``trim`` can always drop: more than the engine's longest draft (16 tokens)."""
+from mach.decode.speculative import MAX_DRAFT_TOKENS
+
+TRIM_CAPACITY = 2 * MAX_DRAFT_TOKENS
+"""Positions ``trim`` can always drop: room for the engine's longest draft and then some."""
 
 
 class CompressorState:
