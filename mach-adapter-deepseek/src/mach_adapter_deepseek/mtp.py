@@ -11,7 +11,6 @@ streams for the committed positions take their place.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import mlx.nn as nn
 
 from mach.decode.sampler import Sampler
 from mach.decode.speculative import Draft, Drafter, DraftGate
+from mach.env import env_flag
 from mach.experts.store import ResidentStackedExpertCache
 from mach.experts.swap import find_switches, swap_switch_mlp
 from mach.io.checkpoint import open_checkpoint
@@ -153,7 +153,7 @@ class MtpDrafter(Drafter):
 
 def make_mtp_drafter(target: nn.Module, checkpoint: Any, config: dict[str, Any]) -> Drafter | None:
     """``register_drafters`` factory: the MTP drafter, unless switched off or absent."""
-    if os.environ.get(DRAFT_ENV, "1").strip().lower() in ("0", "off", "false", "no"):
+    if not env_flag(DRAFT_ENV, True):
         return None
     if not isinstance(target, Model):
         return None

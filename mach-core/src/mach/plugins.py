@@ -11,6 +11,7 @@ import importlib_metadata
 import pluggy
 
 from mach import hookspecs
+from mach.env import env_flag
 
 ENTRY_POINT_GROUP = "mach.adapters"
 ALLOW_ENV = "MACH_LOAD_PLUGINS"
@@ -48,7 +49,7 @@ class PluginLoadError(RuntimeError):
 
 
 def _strict() -> bool:
-    return os.environ.get(STRICT_ENV, "") not in ("", "0", "false", "no")
+    return env_flag(STRICT_ENV, False)
 
 
 def _allow_list() -> set[str] | None:

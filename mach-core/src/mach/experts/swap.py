@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import mlx.nn as nn
 
+from mach.env import env_flag
 from mach.experts.dispatch import DiskSwitchGLU, GatherSwitchGLU
 from mach.experts.store import ExpertStore
 from mach.experts.switch import SwitchSpec, UnboundSwitchGLU
@@ -34,7 +34,7 @@ GATHER_ENV = "LME_USE_GATHER_DISPATCH"
 
 def gather_dispatch_enabled() -> bool:
     """``LME_USE_GATHER_DISPATCH`` (default on); ``0`` selects the legacy per-expert loop."""
-    return os.environ.get(GATHER_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return env_flag(GATHER_ENV, True)
 
 
 def swap_switch_mlp(
