@@ -29,3 +29,11 @@ class UnknownArchitectureError(MachError):
 
 class AdapterError(MachError):
     """An adapter is misconfigured or does not meet the MoeArchAdapter contract."""
+
+
+class ConfigError(CheckpointError):
+    """``config.json`` lacks a field the architecture needs, or a field has the wrong type."""
+
+
+class OptionsError(MachError, ValueError):
+    """A load option has a value mach cannot use."""
