@@ -60,7 +60,8 @@ def test_arch_summary_fields() -> None:
     assert summary["distribution"] == "mach-adapter-qwen"
     assert summary["version"]
     assert summary["kv_cache_kind"] == "standard"
-    assert summary["continuous_batching"] is True
+    assert summary["continuous_batching"] is False
+    assert "continuous_batching" in summary["unavailable"]
     assert summary["swiglu_variant"] == "swiglu"
     assert summary["has_expert_bias"] is False
     assert set(summary["layouts"]) == {"sliced", "stacked"}

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     import mlx.nn as nn
 
     from mach.cache.base import LayerCache
+    from mach.experts.activations import GateActivation
 
 
 class DeepseekV4Adapter(MoeArchAdapter):
@@ -28,7 +29,7 @@ class DeepseekV4Adapter(MoeArchAdapter):
     layouts = (ExpertLayout.SLICED, ExpertLayout.STACKED)
     routed_quantization = ("float", "mxfp4")
     cache_backends = ("compressed",)
-    load_path = "mach_adapter_deepseek.load:load_v4_flash"
+    load_path = "mach_adapter_deepseek.load:plan_v4_flash"
 
     def per_expert_name(self, switch: str, expert: int, projection: str, part: str) -> str | None:
         """The release's own names (``layers.N.ffn.experts.E.w1.weight`` / ``.scale``), so its
@@ -45,6 +46,12 @@ class DeepseekV4Adapter(MoeArchAdapter):
         from mach_adapter_deepseek.model import Model
 
         return Model(ModelArgs.from_config(config))
+
+    def gate_activation(self, config: dict[str, Any]) -> GateActivation:
+        from mach_adapter_deepseek.config import ModelArgs
+        from mach_adapter_deepseek.moe import expert_activation
+
+        return expert_activation(ModelArgs.from_config(config))
 
     def sanitize(self, weights: dict[str, mx.array], config: dict[str, Any]) -> dict[str, mx.array]:
         from mach_adapter_deepseek.checkpoint import sanitize

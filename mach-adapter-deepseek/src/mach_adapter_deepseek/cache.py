@@ -79,6 +79,8 @@ class CompressorState:
 class CompressedCache:
     """Window rows ``[B, 1, N, D]`` plus the layer's compressor states (by name)."""
 
+    kind = "compressed"
+
     def __init__(self, window: int, compressors: dict[str, int]) -> None:
         self.window = window
         self.rows: mx.array | None = None

@@ -1,26 +1,25 @@
-"""``load_v4_flash``: DeepSeek-V4's own load path (the adapter's ``load_path``).
+"""DeepSeek-V4's own load path: ``plan_v4_flash`` (the adapter's ``load_path``), ``load_v4_flash``.
 
 It accepts the release layout (FP8 matrices, FP4 experts, ``mtp.0.*``, no ``model.`` prefix)
 and both transformers layouts, and checks what the generic pipeline cannot know about the
 release's packing before any tensor data is read: every FP8/FP4 tensor has its scale, and each
 scale has the shape its format implies. Then it runs mach's generic pipeline, so experts are
 bound to the chosen store (resident, or streamed from the sidecar like every other family).
+``mach check`` runs the same planner, so it refuses what loading refuses.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any
 
-import mlx.nn as nn
-
 from mach.adapter import MoeArchAdapter
-from mach.cache.base import SequenceCache
 from mach.errors import CheckpointError
-from mach.experts.store import ExpertStore
-from mach.io.checkpoint import Checkpoint, open_checkpoint
-from mach.io.load import load_checkpoint, resolve_model_path
-from mach.tokenizer.tokenizer import Tokenizer
+from mach.io.checkpoint import Checkpoint
+from mach.io.load import LoadedModel, load_moe
+from mach.io.options import LoadOptions
+from mach.io.plan import LoadPlan, plan_checkpoint
 
 _PACKED = ("F8_E4M3", "I8", "U8")
 
@@ -53,21 +52,26 @@ def check_release_packing(ckpt: Checkpoint) -> None:
             )
 
 
+def plan_v4_flash(ckpt: Checkpoint, adapter: MoeArchAdapter, options: LoadOptions) -> LoadPlan:
+    """The adapter's ``load_path``: the release's packing checks, then the generic planner.
+
+    ``mach check`` and ``load_moe`` both run it, so a release with a missing or misshapen
+    scale fails the same way in each, before any tensor data is read.
+    """
+    check_release_packing(ckpt)
+    return plan_checkpoint(ckpt, adapter, options)
+
+
 def load_v4_flash(
     checkpoint: Checkpoint | str | os.PathLike[str],
-    adapter: MoeArchAdapter | None = None,
-    **options: Any,
-) -> tuple[nn.Module, Tokenizer | None, ExpertStore, SequenceCache]:
-    """Load a DeepSeek-V4 checkpoint: ``(model, tokenizer, store, cache)``.
+    options: LoadOptions | None = None,
+    **kwargs: Any,
+) -> LoadedModel:
+    """Load a DeepSeek-V4 checkpoint; unpacks as ``(model, tokenizer, store, cache)``.
 
-    ``options`` are ``load_moe``'s (``dtype``, ``expert_budget``, ``streaming`` ...). FP8
-    matrices are dequantized to the checkpoint's float dtype; FP4 experts stay packed and run
-    in MLX's ``mxfp4`` kernels. The MTP module is left for the drafter (``make_mtp_drafter``).
+    Options are ``load_moe``'s (``dtype``, ``expert_budget``, ``streaming`` ...). FP8 matrices
+    are dequantized to the checkpoint's float dtype; FP4 experts stay packed and run in MLX's
+    ``mxfp4`` kernels. The MTP module is left for the drafter (``make_mtp_drafter``).
     """
-    from mach.registry import REGISTRY
-
-    ckpt = (checkpoint if isinstance(checkpoint, Checkpoint)
-            else open_checkpoint(resolve_model_path(checkpoint)))  # fmt: skip
-    adapter = adapter or REGISTRY["deepseek_v4"]
-    check_release_packing(ckpt)
-    return load_checkpoint(ckpt, adapter, **options)
+    options = options or LoadOptions.from_kwargs(**kwargs)
+    return load_moe(checkpoint, options=replace(options, arch="deepseek_v4"))

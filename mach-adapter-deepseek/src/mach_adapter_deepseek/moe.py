@@ -54,17 +54,21 @@ class SharedExpert(nn.Module):
         return out
 
 
+def expert_activation(args: ModelArgs) -> GateActivation:
+    """SwiGLU with the gate capped and the up projection clipped at ``swiglu_limit``."""
+    return GateActivation("clamped_swiglu", alpha=1.0, limit=args.swiglu_limit, up_shift=0.0)
+
+
 class MoeBlock(nn.Module):
     def __init__(self, args: ModelArgs, hashed: bool) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
-        activation = GateActivation("clamped_swiglu", alpha=1.0, limit=args.swiglu_limit,
-                                    up_shift=0.0)  # fmt: skip
         self.gate = Gate(args, hashed)
+        # The loader binds the routed activation from the adapter (the same expert_activation).
         spec = SwitchSpec(args.n_routed_experts, args.hidden_size, args.moe_intermediate_size,
-                          activation, top_k=args.num_experts_per_tok)  # fmt: skip
+                          top_k=args.num_experts_per_tok)  # fmt: skip
         self.switch_mlp = UnboundSwitchGLU(spec)
         self.shared_experts = SharedExpert(args.hidden_size, args.moe_intermediate_size,
-                                           activation)  # fmt: skip
+                                           expert_activation(args))  # fmt: skip
 
     def __call__(self, x: mx.array, tokens: mx.array) -> mx.array:
         indices, weights = self.gate(x, tokens)

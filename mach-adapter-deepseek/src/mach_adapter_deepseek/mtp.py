@@ -21,11 +21,12 @@ from mach.decode.sampler import Sampler
 from mach.decode.speculative import Draft, Drafter, DraftGate
 from mach.env import env_flag
 from mach.experts.store import ResidentStackedExpertCache
-from mach.experts.swap import find_switches, swap_switch_mlp
+from mach.experts.swap import bind_switches, swap_switch_mlp
 from mach.io.checkpoint import open_checkpoint
 from mach_adapter_deepseek.config import ModelArgs
 from mach_adapter_deepseek.hyper import HyperHead
 from mach_adapter_deepseek.model import DecoderLayer, Model, rotary_tables
+from mach_adapter_deepseek.moe import expert_activation
 
 DRAFT_ENV = "LME_V4_DRAFT"
 DEFAULT_GATE = DraftGate(rho=0.6, min_tokens=0)
@@ -88,7 +89,7 @@ def load_mtp(target: Model, path: Path, config: dict[str, Any]) -> MtpModule | N
     dtype = target.model.embed_tokens.weight.dtype
     weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
                for k, v in weights.items()}  # fmt: skip
-    switches = find_switches(mtp)
+    switches = bind_switches(mtp, expert_activation(target.args), False, "deepseek_v4 MTP")
     store = ResidentStackedExpertCache.from_weights(weights, switches, lambda _: str(path), True)
     store.materialize(lambda _: None)
     swap_switch_mlp(mtp, store, None)

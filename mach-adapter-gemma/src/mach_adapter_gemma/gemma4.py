@@ -15,7 +15,6 @@ import mlx.nn as nn
 from mach.cache.base import LayerCache
 from mach.cache.kv import KVCache
 from mach.cache.rotating import RotatingKVCache
-from mach.experts.activations import GateActivation
 from mach.experts.layouts import rename, split_gate_up
 from mach.experts.switch import SwitchSpec, UnboundSwitchGLU
 from mach.layers.attention import attend
@@ -152,7 +151,6 @@ class DecoderLayer(nn.Module):
         self.mlp = GatedMLP(d, args.intermediate_size, nn.gelu_approx)
         self.router = Router(args)
         self.experts = UnboundSwitchGLU(SwitchSpec(args.num_experts, d, args.moe_intermediate_size,
-                                                   GateActivation("geglu"),
                                                    top_k=args.top_k_experts))  # fmt: skip
         for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                      "post_feedforward_layernorm", "post_feedforward_layernorm_1",

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     import mlx.nn as nn
 
     from mach.cache.base import LayerCache
+    from mach.experts.activations import GateActivation
 
 
 class GptOssAdapter(MoeArchAdapter):
@@ -28,6 +29,13 @@ class GptOssAdapter(MoeArchAdapter):
         from mach_adapter_gptoss.gpt_oss import Model, ModelArgs
 
         return Model(ModelArgs.from_config(config))
+
+    def gate_activation(self, config: dict[str, Any]) -> GateActivation:
+        from mach.experts.activations import GateActivation
+        from mach_adapter_gptoss.gpt_oss import ModelArgs
+
+        args = ModelArgs.from_config(config)
+        return GateActivation("clamped_swiglu", args.swiglu_alpha, args.swiglu_limit)
 
     def sanitize(self, weights: dict[str, mx.array], config: dict[str, Any]) -> dict[str, mx.array]:
         from mach_adapter_gptoss.gpt_oss import ModelArgs, sanitize

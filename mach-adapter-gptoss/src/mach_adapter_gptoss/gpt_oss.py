@@ -15,7 +15,6 @@ import mlx.nn as nn
 from mach.cache.base import LayerCache
 from mach.cache.kv import KVCache
 from mach.cache.rotating import RotatingKVCache
-from mach.experts.activations import GateActivation
 from mach.experts.switch import SwitchSpec, UnboundSwitchGLU
 from mach.layers.attention import attend
 from mach.layers.causal_lm import CausalLM, DecoderStack
@@ -92,10 +91,10 @@ class MoeBlock(nn.Module):
         super().__init__()
         self.top_k = args.num_experts_per_tok
         self.router = nn.Linear(args.hidden_size, args.num_local_experts, bias=True)
-        activation = GateActivation("clamped_swiglu", args.swiglu_alpha, args.swiglu_limit)
-        self.experts = UnboundSwitchGLU(SwitchSpec(args.num_local_experts, args.hidden_size,
-                                                   args.intermediate_size, activation, bias=True,
-                                                   top_k=self.top_k))  # fmt: skip
+        # The loader binds the adapter's activation (gate_activation) and expert bias.
+        spec = SwitchSpec(args.num_local_experts, args.hidden_size, args.intermediate_size,
+                          top_k=self.top_k)  # fmt: skip
+        self.experts = UnboundSwitchGLU(spec)
 
     def __call__(self, x: mx.array) -> mx.array:
         indices, weights = topk_softmax(self.router(x), self.top_k)

@@ -15,6 +15,10 @@ if TYPE_CHECKING:
     from mach.cache.base import LayerCache
     from mach.decode.reasoning import ReasoningTags
     from mach.decode.tool_calls import ParsedToolCall
+    from mach.experts.activations import GateActivation
+    from mach.io.checkpoint import Checkpoint
+    from mach.io.options import LoadOptions
+    from mach.io.plan import LoadPlan
 
 KvCacheKind = Literal["standard", "hybrid_gdn", "compressed", "rotating"]
 SpecDecKind = Literal["specdec_v7", "mtp_eagle3"]
@@ -38,8 +42,12 @@ class MoeArchAdapter(ABC):
     """One architecture key: model construction, weight naming and capabilities.
 
     Subclass it in an adapter distribution and register the subclass from a
-    ``register_archs`` hook. Class attributes are the static capability fields reported by
+    ``register_archs`` hook. Class attributes are the capability fields reported by
     ``mach archs``; methods build the MLX model and map on-disk tensor names to engine names.
+    The loader acts on the fields, so they cannot drift from what runs: routed experts get
+    ``gate_activation`` (of kind ``swiglu_variant``) and a bias exactly when
+    ``has_expert_bias``; a checkpoint whose layout or routed format is not listed, a store not
+    in ``expert_stores`` or a cache not in ``cache_backends`` is refused with an error.
     """
 
     name: ClassVar[str]
@@ -56,16 +64,27 @@ class MoeArchAdapter(ABC):
     has_expert_bias: ClassVar[bool] = False
     layouts: ClassVar[tuple[ExpertLayout, ...]] = (ExpertLayout.SLICED, ExpertLayout.STACKED)
     routed_quantization: ClassVar[tuple[str, ...]] = ("float", "affine4", "affine8")
+    """Routed-expert formats it runs: ``float`` (any float dtype), ``affine<bits>``, ``mxfp4``."""
     tool_call_open: ClassVar[str] = "<tool_call>"
     """The text that starts a tool call in this family's output (held back while streaming)."""
     reasoning_tags: ClassVar[ReasoningTags | None] = None
     """Tags around reasoning text in this family's output (``<think>`` for Qwen), if any."""
-    expert_stores: ClassVar[tuple[str, ...]] = ("resident", "streaming")
+    expert_stores: ClassVar[tuple[str, ...]] = ("resident", "streaming", "bf16_streaming")
     cache_backends: ClassVar[tuple[str, ...]] = ("kv",)
+    """Cache kinds ``make_cache`` returns (each cache's ``kind``: kv, rotating, gdn ...)."""
 
     @abstractmethod
     def build_model(self, config: dict[str, Any]) -> nn.Module:
         """Build the family's MLX module with its routed-expert blocks unbound."""
+
+    def gate_activation(self, config: dict[str, Any]) -> GateActivation:
+        """The routed experts' activation for ``config``; its kind must be ``swiglu_variant``.
+
+        Override to read parameters from the config (GPT-OSS's alpha and limit).
+        """
+        from mach.experts.activations import GateActivation
+
+        return GateActivation(self.swiglu_variant)
 
     def sanitize(self, weights: dict[str, mx.array], config: dict[str, Any]) -> dict[str, mx.array]:
         """Map every on-disk naming of the family to engine names (lazy arrays, no reads)."""
@@ -105,8 +124,20 @@ class MoeArchAdapter(ABC):
         return ExpertLayout.SLICED
 
     load_path: ClassVar[str | None] = None
-    """``"module:function"`` of the family's own load path, called by ``load_moe`` with the
-    checkpoint folder and every load option; ``None`` uses the generic pipeline."""
+    """``"module:function"`` of the family's own load path: ``f(checkpoint, adapter, options)``
+    returning a ``LoadPlan``, usually after family-specific header checks around
+    ``mach.io.plan.plan_checkpoint``. ``load_moe`` executes the plan and ``mach check`` reports
+    it, so both run the family's checks; ``None`` uses the generic planner."""
+
+    def plan(self, checkpoint: Checkpoint, options: LoadOptions) -> LoadPlan:
+        """Plan loading ``checkpoint``: the family's ``load_path``, else the generic planner."""
+        from mach.io.plan import plan_checkpoint
+        from mach.registry import load_object
+
+        if self.load_path is None:
+            return plan_checkpoint(checkpoint, self, options)
+        planner = load_object(self.load_path, f"{self.name} load_path")
+        return planner(checkpoint, self, options)  # type: ignore[no-any-return]
 
     def make_cache(self, model: nn.Module) -> list[LayerCache]:
         """One fresh per-sequence cache per decoder layer."""

@@ -232,16 +232,16 @@ def _distribution_of(obj: object) -> tuple[str | None, str | None]:
 
 
 def arch_summary(adapter: MoeArchAdapter) -> dict[str, Any]:
-    """Capability fields of an adapter plus the distribution and version that provide it."""
+    """Capability fields of an adapter plus the distribution and version that provide it.
+
+    ``continuous_batching``, ``prefix_reuse`` and ``quantized_kv`` are false while mach lacks
+    the feature (``unavailable`` says why), else what the architecture's cache kind allows.
+    """
     distribution, version = (
         REGISTRY.provider(adapter.name) if adapter.name in REGISTRY else _distribution_of(adapter)
     )
-    batching = {
-        "standard": True,
-        "hybrid_gdn": True,
-        "compressed": False,
-        "rotating": None,
-    }[adapter.kv_cache_kind]
+    from mach.capabilities import arch_features
+
     return {
         "name": adapter.name,
         "description": adapter.description,
@@ -255,7 +255,7 @@ def arch_summary(adapter: MoeArchAdapter) -> dict[str, Any]:
         "routed_quantization": list(adapter.routed_quantization),
         "expert_stores": list(adapter.expert_stores),
         "cache_backends": list(adapter.cache_backends),
-        "continuous_batching": batching,
+        **arch_features(adapter.kv_cache_kind),
         "distribution": distribution,
         "version": version,
     }

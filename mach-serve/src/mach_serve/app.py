@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from mach.capabilities import available
 from mach.decode.events import GenerationStats, TokenEvent
 from mach.decode.params import SamplingParams
 from mach.registry import arch_summary
@@ -250,9 +251,9 @@ def create_app(state: ServerState, cors_origins: list[str] | None = None) -> Sta
                 "response_format": ["text", "json_object (best effort)"],
                 "context_length": state.context_length,
                 "max_queue": state.worker.max_queue,
-                "continuous_batching": False,
+                "continuous_batching": available("continuous_batching"),
                 "speculative_decoding": type(state.worker.engine).__name__ == "SpecDecEngine",
-                "prefix_cache": False, "expert_store": state.store.kind,
+                "prefix_cache": available("prefix_reuse"), "expert_store": state.store.kind,
             },
             "arch": arch_summary(state.adapter),
             "checkpoint": state.checkpoint,

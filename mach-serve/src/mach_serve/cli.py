@@ -8,7 +8,18 @@ from typing import Annotated, Optional
 import typer
 
 from mach.cli import reports_errors
-from mach.cli.residency import Draft, DraftTokens, ExpertBudget, Prefill, Streaming
+from mach.cli.residency import (
+    Arch,
+    Draft,
+    DraftTokens,
+    DType,
+    ExpertBudget,
+    Prefill,
+    Residency,
+    Streaming,
+    StreamingEmbedding,
+    load_options,
+)
 
 
 @reports_errors
@@ -17,9 +28,8 @@ def serve_command(
         Optional[str],  # noqa: UP045 - typer reads the annotation at run time
         typer.Argument(help="Checkpoint folder; omit for the embedded default model."),
     ] = None,
-    arch: Annotated[
-        Optional[str], typer.Option(help="Architecture key; detected when omitted.")  # noqa: UP045
-    ] = None,
+    arch: Arch = None,
+    dtype: DType = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     model_name: Annotated[
@@ -38,25 +48,24 @@ def serve_command(
     max_body_bytes: Annotated[int, typer.Option(min=1024)] = 4 * 2**20,
     streaming: Streaming = None,
     expert_budget: ExpertBudget = None,
+    expert_residency: Residency = None,
     prefill: Prefill = "transient",
+    streaming_embedding: StreamingEmbedding = False,
     draft: Draft = None,
     draft_tokens: DraftTokens = 2,
 ) -> None:
     """Serve a model over HTTP with the OpenAI API."""
     from mach_serve.server import build_state, run
 
+    options = load_options(arch, dtype, streaming, expert_budget, prefill, streaming_embedding,
+                           expert_residency)  # fmt: skip
     state = build_state(
         model,
-        arch=arch,
         model_name=model_name,
         api_key=api_key,
         max_queue=max_queue,
         max_body_bytes=max_body_bytes,
-        load_options={
-            "streaming": streaming,
-            "expert_budget": expert_budget,
-            "prefill": prefill,
-        },
+        options=options,
         draft=draft,
         draft_tokens=draft_tokens,
     )

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any
 
+from mach.check import CheckReport, fill_report
 from mach.decode.select import build_engine
 from mach.errors import MachError
-from mach.io.checkpoint import open_checkpoint
-from mach.io.load import load_moe, resolve_model_path
-from mach.registry import detect_arch
+from mach.io.load import load_moe
+from mach.io.options import LoadOptions
+from mach.io.paths import resolve_model_path
 from mach_serve.state import ServerState
 from mach_serve.worker import ModelWorker
 
@@ -19,55 +18,47 @@ API_KEY_ENV = "MACH_API_KEY"
 DEFAULT_CONTEXT = 4096
 
 
-def context_length(config: dict[str, Any]) -> int:
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-    value = config.get("max_position_embeddings") or (text or {}).get("max_position_embeddings")
-    return int(value) if value else DEFAULT_CONTEXT
-
-
 def build_state(
     model: str | os.PathLike[str] | None,
     *,
-    arch: str | None = None,
     model_name: str | None = None,
     api_key: str | None = None,
     max_queue: int = 32,
     max_body_bytes: int = 4 * 2**20,
-    load_options: dict[str, Any] | None = None,
+    options: LoadOptions | None = None,
     draft: bool | None = None,
     draft_tokens: int = 2,
 ) -> ServerState:
-    """Load ``model`` (the embedded default when ``None``) and wrap it for serving.
+    """Load ``model`` (the embedded default when ``None``) with ``options`` and wrap it.
 
     ``draft`` picks speculative decoding: ``None`` uses the family's draft when the checkpoint
     ships one, ``False`` never, ``True`` requires it.
     """
+    options = options or LoadOptions()
     if model is None:
         from mach.default_model import DEFAULT_MODEL_NAME, default_model_path
 
         path: Path = default_model_path()
         name = model_name or DEFAULT_MODEL_NAME
-        options = {"dtype": "float32", **(load_options or {})}
+        # Tiny enough that float32 costs nothing, and it matches the recorded reference.
+        options = options.with_defaults(dtype="float32")
     else:
         path = resolve_model_path(model)
         name = model_name or path.name
-        options = dict(load_options or {})
-    net, tokenizer, store, cache = load_moe(path, arch=arch, **options)
-    if tokenizer is None:
+    loaded = load_moe(path, options=options)
+    if loaded.tokenizer is None:
         raise MachError(f"{path}: tokenizer.json is missing; the server needs it to read text")
-    config = json.loads((path / "config.json").read_text())
-    adapter = detect_arch(config, open_checkpoint(path).tensor_names, arch)
-    engine = build_engine(net, tokenizer, cache, path, arch, draft, draft_tokens)
-    from mach.check import check_checkpoint
-
+    engine = build_engine(loaded, draft, draft_tokens)
+    report = CheckReport(str(path))
+    fill_report(report, loaded.plan)
     return ServerState(
-        checkpoint=check_checkpoint(path, options.get("expert_budget")).to_dict(),
+        checkpoint=report.to_dict(),
         model_id=name,
-        tokenizer=tokenizer,
-        adapter=adapter,
-        store=store,
+        tokenizer=loaded.tokenizer,
+        adapter=loaded.adapter,
+        store=loaded.store,
         worker=ModelWorker(engine, max_queue),
-        context_length=context_length(config),
+        context_length=loaded.checkpoint.context_length or DEFAULT_CONTEXT,
         api_key=api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None,
         max_body_bytes=max_body_bytes,
     )

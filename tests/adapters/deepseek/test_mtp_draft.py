@@ -11,6 +11,7 @@ from mach.decode.engine import TargetEngine
 from mach.decode.params import SamplingParams
 from mach.decode.select import build_engine
 from mach.decode.speculative import SpecDecEngine
+from mach.errors import MachError
 from tests.adapters import family_checks as checks
 
 FAMILY = Path(__file__).parents[2] / "fixtures" / "deepseek_v4"
@@ -26,8 +27,9 @@ def draft_every_token(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("layout", ["upstream", "upstream-fp8"])
 @pytest.mark.parametrize("k", [1, 3])
 def test_greedy_with_the_mtp_draft_equals_target_only(layout: str, k: int) -> None:
-    model, tokenizer, _, cache = load_moe(FAMILY / layout)
-    engine = build_engine(model, tokenizer, cache, FAMILY / layout, num_draft_tokens=k)
+    loaded = load_moe(FAMILY / layout)
+    model, tokenizer, _, cache = loaded
+    engine = build_engine(loaded, num_draft_tokens=k)
     assert isinstance(engine, SpecDecEngine)
     prompt = checks.reference(FAMILY / layout)["input_ids"][0, :20].tolist()
     params = SamplingParams(max_tokens=40, temperature=0.0)
@@ -38,8 +40,7 @@ def test_greedy_with_the_mtp_draft_equals_target_only(layout: str, k: int) -> No
 
 
 def test_sampling_with_the_draft_runs_and_is_reproducible() -> None:
-    model, tokenizer, _, cache = load_moe(FAMILY / "upstream")
-    engine = build_engine(model, tokenizer, cache, FAMILY / "upstream", num_draft_tokens=2)
+    engine = build_engine(load_moe(FAMILY / "upstream"), num_draft_tokens=2)
     params = SamplingParams(max_tokens=24, temperature=0.8, top_p=0.95, seed=11)
     first = engine.generate([3, 4, 5, 6], params)
     assert first.tokens == engine.generate([3, 4, 5, 6], params).tokens
@@ -47,14 +48,14 @@ def test_sampling_with_the_draft_runs_and_is_reproducible() -> None:
 
 
 def test_draft_switch_and_missing_draft(monkeypatch: pytest.MonkeyPatch) -> None:
-    model, tokenizer, _, cache = load_moe(FAMILY / "upstream")
+    loaded = load_moe(FAMILY / "upstream")
     monkeypatch.setenv("LME_V4_DRAFT", "0")
-    assert isinstance(build_engine(model, tokenizer, cache, FAMILY / "upstream"), TargetEngine)
+    assert isinstance(build_engine(loaded), TargetEngine)
     monkeypatch.delenv("LME_V4_DRAFT")
-    fused, tokenizer, _, cache = load_moe(FAMILY / "hf-fused")  # transformers drops mtp.*
-    assert isinstance(build_engine(fused, tokenizer, cache, FAMILY / "hf-fused"), TargetEngine)
-    with pytest.raises(ValueError, match="no draft here"):
-        build_engine(fused, tokenizer, cache, FAMILY / "hf-fused", draft=True)
+    fused = load_moe(FAMILY / "hf-fused")  # transformers drops mtp.*
+    assert isinstance(build_engine(fused), TargetEngine)
+    with pytest.raises(MachError, match="no draft here"):
+        build_engine(fused, draft=True)
 
 
 def test_default_gate_is_the_measured_one(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -62,15 +63,14 @@ def test_default_gate_is_the_measured_one(monkeypatch: pytest.MonkeyPatch) -> No
 
     monkeypatch.delenv("LME_RHO_GATE")
     monkeypatch.delenv("LME_RHO_GATE_MIN")
-    model, tokenizer, _, cache = load_moe(FAMILY / "upstream")
-    engine = build_engine(model, tokenizer, cache, FAMILY / "upstream")
+    engine = build_engine(load_moe(FAMILY / "upstream"))
     assert isinstance(engine, SpecDecEngine) and engine.gate == DEFAULT_GATE
 
 
 def test_rho_gate_closes_the_draft(monkeypatch: pytest.MonkeyPatch) -> None:
-    model, tokenizer, _, cache = load_moe(FAMILY / "upstream")
+    loaded = load_moe(FAMILY / "upstream")
     monkeypatch.setenv("LME_RHO_GATE", "1")
     monkeypatch.setenv("LME_RHO_GATE_MIN", "0")
-    engine = build_engine(model, tokenizer, cache, FAMILY / "upstream", num_draft_tokens=3)
+    engine = build_engine(loaded, num_draft_tokens=3)
     result = engine.generate([3, 4, 5], SamplingParams(max_tokens=10, temperature=0.0))
     assert result.stats.draft_tokens == 0 and result.stats.acceptance_length == 1.0

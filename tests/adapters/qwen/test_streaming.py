@@ -14,7 +14,7 @@ import pytest
 from mach import load_moe
 from mach.decode.engine import TargetEngine
 from mach.decode.params import SamplingParams
-from mach.errors import CheckpointError
+from mach.errors import CheckpointError, MachError
 from mach.experts.bank import BudgetError
 from mach.io.convert import convert
 from mach.io.residency import StackedStreamingWarning
@@ -171,7 +171,7 @@ def test_streaming_embedding_reads_rows_on_demand() -> None:
 
 @pytest.mark.parametrize(("layout", "message"), [("hf-tied", "tied"), ("mlx-q4", "plain float")])
 def test_streaming_embedding_refuses_what_it_cannot_stream(layout: str, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(MachError, match=message):
         load_moe(FAMILY / layout, streaming_embedding=True)
 
 

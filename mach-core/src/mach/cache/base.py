@@ -10,6 +10,10 @@ from typing import Any, Protocol, runtime_checkable
 class LayerCache(Protocol):
     """One decoder layer's state for one batch of sequences."""
 
+    kind: str
+    """The cache backend (``kv``, ``rotating``, ``gdn`` ...), checked against the adapter's
+    ``cache_backends``."""
+
     @property
     def offset(self) -> int:
         """How many positions the cache holds."""

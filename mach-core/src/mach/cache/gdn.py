@@ -15,6 +15,10 @@ import mlx.core as mx
 
 
 class GDNCache:
+    """Gated DeltaNet state of one layer: the convolution tail and the recurrent state."""
+
+    kind = "gdn"
+
     def __init__(self) -> None:
         self.conv_state: mx.array | None = None
         """The last ``kernel - 1`` inputs of the causal convolution, ``[B, K-1, C]``."""

@@ -8,6 +8,8 @@ import mlx.core as mx
 class KVCache:
     """Keys/values ``[batch, kv_heads, positions, head_dim]`` for one attention layer."""
 
+    kind = "kv"
+
     step = 256
 
     def __init__(self) -> None:

@@ -10,6 +10,8 @@ import mlx.core as mx
 class RotatingKVCache:
     """Holds the last ``window - 1`` positions; each call sees those plus its own new ones."""
 
+    kind = "rotating"
+
     def __init__(self, window: int) -> None:
         self.window = window
         self.keys: mx.array | None = None

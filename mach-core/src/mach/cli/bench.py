@@ -14,6 +14,7 @@ from mach.cli.residency import (
     Prefill,
     Streaming,
     load_model,
+    load_options,
     store_line,
     store_report,
 )
@@ -45,7 +46,9 @@ def bench_command(
 
         model = str(default_model_path())
     start = time.perf_counter()
-    net, _, store, cache = load_model(model, None, None, streaming, expert_budget, prefill)
+    net, _, store, cache = load_model(
+        model, load_options(streaming=streaming, expert_budget=expert_budget, prefill=prefill)
+    )
     load_seconds = time.perf_counter() - start
     vocab = int(net(mx.array([[0]])).shape[-1])
     prompt = np.random.default_rng(0).integers(0, vocab, prompt_tokens).tolist()

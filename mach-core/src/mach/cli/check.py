@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
 from mach.cli import reports_errors
+from mach.cli.residency import (
+    Arch,
+    DType,
+    ExpertBudget,
+    Prefill,
+    Residency,
+    Streaming,
+    StreamingEmbedding,
+    load_options,
+)
 
 
 def _gb(n: int) -> str:
@@ -17,22 +27,35 @@ def _gb(n: int) -> str:
 def _row(r: dict[str, Any]) -> list[str]:
     if not r["loads"]:
         return [r["path"], "-", "-", "-", "-", "-", "-", "-", "cannot load: " + r["diagnosis"]]
+    store, resident = r["store"], r["residency"]["resident"]
     stream = r["residency"]["streaming"]
-    mem = (f"{_gb(r['residency']['resident']['memory_bytes'])} / "
+    mem = (f"{_gb(resident['memory_bytes']) if resident['available'] else 'no'} / "
            + (_gb(stream["memory_bytes"]) if stream["available"] else "no"))  # fmt: skip
-    batching = {True: "yes", False: "no", None: "unknown"}[r["continuous_batching"]]
+    summary = r["arch_summary"]
+    batching = _feature(summary, "continuous_batching")
+    prefix = _feature(summary, "prefix_reuse")
     serve = "chat+tools" if r["serving"]["tools"] else (
         "chat" if r["serving"]["chat_completions"] else (
             "completions" if r["serving"]["completions"] else "no"))  # fmt: skip
-    verdict = "ok" + (f" ({'; '.join(r['warnings'])})" if r["warnings"] else "")
+    verdict = f"ok: loads {store['residency']}, {_gb(store['memory_bytes'])}"
+    if store.get("budget_bytes"):
+        verdict += f" ({store['slots_per_layer']} slots/layer in {_gb(store['budget_bytes'])})"
+    if r["warnings"]:
+        verdict += f" ({'; '.join(r['warnings'])})"
     spec = r["specdec_kind"] or "no"
     if r["specdec_kind"] and not r["draft_present"]:
         spec += " (no draft weights)"
     return [r["path"], r["arch"], r["layout"], r["routed_quantization"] or "-",
             f"{_gb(r['expert_bytes'])} + {_gb(r['non_expert_bytes'])}", mem,
             f"{r['bytes_per_token_cold'] / 1e6:.2f} MB -> {r['decode_bound_cold_tps']:.0f} tok/s",
-            f"batch {batching}, spec {spec}, serve {serve}",
+            f"batch {batching}, prefix {prefix}, spec {spec}, serve {serve}",
             verdict]  # fmt: skip
+
+
+def _feature(summary: dict[str, Any], name: str) -> str:
+    if name in summary.get("unavailable", {}):
+        return "not yet"
+    return {True: "yes", False: "no", None: "unknown"}[summary[name]]
 
 
 HEADER = ["path", "arch", "layout", "experts", "experts + rest", "memory resident / streaming",
@@ -42,17 +65,26 @@ HEADER = ["path", "arch", "layout", "experts", "experts + rest", "memory residen
 @reports_errors
 def check_command(
     paths: Annotated[list[str], typer.Argument(help="Checkpoint folders.")],
-    expert_budget: Annotated[
-        Optional[str],  # noqa: UP045 - typer reads the annotation at run time
-        typer.Option(help="Streaming budget to size memory for (default: a quarter of experts)."),
-    ] = None,
+    arch: Arch = None,
+    dtype: DType = None,
+    streaming: Streaming = None,
+    expert_budget: ExpertBudget = None,
+    expert_residency: Residency = None,
+    prefill: Prefill = "transient",
+    streaming_embedding: StreamingEmbedding = False,
     ssd_gbps: Annotated[float, typer.Option(help="SSD read bandwidth for the bound, GB/s.")] = 5.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Predict what each checkpoint can run, reading headers only (no tensor data)."""
+    """Predict what each checkpoint can run, reading headers only (no tensor data).
+
+    The load options are those of `mach generate`: the verdict and the memory figures are
+    what loading with the same options does.
+    """
     from mach.check import check_checkpoint
 
-    reports = [check_checkpoint(p, expert_budget, ssd_gbps).to_dict() for p in paths]
+    options = load_options(arch, dtype, streaming, expert_budget, prefill, streaming_embedding,
+                           expert_residency)  # fmt: skip
+    reports = [check_checkpoint(p, options, ssd_gbps).to_dict() for p in paths]
     if as_json:
         typer.echo(json.dumps({"checkpoints": reports}, indent=2))
     else:

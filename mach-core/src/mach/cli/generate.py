@@ -11,29 +11,24 @@ import typer
 
 from mach.cli import reports_errors
 from mach.cli.residency import (
+    Arch,
     Draft,
     DraftTokens,
+    DType,
     ExpertBudget,
     Prefill,
+    Residency,
     Streaming,
     StreamingEmbedding,
     load_model,
+    load_options,
     store_line,
     store_report,
 )
-from mach.decode.reasoning import ReasoningTags, split_reasoning
+from mach.decode.reasoning import split_reasoning
 from mach.errors import MachError
 
 DEFAULT_PROMPT = "def fibonacci(n):"
-
-
-def _reasoning_tags(path: Path | str, arch: str | None) -> ReasoningTags | None:
-    from mach.io.checkpoint import open_checkpoint
-    from mach.io.load import resolve_model_path
-    from mach.registry import detect_arch
-
-    ckpt = open_checkpoint(resolve_model_path(path))
-    return detect_arch(ckpt.config, ckpt.tensor_names, arch).reasoning_tags
 
 
 def _stats_line(stats: dict[str, Any], finish: str) -> str:
@@ -79,15 +74,11 @@ def generate_command(
     stop: Annotated[
         Optional[list[str]], typer.Option(help="Stop string (repeatable).")  # noqa: UP045
     ] = None,
-    arch: Annotated[
-        Optional[str], typer.Option(help="Architecture key; detected when omitted.")  # noqa: UP045
-    ] = None,
-    dtype: Annotated[
-        Optional[str],  # noqa: UP045
-        typer.Option(help="Cast float weights: float32, float16 or bfloat16."),
-    ] = None,
+    arch: Arch = None,
+    dtype: DType = None,
     streaming: Streaming = None,
     expert_budget: ExpertBudget = None,
+    expert_residency: Residency = None,
     prefill: Prefill = "transient",
     streaming_embedding: StreamingEmbedding = False,
     draft: Draft = None,
@@ -125,9 +116,10 @@ def generate_command(
             )
     else:
         path = model
-    net, tokenizer, store, cache = load_model(
-        path, arch, dtype, streaming, expert_budget, prefill, streaming_embedding
-    )
+    options = load_options(arch, dtype, streaming, expert_budget, prefill, streaming_embedding,
+                           expert_residency)  # fmt: skip
+    loaded = load_model(path, options)
+    tokenizer, store = loaded.tokenizer, loaded.store
     if tokenizer is None:
         raise MachError(
             f"{path}: tokenizer.json is missing, so text cannot be encoded; copy the "
@@ -143,11 +135,11 @@ def generate_command(
         prompt_text = prompt if prompt is not None else DEFAULT_PROMPT
         tokens = tokenizer.encode(prompt_text)
 
-    engine = build_engine(net, tokenizer, cache, path, arch, draft, draft_tokens)
+    engine = build_engine(loaded, draft, draft_tokens)
     if as_json:
         result = engine.generate(tokens, params)
         payload = {**result.to_dict(), "model": str(path), "default_model": default_model}
-        tags = _reasoning_tags(path, arch) if chat is not None else None
+        tags = loaded.adapter.reasoning_tags if chat is not None else None
         if tags is not None:
             started = prompt_text.rstrip().endswith(tags.open)
             payload["reasoning"], payload["content"] = split_reasoning(result.text, tags, started)

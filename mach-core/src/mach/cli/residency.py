@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
+
+if TYPE_CHECKING:
+    from mach.io.load import LoadedModel
+    from mach.io.options import LoadOptions
 
 Streaming = Annotated[
     Optional[bool],  # noqa: UP045 - typer reads the annotation at run time
@@ -40,37 +44,65 @@ DraftTokens = Annotated[
 ]
 
 
-def load_model(
-    path: Path | str,
-    arch: str | None,
-    dtype: str | None,
-    streaming: bool | None,
-    budget: str | None,
-    prefill: str,
+Arch = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(help="Architecture key; detected when omitted."),
+]
+DType = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(help="Cast float weights: float32, float16 or bfloat16."),
+]
+Residency = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        "--expert-residency",
+        help="Expert store by name: resident, streaming or bf16_streaming (float experts "
+        "streamed into bfloat16 banks).",
+    ),
+]
+
+
+def load_options(
+    arch: str | None = None,
+    dtype: str | None = None,
+    streaming: bool | None = None,
+    expert_budget: str | None = None,
+    prefill: str = "transient",
     streaming_embedding: bool = False,
-) -> Any:
-    """``load_moe`` with a progress bar on a terminal."""
+    expert_residency: str | None = None,
+) -> LoadOptions:
+    """The ``LoadOptions`` that the residency flags of every command stand for."""
+    from mach.io.options import LoadOptions
+
+    return LoadOptions.from_kwargs(
+        arch=arch,
+        dtype=dtype,
+        streaming=streaming,
+        expert_budget=expert_budget,
+        expert_residency=expert_residency,
+        prefill=prefill,
+        streaming_embedding=streaming_embedding,
+    )
+
+
+def load_model(path: Path | str, options: LoadOptions) -> LoadedModel:
+    """``load_moe`` with ``options`` and a progress bar on a terminal: a ``LoadedModel``."""
     from mach.io.load import load_moe
 
-    if prefill not in ("transient", "resident"):
-        raise ValueError(f"--prefill must be transient or resident, got {prefill!r}")
-    kwargs: dict[str, Any] = {"arch": arch, "dtype": dtype, "streaming": streaming,
-                              "expert_budget": budget, "prefill": prefill,
-                              "streaming_embedding": streaming_embedding}  # fmt: skip
     if not sys.stderr.isatty():
-        return load_moe(path, **kwargs)
+        return load_moe(path, options=options)
     with typer.progressbar(length=1, label="loading", file=sys.stderr) as bar:
 
         def progress(done: int, total: int) -> None:
             bar.length = total
             bar.update(done - bar.pos)
 
-        return load_moe(path, progress=progress, **kwargs)
+        return load_moe(path, options=options, progress=progress)
 
 
 def store_report(stats: dict[str, Any], tokens: int) -> dict[str, Any]:
     """Streaming figures for a run of ``tokens`` tokens (empty for resident stores)."""
-    if stats.get("kind") != "streaming":
+    if "hit_rate" not in stats:
         return {}
     return {
         "hit_rate": stats["hit_rate"],

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-import mlx.nn as nn
-
-from mach.cache.base import SequenceCache
 from mach.decode.engine import DecodeEngine, TargetEngine
-from mach.tokenizer.tokenizer import Tokenizer
+from mach.errors import MachError
+
+if TYPE_CHECKING:
+    from mach.io.load import LoadedModel
 
 
 def build_engine(
-    model: nn.Module,
-    tokenizer: Tokenizer | None,
-    cache: SequenceCache,
-    checkpoint: str | os.PathLike[str],
-    arch: str | None = None,
-    draft: bool | None = None,
-    num_draft_tokens: int = 2,
+    loaded: LoadedModel, draft: bool | None = None, num_draft_tokens: int = 2
 ) -> DecodeEngine:
     """``SpecDecEngine`` when the architecture has a draft family and the checkpoint carries
     its draft (``draft=None`` or ``True``), else ``TargetEngine``.
@@ -29,23 +21,20 @@ def build_engine(
     decoding target-only.
     """
     from mach.decode.speculative import DraftGate, SpecDecEngine
-    from mach.registry import detect_arch, make_drafter
+    from mach.registry import make_drafter
 
-    path = Path(checkpoint)
-    if draft is False or not (path / "config.json").is_file():
-        if draft:
-            raise ValueError(f"{path}: no config.json, so no draft can be loaded")
-        return TargetEngine(model, tokenizer, cache.new)
-    config = json.loads((path / "config.json").read_text())
-    adapter = detect_arch(config, frozenset(), arch)
-    drafter = make_drafter(adapter, model, path, config) if adapter.specdec_kind else None
+    model, tokenizer, adapter = loaded.model, loaded.tokenizer, loaded.adapter
+    ckpt = loaded.checkpoint
+    if draft is False:
+        return TargetEngine(model, tokenizer, loaded.cache.new)
+    drafter = make_drafter(adapter, model, ckpt.path, ckpt.config) if adapter.specdec_kind else None
     if drafter is None:
         if draft:
-            raise ValueError(
-                f"{path}: {adapter.name} has no draft here (specdec_kind="
+            raise MachError(
+                f"{ckpt.path}: {adapter.name} has no draft here (specdec_kind="
                 f"{adapter.specdec_kind}; the checkpoint may not ship its draft weights, or the "
                 "family's draft switch is off)"
             )
-        return TargetEngine(model, tokenizer, cache.new)
+        return TargetEngine(model, tokenizer, loaded.cache.new)
     gate = DraftGate.from_env(drafter.default_gate)
-    return SpecDecEngine(model, tokenizer, cache.new, drafter, num_draft_tokens, gate)
+    return SpecDecEngine(model, tokenizer, loaded.cache.new, drafter, num_draft_tokens, gate)

@@ -10,7 +10,7 @@ from typing import Any, Literal
 import mlx.core as mx
 import numpy as np
 
-from mach.errors import MachError
+from mach.errors import MachError, OptionsError
 from mach.experts.matrix import ExpertMatrix, ExpertWeights
 from mach.experts.reader import ExpertReader
 from mach.experts.sources import DTYPES, LayerSource, Piece
@@ -45,8 +45,10 @@ def _format(source: LayerSource, proj: str, input_dims: int) -> tuple[int | None
     return bits, group, mode
 
 
-def _bank_dtype(piece: Piece, quantized: bool) -> mx.Dtype:
+def _bank_dtype(piece: Piece, quantized: bool, float_dtype: mx.Dtype | None = None) -> mx.Dtype:
     dtype = DTYPES[piece.dtype][1]
+    if float_dtype is not None and not quantized and mx.issubdtype(dtype, mx.floating):
+        return float_dtype
     widen = not quantized and dtype in (mx.float16, mx.bfloat16)
     # MLX's CPU gather_mm runs in float32 only.
     return mx.float32 if widen and mx.default_device() == mx.cpu else dtype
@@ -69,6 +71,7 @@ class LayerExpertBank(LayerExperts):
         slots: int,
         reader: ExpertReader,
         prefill: PrefillMode = "transient",
+        float_dtype: mx.Dtype | None = None,
     ) -> None:
         self.source = source
         self.slots = slots
@@ -90,7 +93,7 @@ class LayerExpertBank(LayerExperts):
         for name, piece in source.pieces.items():
             proj, part = name.split(".")
             quantized = formats[proj][0] is not None
-            dtype = _bank_dtype(piece, quantized)
+            dtype = _bank_dtype(piece, quantized, float_dtype)
             if fuse and proj in ("gate_proj", "up_proj"):
                 bank_name = f"gate_up.{part}"
                 row = 0 if proj == "gate_proj" else piece.shape[0]
@@ -210,29 +213,51 @@ class LayerExpertBank(LayerExperts):
 
 def parse_size(value: int | str) -> int:
     """Bytes from an int or a size string such as ``"2GB"``, ``"512MiB"`` or ``"1.5G"``."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise OptionsError(f"expert budget must be bytes or a size string, got {value!r}")
+    size: float
     if isinstance(value, int):
-        return value
-    text = value.strip().upper().replace(" ", "")
-    units = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "KIB": 2**10, "M": 10**6, "MB": 10**6,
-             "MIB": 2**20, "G": 10**9, "GB": 10**9, "GIB": 2**30, "T": 10**12, "TB": 10**12,
-             "TIB": 2**40}  # fmt: skip
-    number = text.rstrip("KMGTIB")
-    unit = text[len(number) :]
-    try:
-        size = float(number) * units[unit]
-    except (ValueError, KeyError):
-        raise ValueError(
-            f"expert budget {value!r} is not a size; use bytes or e.g. '2GB', '512MiB'"
-        ) from None
-    if size <= 0:
-        raise ValueError(f"expert budget must be positive, got {value!r}")
+        size = value
+    else:
+        text = value.strip().upper().replace(" ", "")
+        units = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "KIB": 2**10, "M": 10**6, "MB": 10**6,
+                 "MIB": 2**20, "G": 10**9, "GB": 10**9, "GIB": 2**30, "T": 10**12, "TB": 10**12,
+                 "TIB": 2**40}  # fmt: skip
+        number = text.rstrip("KMGTIB")
+        unit = text[len(number) :]
+        try:
+            size = float(number) * units[unit]
+        except (ValueError, KeyError):
+            raise OptionsError(
+                f"expert budget {value!r} is not a size; use bytes or e.g. '2GB', '512MiB'"
+            ) from None
+    if not size >= 1:
+        raise OptionsError(f"expert budget must be at least one byte, got {value!r}")
     return int(size)
 
 
-class BankCache(ExpertStore):
-    """Streaming expert store: one ``LayerExpertBank`` per MoE layer within a byte budget."""
+def check_budget(
+    budget: int, sources: Mapping[str, LayerSource], float_dtype: mx.Dtype | None = None
+) -> int:
+    """Slots per layer that ``budget`` buys (at most every expert), or ``BudgetError``."""
+    per_slot = sum(slot_bytes(s, float_dtype) for s in sources.values())
+    slots = slots_for(budget, sources, float_dtype)
+    top_k = max((s.spec.top_k for s in sources.values()), default=1)
+    if slots < top_k:
+        need = per_slot * top_k
+        raise BudgetError(
+            f"expert budget {budget:,} bytes holds {slots} expert(s) per layer, but each token "
+            f"routes to {top_k}; give at least {need:,} bytes (--expert-budget {need})"
+        )
+    return min(slots, max((s.spec.num_experts for s in sources.values()), default=1))
 
-    kind = "streaming"
+
+class BankCache(ExpertStore):
+    """Streaming expert store: one ``LayerExpertBank`` per MoE layer within a byte budget.
+
+    ``float_dtype`` (``bf16_streaming``: ``mx.bfloat16``) is the dtype float experts take in
+    the banks, whatever their stored precision; quantized experts keep their format.
+    """
 
     def __init__(
         self,
@@ -240,23 +265,19 @@ class BankCache(ExpertStore):
         budget: int,
         reader: ExpertReader | None = None,
         prefill: PrefillMode = "transient",
+        float_dtype: mx.Dtype | None = None,
+        kind: str = "streaming",
     ) -> None:
+        self.kind = kind
         self.reader = reader or ExpertReader()
         self.budget = budget
-        per_slot = sum(_slot_bytes(s) for s in sources.values())
-        self.slot_bytes = per_slot
-        slots = slots_for(budget, sources)
-        top_k = max(s.spec.top_k for s in sources.values()) if sources else 1
-        experts = max((s.spec.num_experts for s in sources.values()), default=1)
-        if slots < top_k:
-            need = per_slot * top_k
-            raise BudgetError(
-                f"expert budget {budget:,} bytes holds {slots} expert(s) per layer, but each token "
-                f"routes to {top_k}; give at least {need:,} bytes (--expert-budget {need})"
-            )
-        self.slots = min(slots, experts)
-        self.layers = {p: LayerExpertBank(s, min(self.slots, s.spec.num_experts), self.reader,
-                                          prefill) for p, s in sources.items()}  # fmt: skip
+        self.slot_bytes = sum(slot_bytes(s, float_dtype) for s in sources.values())
+        self.slots = check_budget(budget, sources, float_dtype)
+        self.layers = {
+            p: LayerExpertBank(s, min(self.slots, s.spec.num_experts), self.reader, prefill,
+                               float_dtype)
+            for p, s in sources.items()
+        }  # fmt: skip
         self.expert_bytes = sum(s.expert_bytes * s.spec.num_experts for s in sources.values())
 
     def layer(self, prefix: str) -> LayerExperts:
@@ -292,15 +313,18 @@ class BankCache(ExpertStore):
         self.reader.close()
 
 
-def _slot_bytes(source: LayerSource) -> int:
+def slot_bytes(source: LayerSource, float_dtype: mx.Dtype | None = None) -> int:
+    """Bytes one expert of ``source`` takes in a bank."""
     total = 0
     for piece in source.pieces.values():
-        dtype = _bank_dtype(piece, f"{piece.part.split('.')[0]}.scales" in source.pieces)
-        total += int(np.prod(piece.shape)) * dtype.size
+        quantized = f"{piece.part.split('.')[0]}.scales" in source.pieces
+        total += int(np.prod(piece.shape)) * _bank_dtype(piece, quantized, float_dtype).size
     return total
 
 
-def slots_for(budget: int, sources: Mapping[str, LayerSource]) -> int:
+def slots_for(
+    budget: int, sources: Mapping[str, LayerSource], float_dtype: mx.Dtype | None = None
+) -> int:
     """How many expert slots per layer a byte budget buys."""
-    per_slot = sum(_slot_bytes(s) for s in sources.values())
+    per_slot = sum(slot_bytes(s, float_dtype) for s in sources.values())
     return budget // per_slot if per_slot else 0

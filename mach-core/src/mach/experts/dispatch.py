@@ -8,6 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mach.errors import AdapterError
 from mach.experts.store import LayerExperts
 from mach.experts.switch import SwitchSpec
 
@@ -31,6 +32,10 @@ class _Dispatch(nn.Module):
         super().__init__()  # type: ignore[no-untyped-call]
         self.spec = spec
         self._experts = experts
+        if spec.activation is None:
+            raise AdapterError(
+                "routed experts have no activation bound; load the model through mach.load_moe"
+            )
         self._activation = spec.activation.function()
         self._calls = 0
         self._routes = 0

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import mlx.nn as nn
 
 from mach.env import env_flag
+from mach.errors import AdapterError
+from mach.experts.activations import GateActivation
 from mach.experts.dispatch import DiskSwitchGLU, GatherSwitchGLU
 from mach.experts.store import ExpertStore
 from mach.experts.switch import SwitchSpec, UnboundSwitchGLU
@@ -19,6 +22,34 @@ def find_switches(model: nn.Module) -> dict[str, SwitchSpec]:
         for path, module in model.named_modules()
         if isinstance(module, UnboundSwitchGLU)
     }
+
+
+def bind_switches(
+    model: nn.Module, activation: GateActivation, bias: bool, owner: str
+) -> dict[str, SwitchSpec]:
+    """Give every routed-expert block the activation and bias its adapter declares.
+
+    A block the model built with an explicit activation or bias must agree with the adapter,
+    so the capability fields reported for an architecture are the ones that run.
+    """
+    bound: dict[str, SwitchSpec] = {}
+    for path, module in model.named_modules():
+        if not isinstance(module, UnboundSwitchGLU):
+            continue
+        spec = module.spec
+        if spec.activation is not None and spec.activation != activation:
+            raise AdapterError(
+                f"{owner}: the model builds {path} with {spec.activation}, but the adapter "
+                f"declares {activation}; make swiglu_variant / gate_activation match the model"
+            )
+        if spec.bias is not None and spec.bias != bias:
+            raise AdapterError(
+                f"{owner}: the model builds {path} with bias={spec.bias}, but the adapter "
+                f"declares has_expert_bias={bias}"
+            )
+        module.spec = replace(spec, activation=activation, bias=bias)
+        bound[path] = module.spec
+    return bound
 
 
 def set_child(root: nn.Module, path: str, child: nn.Module) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -18,8 +18,10 @@ class SwitchSpec:
     num_experts: int
     input_dims: int
     hidden_dims: int
-    activation: GateActivation = field(default_factory=GateActivation)
-    bias: bool = False
+    activation: GateActivation | None = None
+    """The gated activation; ``None`` until the loader binds the adapter's ``swiglu_variant``."""
+    bias: bool | None = None
+    """Whether experts carry a bias; ``None`` until the loader binds ``has_expert_bias``."""
     top_k: int = 1
     """Experts each token is routed to (the least a streaming bank must hold per layer)."""
 

@@ -26,6 +26,17 @@ class Checkpoint:
     def tensor_names(self) -> frozenset[str]:
         return frozenset(self.tensors)
 
+    @property
+    def context_length(self) -> int | None:
+        """``max_position_embeddings`` (also under ``text_config``), if the config gives one."""
+        text = self.config.get("text_config")
+        value = self.config.get("max_position_embeddings") or (
+            text.get("max_position_embeddings") if isinstance(text, dict) else None
+        )
+        return (
+            value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+        )
+
     def read_json(self, name: str) -> dict[str, Any] | None:
         """An optional JSON file next to the weights, or ``None`` when absent."""
         return _read_json(self.path / name) if (self.path / name).is_file() else None

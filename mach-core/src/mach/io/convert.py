@@ -19,7 +19,8 @@ from mach.experts.sidecar import write_index, write_layer
 from mach.experts.sources import PARTS, PROJECTIONS
 from mach.experts.switch import SwitchSpec
 from mach.io.checkpoint import Checkpoint, open_checkpoint
-from mach.io.load import _check_shapes, _read_weights, resolve_model_path
+from mach.io.paths import resolve_model_path
+from mach.io.plan import check_shapes, read_model
 from mach.io.quant import quantize_modules
 from mach.registry import detect_arch
 
@@ -137,12 +138,7 @@ def convert(
         raise FileExistsError(f"{target} already exists; choose a new folder or remove it first")
     ckpt = open_checkpoint(resolve_model_path(source))
     adapter = detect_arch(ckpt.config, ckpt.tensor_names)
-    model = adapter.build_model(ckpt.config)
-    weights, _ = _read_weights(ckpt)
-    weights = adapter.sanitize(weights, ckpt.config)
-    from mach.experts.swap import find_switches
-
-    switches = find_switches(model)
+    model, switches, weights, _ = read_model(ckpt, adapter)
     tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -179,7 +175,7 @@ def _write(
             progress(min(done, total), total)
     write_index(out, layers)
     quantize_modules(model, ckpt.config, weights)
-    _check_shapes(model, weights, ckpt, lambda _: str(ckpt.path))
+    check_shapes(model, weights, ckpt.path, lambda _: str(ckpt.path))
     model.load_weights(list(weights.items()), strict=True)
     if bits is not None:
         _quantize_rest(model, switches, bits, group)

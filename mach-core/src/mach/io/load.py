@@ -1,214 +1,84 @@
-"""The load pipeline: checkpoint -> adapter -> model with experts bound to a store."""
+"""The load pipeline: checkpoint -> plan -> model with experts bound to a store."""
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from mach.adapter import MoeArchAdapter
 from mach.cache.base import LayerCache, SequenceCache
-from mach.errors import MissingFileError, ShapeMismatchError
-from mach.experts.bank import PrefillMode
+from mach.errors import AdapterError, OptionsError
 from mach.experts.store import ExpertStore
-from mach.experts.swap import find_switches, swap_switch_mlp
-from mach.io.checkpoint import Checkpoint, open_checkpoint
-from mach.io.quant import quantize_modules
-from mach.io.residency import build_store
-from mach.registry import detect_arch, load_object
-from mach.tokenizer.tokenizer import Tokenizer, load_tokenizer
+from mach.experts.swap import swap_switch_mlp
+from mach.io.checkpoint import Checkpoint
+from mach.io.options import LoadOptions
+from mach.io.paths import resolve_model_path
+from mach.io.plan import LoadPlan, plan_load
+from mach.io.residency import ExpertPlan, build_store
+from mach.registry import arch_summary
+from mach.tokenizer.tokenizer import Tokenizer
 
-_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-
-
-def resolve_model_path(repo_or_path: str | os.PathLike[str]) -> Path:
-    """A local folder, or a hub id already present in the local Hugging Face cache."""
-    path = Path(repo_or_path).expanduser()
-    if path.exists():
-        return path
-    text = str(repo_or_path)
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
-        hub = Path(
-            os.environ.get("HF_HUB_CACHE")
-            or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
-        )
-        snapshots = hub / f"models--{text.replace('/', '--')}" / "snapshots"
-        found = sorted(snapshots.glob("*/config.json"), key=lambda p: p.stat().st_mtime)
-        if found:
-            return found[-1].parent
-        raise MissingFileError(
-            f"{text!r} is not a local folder and is not in the Hugging Face cache ({hub}); "
-            f"mach does not download weights: fetch it first (huggingface-cli download {text})"
-        )
-    raise MissingFileError(f"{path}: no such checkpoint folder")
+__all__ = ["LoadOptions", "LoadedModel", "load", "load_moe", "load_plan", "resolve_model_path"]
 
 
-def _read_weights(ckpt: Checkpoint) -> tuple[dict[str, mx.array], dict[int, str]]:
-    """Lazy arrays (no data read yet) and, for error messages, which file each came from."""
-    weights: dict[str, mx.array] = {}
-    origin: dict[int, str] = {}
-    for file in ckpt.files:
-        loaded = mx.load(str(file))
-        assert isinstance(loaded, dict)
-        for name, array in loaded.items():
-            weights[name] = array
-            origin[id(array)] = file.name
-    return weights, origin
+@dataclass(eq=False)
+class LoadedModel:
+    """A loaded checkpoint. Unpacks as ``(model, tokenizer, store, cache)``.
 
-
-def _cast(weights: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.array]:
-    return {
-        k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()
-    }
-
-
-def _check_shapes(
-    model: nn.Module, weights: dict[str, mx.array], ckpt: Checkpoint, where: Any
-) -> None:
-    expected = dict(tree_flatten(model.parameters()))
-    missing = sorted(expected.keys() - weights.keys())
-    unexpected = sorted(weights.keys() - expected.keys())
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} tensor(s) missing (first: {missing[0]})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensor(s) (first: {unexpected[0]})")
-    for name in sorted(expected.keys() & weights.keys()):
-        want, got = tuple(expected[name].shape), tuple(weights[name].shape)
-        if want != got:
-            problems.append(
-                f"{name} in {where(weights[name])} has shape {list(got)}, config implies "
-                f"{list(want)}"
-            )
-            break
-    if problems:
-        raise ShapeMismatchError(
-            f"{ckpt.path}: weights do not match config.json: {'; '.join(problems)}. Check that "
-            "config.json belongs to these weights and that every shard is present"
-        )
-
-
-def _stream_embeddings(model: nn.Module, weights: dict[str, mx.array], ckpt: Checkpoint) -> None:
-    from mach.experts.swap import set_child
-    from mach.layers.streaming_embedding import StreamingEmbedding
-
-    if ckpt.config.get("tie_word_embeddings"):
-        raise ValueError(
-            "the token embedding is tied to the output head, which needs the whole table in "
-            "memory; streaming_embedding applies to untied embeddings only"
-        )
-    found = [path for path, m in model.named_modules() if isinstance(m, nn.Embedding)]
-    for path in found:
-        info = ckpt.tensors.get(f"{path}.weight")
-        if info is None or f"{path}.scales" in weights:
-            raise ValueError(
-                f"{path} is not stored as a plain float table under its own name in "
-                f"{ckpt.path}; streaming_embedding needs one"
-            )
-        weights.pop(f"{path}.weight")
-        set_child(model, path, StreamingEmbedding(info))
-
-
-def load_moe(
-    checkpoint: str | os.PathLike[str],
-    arch: str | None = None,
-    *,
-    dtype: str | None = None,
-    streaming: bool | None = None,
-    expert_budget: int | str | None = None,
-    expert_residency: str | None = None,
-    prefill: PrefillMode = "transient",
-    gather_dispatch: bool | None = None,
-    verify_experts: bool = True,
-    streaming_embedding: bool = False,
-    progress: Callable[[int, int], None] | None = None,
-) -> tuple[nn.Module, Tokenizer | None, ExpertStore, SequenceCache]:
-    """Load a MoE checkpoint: ``(model, tokenizer, store, cache)``.
-
-    Steps: read ``config.json`` and safetensors headers; ``detect_arch``; the adapter builds the
-    model; its routed-expert blocks are bound to the expert store; non-expert weights load.
-    Every file and shape is checked before tensor data is read. ``dtype`` (``float32``,
-    ``float16``, ``bfloat16``) casts floating weights; by default they keep the stored dtype.
-    ``tokenizer`` is ``None`` (with a warning) when the checkpoint has no ``tokenizer.json``.
-    ``progress(done, total)`` is called with bytes as weights are read.
-
-    Expert residency: ``streaming=True`` (or an ``expert_budget`` such as ``"2GB"``) keeps a
-    bounded bank of experts per layer and reads misses from disk (``BankCache``);
-    ``streaming=False`` keeps every expert resident (``ResidentStackedExpertCache``). Left unset,
-    mach streams only when the model would not fit in memory. ``expert_residency`` names the
-    store directly (``resident``, ``streaming``, ``bf16_streaming``). ``prefill`` says whether
-    prompt chunks stream their experts through a temporary set (``transient``, keeping the decode
-    working set) or through the bank (``resident``). ``gather_dispatch=False`` selects the legacy
-    per-expert loop (default: ``LME_USE_GATHER_DISPATCH``). ``verify_experts`` checks each sidecar
-    record's CRC-32 as it is read. ``streaming_embedding`` leaves an untied, unquantized token
-    embedding on disk and reads the rows each call needs.
+    It also carries what the load decided, so callers take facts from here instead of reading
+    the checkpoint again: the adapter, the opened checkpoint (config, tensor headers, files),
+    the validated options, the expert plan (residency, budget, layout, routed format) and the
+    architecture summary.
     """
-    if dtype is not None and dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
-    ckpt = open_checkpoint(resolve_model_path(checkpoint))
-    adapter = detect_arch(ckpt.config, ckpt.tensor_names, arch)
-    options: dict[str, Any] = dict(dtype=dtype, streaming=streaming, expert_budget=expert_budget,
-                   expert_residency=expert_residency, prefill=prefill,
-                   gather_dispatch=gather_dispatch, verify_experts=verify_experts,
-                   streaming_embedding=streaming_embedding, progress=progress)  # fmt: skip
-    if adapter.load_path is not None:
-        loader = load_object(adapter.load_path, f"{adapter.name} load_path")
-        return loader(ckpt, adapter, **options)  # type: ignore[no-any-return]
-    return load_checkpoint(ckpt, adapter, **options)
+
+    model: nn.Module
+    tokenizer: Tokenizer | None
+    store: ExpertStore
+    cache: SequenceCache
+    adapter: MoeArchAdapter
+    checkpoint: Checkpoint
+    options: LoadOptions
+    plan: LoadPlan = field(repr=False)
+
+    @property
+    def experts(self) -> ExpertPlan:
+        return self.plan.experts
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """``arch_summary`` of the adapter (what ``mach archs`` and ``/v1/capabilities`` show)."""
+        return arch_summary(self.adapter)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.model, self.tokenizer, self.store, self.cache))
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> Any:
+        return (self.model, self.tokenizer, self.store, self.cache)[index]
 
 
-def load_checkpoint(
-    ckpt: Checkpoint,
-    adapter: MoeArchAdapter,
-    *,
-    dtype: str | None = None,
-    streaming: bool | None = None,
-    expert_budget: int | str | None = None,
-    expert_residency: str | None = None,
-    prefill: PrefillMode = "transient",
-    gather_dispatch: bool | None = None,
-    verify_experts: bool = True,
-    streaming_embedding: bool = False,
-    progress: Callable[[int, int], None] | None = None,
-) -> tuple[nn.Module, Tokenizer | None, ExpertStore, SequenceCache]:
-    """The generic pipeline behind ``load_moe`` for an opened checkpoint and its adapter.
+def _check_caches(adapter: MoeArchAdapter, caches: list[LayerCache]) -> None:
+    kinds = sorted({getattr(c, "kind", type(c).__name__) for c in caches})
+    undeclared = [k for k in kinds if k not in adapter.cache_backends]
+    if undeclared:
+        raise AdapterError(
+            f"{adapter.name}: make_cache returns {', '.join(undeclared)} caches, which its "
+            f"cache_backends ({', '.join(adapter.cache_backends)}) do not declare"
+        )
 
-    A family's own load path (``MoeArchAdapter.load_path``) calls this for the parts it shares.
-    """
-    model = adapter.build_model(ckpt.config)
-    weights, origin = _read_weights(ckpt)
-    weights = adapter.sanitize(weights, ckpt.config)
-    if dtype is not None:
-        weights = _cast(weights, _DTYPES[dtype])
 
-    def where(array_or_name: Any) -> str:
-        if isinstance(array_or_name, mx.array):
-            return origin.get(id(array_or_name), str(ckpt.path))
-        return str(ckpt.path)
-
-    store = build_store(
-        ckpt,
-        adapter,
-        find_switches(model),
-        weights,
-        where,
-        streaming=streaming,
-        residency=expert_residency,
-        budget=expert_budget,
-        prefill=prefill,
-        verify=verify_experts,
-    )
-    if streaming_embedding:
-        _stream_embeddings(model, weights, ckpt)
-    quantize_modules(model, ckpt.config, weights)
-    _check_shapes(model, weights, ckpt, where)
-
+def load_plan(plan: LoadPlan, progress: Callable[[int, int], None] | None = None) -> LoadedModel:
+    """Carry out ``plan``: read the expert store and the weights, build the caches."""
+    adapter, ckpt, model = plan.adapter, plan.checkpoint, plan.model
+    store = build_store(plan.experts, plan.options, ckpt, adapter)
     total = sum(info.nbytes for info in ckpt.tensors.values())
     done = 0
 
@@ -219,27 +89,57 @@ def load_checkpoint(
             progress(done, total)
 
     store.materialize(advance)
-    swap_switch_mlp(model, store, gather_dispatch)
-    model.load_weights(list(weights.items()), strict=True)
+    swap_switch_mlp(model, store, plan.options.gather_dispatch)
+    model.load_weights(list(plan.weights.items()), strict=True)
+    plan.weights.clear()
     mx.eval(model.parameters())
     advance(total)
     model.eval()
-
-    tokenizer = load_tokenizer(ckpt.path, ckpt.config)
-    if tokenizer is None:
+    if plan.tokenizer is None:
         warnings.warn(
             f"{ckpt.path}: no tokenizer.json; the model loads for token-id use only",
-            stacklevel=2,
+            stacklevel=3,
         )
 
     def factory() -> list[LayerCache]:
         return adapter.make_cache(model)
 
-    return model, tokenizer, store, SequenceCache(factory(), factory)
+    caches = factory()
+    _check_caches(adapter, caches)
+    return LoadedModel(model, plan.tokenizer, store, SequenceCache(caches, factory), adapter, ckpt,
+                       plan.options, plan)  # fmt: skip
 
 
-def load(
-    repo_or_path: str | os.PathLike[str], **kwargs: Any
-) -> tuple[nn.Module, Tokenizer | None, ExpertStore, SequenceCache]:
+def load_moe(
+    checkpoint: str | os.PathLike[str] | Checkpoint,
+    arch: str | None = None,
+    *,
+    options: LoadOptions | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    **kwargs: Any,
+) -> LoadedModel:
+    """Load a MoE checkpoint; the result unpacks as ``(model, tokenizer, store, cache)``.
+
+    Options come as one ``LoadOptions`` or as its fields by keyword (``dtype``, ``streaming``,
+    ``expert_budget``, ``expert_residency``, ``prefill``, ``gather_dispatch``,
+    ``verify_experts``, ``streaming_embedding``); every value is validated before anything is
+    read. Steps: read ``config.json`` and safetensors headers; ``detect_arch``; the adapter's
+    planner builds the model, plans the expert store and checks every name and shape; then the
+    store and the weights are read. ``progress(done, total)`` is called with bytes as weights
+    are read. ``tokenizer`` is ``None`` (with a warning) without ``tokenizer.json``.
+
+    Expert residency: ``streaming=True`` (or an ``expert_budget`` such as ``"2GB"``) keeps a
+    bounded bank of experts per layer and reads misses from disk; ``streaming=False`` keeps every
+    expert resident. Left unset, mach streams only when the model would not fit in memory.
+    ``expert_residency="bf16_streaming"`` streams float experts into bfloat16 banks.
+    """
+    if options is None:
+        options = LoadOptions.from_kwargs(arch=arch, **kwargs)
+    elif kwargs or (arch is not None and arch != options.arch):
+        raise OptionsError("give load options either as LoadOptions or as keywords, not both")
+    return load_plan(plan_load(checkpoint, options), progress)
+
+
+def load(repo_or_path: str | os.PathLike[str], **kwargs: Any) -> LoadedModel:
     """``load_moe`` with the architecture detected from the checkpoint."""
     return load_moe(repo_or_path, **kwargs)

@@ -1,25 +1,32 @@
-"""Choosing and building the expert store: resident or streaming, from sidecar or safetensors."""
+"""Planning and building the expert store: resident or streaming, from sidecar or safetensors.
+
+``plan_experts`` decides everything from headers and lazy arrays (which store, its budget, how
+many slots, what it will hold in memory, where each expert is read from) and checks the expert
+tensors against the model; ``build_store`` turns that plan into the store, reading data.
+"""
 
 from __future__ import annotations
 
 import os
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Literal
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 
 from mach.adapter import ExpertLayout, MoeArchAdapter
-from mach.errors import CheckpointError
-from mach.experts.bank import BankCache, PrefillMode, parse_size
+from mach.env import env_flag
+from mach.errors import AdapterError, CheckpointError, ShapeMismatchError
+from mach.experts.bank import BankCache, check_budget, slot_bytes
 from mach.experts.reader import ExpertReader
 from mach.experts.sidecar import has_sidecar, read_sidecar
 from mach.experts.sources import PARTS, PROJECTIONS, LayerSource, stacked_source
 from mach.experts.store import ExpertStore, ResidentStackedExpertCache
 from mach.experts.switch import SwitchSpec
 from mach.io.checkpoint import Checkpoint
+from mach.io.options import LoadOptions, Residency
 
-Residency = Literal["resident", "streaming", "bf16_streaming"]
+FLOAT_FORMATS = {"float32", "float16", "bfloat16"}
 
 
 class StackedStreamingWarning(UserWarning):
@@ -41,12 +48,80 @@ def physical_memory() -> int:
         return 0
 
 
-def expert_sources(
+def format_family(quantization: str) -> str:
+    """``float`` for any float dtype, else the format itself (``affine4``, ``mxfp4`` ...)."""
+    return "float" if quantization in FLOAT_FORMATS else quantization
+
+
+@dataclass
+class ExpertPlan:
+    """What the expert store of a load will be, decided before any expert data is read."""
+
+    residency: Residency
+    layout: str
+    """``sidecar``, ``sliced`` or ``stacked``: where experts are read from."""
+    quantization: str
+    """The routed experts' format: ``float32``, ``bfloat16``, ``affine4``, ``mxfp4`` ..."""
+    expert_bytes: int
+    """Bytes of every routed expert as stored on disk."""
+    memory_bytes: int
+    """Bytes of expert weights the store will hold in memory."""
+    budget_bytes: int | None = None
+    slots_per_layer: int = 0
+    slot_bytes: int = 0
+    """Bytes one expert takes in the banks, summed over layers."""
+    sources: dict[str, LayerSource] = field(default_factory=dict, repr=False)
+    resident: ResidentStackedExpertCache | None = field(default=None, repr=False)
+    """The resident store over lazy arrays (safetensors experts); data is read on materialize."""
+
+    @property
+    def streaming(self) -> bool:
+        return self.residency != "resident"
+
+
+def expert_format(
+    dtype: str, packed_width: int, input_dims: int, scales: bool, biases: bool
+) -> str:
+    """A routed projection's format from what its headers say: ``float32``, ``affine4``, ``mxfp4``.
+
+    ``packed_width`` is the last dimension of the stored weight; affine bits follow from how
+    many 32-bit words hold one row of ``input_dims`` inputs.
+    """
+    if not scales:
+        return {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(dtype, dtype)
+    if not biases:
+        return "mxfp4"
+    return f"affine{packed_width * 32 // input_dims}"
+
+
+_MX_NAMES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32",
+             mx.uint8: "U8"}  # fmt: skip
+
+
+def _weights_format(weights: Mapping[str, mx.array], prefix: str, spec: SwitchSpec) -> str:
+    weight = weights.get(f"{prefix}.gate_proj.weight")
+    if weight is None:
+        return "none"
+    return expert_format(_MX_NAMES.get(weight.dtype, str(weight.dtype)), weight.shape[-1],
+                         spec.input_dims, f"{prefix}.gate_proj.scales" in weights,
+                         f"{prefix}.gate_proj.biases" in weights)  # fmt: skip
+
+
+def _source_format(source: LayerSource) -> str:
+    weight = source.pieces["gate_proj.weight"]
+    return expert_format(weight.dtype, weight.shape[-1], source.spec.input_dims,
+                         "gate_proj.scales" in source.pieces,
+                         "gate_proj.biases" in source.pieces)  # fmt: skip
+
+
+def expert_names(switches: Mapping[str, SwitchSpec]) -> set[str]:
+    return {f"{p}.{proj}.{part}" for p in switches for proj in PROJECTIONS for part in PARTS}
+
+
+def _stream_sources(
     ckpt: Checkpoint, adapter: MoeArchAdapter, switches: Mapping[str, SwitchSpec]
 ) -> dict[str, LayerSource]:
-    """Where each layer's experts live on disk: the sidecar, else the safetensors themselves."""
-    if has_sidecar(ckpt.path):
-        return read_sidecar(ckpt.path, switches)
+    """Where each layer's experts live inside the safetensors, read one expert at a time."""
     sources: dict[str, LayerSource] = {}
     for prefix, spec in switches.items():
         source = stacked_source(
@@ -64,90 +139,187 @@ def expert_sources(
 
 
 def choose_residency(
-    streaming: bool | None,
-    residency: str | None,
-    budget: int | str | None,
-    expert_bytes: int,
-    other_bytes: int,
+    options: LoadOptions, expert_bytes: int, other_bytes: int
 ) -> tuple[Residency, int | None]:
-    """Resolve the knobs into a residency and, for streaming, a byte budget.
+    """The residency and, for streaming, the byte budget a load with ``options`` uses.
 
     Unset knobs mean: stream when a budget is given, or when experts plus the rest would not fit
-    in 80% of physical memory; otherwise keep every expert resident.
+    in 80% of physical memory; otherwise keep every expert resident. The default budget is what
+    is left of 40% of memory after the non-expert weights, at most every expert.
     """
-    if residency is not None and residency not in ("resident", "streaming", "bf16_streaming"):
-        raise ValueError(
-            f"expert_residency must be resident, streaming or bf16_streaming, got {residency!r}"
-        )
-    if streaming is False and residency not in (None, "resident"):
-        raise ValueError(f"streaming=False contradicts expert_residency={residency!r}")
     chosen: Residency
-    if residency is not None:
-        chosen = residency  # type: ignore[assignment]
-    elif streaming is not None:
-        chosen = "streaming" if streaming else "resident"
-    elif budget is not None:
+    if options.expert_residency is not None:
+        chosen = options.expert_residency
+    elif options.streaming is not None:
+        chosen = "streaming" if options.streaming else "resident"
+    elif options.expert_budget is not None:
         chosen = "streaming"
     else:
         memory = physical_memory()
         fits = not memory or expert_bytes + other_bytes <= 0.8 * memory
         chosen = "resident" if fits else "streaming"
     if chosen == "resident":
-        if budget is not None:
-            raise ValueError("an expert budget applies only to streaming; drop it or stream")
         return chosen, None
-    if budget is not None:
-        return chosen, parse_size(budget)
+    if options.expert_budget is not None:
+        return chosen, options.expert_budget
     memory = physical_memory() or 8 * 2**30
     return chosen, max(1, min(expert_bytes, int(0.4 * memory) - other_bytes))
 
 
-def build_store(
+def _check_bias(prefix: str, spec: SwitchSpec, has_bias: bool, where: str) -> None:
+    if has_bias == spec.bias:
+        return
+    if spec.bias:
+        raise ShapeMismatchError(
+            f"{where}: routed experts of {prefix} have no bias tensors, but this architecture's "
+            "experts carry one (has_expert_bias); the weights are incomplete or belong to "
+            "another architecture"
+        )
+    raise ShapeMismatchError(
+        f"{where}: routed experts of {prefix} carry bias tensors ({prefix}.*.bias), which this "
+        "architecture's experts do not have (has_expert_bias is false); the weights belong to "
+        "another architecture"
+    )
+
+
+def plan_experts(
     ckpt: Checkpoint,
     adapter: MoeArchAdapter,
     switches: Mapping[str, SwitchSpec],
     weights: dict[str, mx.array],
     where: Callable[[str], str],
-    *,
-    streaming: bool | None,
-    residency: str | None,
-    budget: int | str | None,
-    prefill: PrefillMode,
-    verify: bool,
-) -> ExpertStore:
-    """The expert store for a load; expert tensors are taken out of ``weights``."""
+    options: LoadOptions,
+) -> ExpertPlan:
+    """Decide the expert store; expert tensors are taken out of ``weights``. Reads no data.
+
+    Raises a ``CheckpointError`` naming the file when the expert tensors do not match the
+    model, the format or layout is one the adapter does not run, or the budget is too small.
+    """
     sidecar = has_sidecar(ckpt.path)
-    expert_names = {
-        f"{p}.{proj}.{part}" for p in switches for proj in PROJECTIONS for part in PARTS
-    }
+    names = expert_names(switches)
+    sources: dict[str, LayerSource] = read_sidecar(ckpt.path, switches) if sidecar else {}
     if sidecar:
-        sources = read_sidecar(ckpt.path, switches)
         expert_bytes = sum(s.expert_bytes * s.spec.num_experts for s in sources.values())
     else:
-        expert_bytes = sum(int(weights[n].nbytes) for n in expert_names if n in weights)
-    other = sum(int(v.nbytes) for k, v in weights.items() if k not in expert_names)
-    chosen, nbytes = choose_residency(streaming, residency, budget, expert_bytes, other)
-    if chosen == "resident":
-        if sidecar:
-            reader = ExpertReader(verify=verify)
-            try:
-                for prefix, source in sources.items():
-                    raws = reader.read(source, list(range(source.spec.num_experts)))
-                    for name, piece in source.pieces.items():
-                        weights[f"{prefix}.{name}"] = mx.stack([piece.to_mx(r[name]) for r in raws])
-            finally:
-                reader.close()
-        fuse = os.environ.get("MACH_FUSE_GATE_UP", "1") not in ("0", "false", "no", "off")
-        return ResidentStackedExpertCache.from_weights(weights, switches, where, fuse)
-    for name in expert_names:
-        weights.pop(name, None)
-    if not sidecar:
-        sources = expert_sources(ckpt, adapter, switches)
-        if adapter.classify_layout(ckpt.tensor_names) is ExpertLayout.STACKED:
-            warnings.warn(STACKED_GUARD, StackedStreamingWarning, stacklevel=3)
-        if chosen == "bf16_streaming" and any(
-            f"{proj}.scales" in s.pieces for s in sources.values() for proj in PROJECTIONS
-        ):
-            raise ValueError("bf16_streaming streams float experts; this checkpoint is quantized")
-    assert nbytes is not None
-    return BankCache(sources, nbytes, ExpertReader(verify=verify), prefill)
+        expert_bytes = sum(int(weights[n].nbytes) for n in names if n in weights)
+    other = sum(int(v.nbytes) for k, v in weights.items() if k not in names)
+    residency, budget = choose_residency(options, expert_bytes, other)
+    if residency not in adapter.expert_stores:
+        raise AdapterError(
+            f"{adapter.name} supports the expert stores {', '.join(adapter.expert_stores)}, "
+            f"not {residency}"
+        )
+    layout = "sidecar" if sidecar else adapter.classify_layout(ckpt.tensor_names).value
+    if not sidecar and ExpertLayout(layout) not in adapter.layouts:
+        raise CheckpointError(
+            f"{ckpt.path}: {adapter.name} reads {', '.join(x.value for x in adapter.layouts)} "
+            f"expert layouts, and this checkpoint's experts are {layout}; run `mach convert`"
+        )
+    if residency == "resident":
+        plan = _plan_resident(switches, weights, where, sources, expert_bytes, str(ckpt.path))
+    else:
+        for name in names:
+            weights.pop(name, None)
+        if not sources:
+            sources = _stream_sources(ckpt, adapter, switches)
+        plan = _plan_streaming(residency, budget, sources, expert_bytes, str(ckpt.path))
+    plan.layout = layout
+    if switches and format_family(plan.quantization) not in adapter.routed_quantization:
+        raise CheckpointError(
+            f"{ckpt.path}: routed experts are {plan.quantization}, which {adapter.name} does not "
+            f"run (it runs {', '.join(adapter.routed_quantization)})"
+        )
+    return plan
+
+
+def _plan_resident(
+    switches: Mapping[str, SwitchSpec],
+    weights: dict[str, mx.array],
+    where: Callable[[str], str],
+    sources: Mapping[str, LayerSource],
+    expert_bytes: int,
+    path: str,
+) -> ExpertPlan:
+    if sources:
+        memory = sum(slot_bytes(s) * s.spec.num_experts for s in sources.values())
+        for prefix, source in sources.items():
+            _check_bias(prefix, source.spec, "down_proj.bias" in source.pieces, path)
+        first = next(iter(sources.values()), None)
+        quantization = _source_format(first) if first else "none"
+        return ExpertPlan("resident", "sidecar", quantization, expert_bytes, memory,
+                          sources=dict(sources))  # fmt: skip
+    first_switch = next(iter(switches.items()), None)
+    quantization = _weights_format(weights, *first_switch) if first_switch else "none"
+    store = ResidentStackedExpertCache.from_weights(
+        weights, switches, where, env_flag("MACH_FUSE_GATE_UP", True)
+    )
+    for prefix, spec in switches.items():
+        matrices = store.layers[prefix].weights
+        _check_bias(prefix, spec, matrices.down.bias is not None, where(f"{prefix}.down_proj"))
+    return ExpertPlan("resident", "", quantization, expert_bytes, store.nbytes, resident=store)
+
+
+def _plan_streaming(
+    residency: Residency,
+    budget: int | None,
+    sources: dict[str, LayerSource],
+    expert_bytes: int,
+    path: str,
+) -> ExpertPlan:
+    assert budget is not None
+    first = next(iter(sources.values()), None)
+    quantization = _source_format(first) if first else "none"
+    float_dtype = None
+    if residency == "bf16_streaming":
+        if quantization not in FLOAT_FORMATS:
+            raise CheckpointError(
+                f"bf16_streaming holds float experts in bfloat16 banks, and these experts are "
+                f"{quantization}; use expert_residency='streaming'"
+            )
+        float_dtype = mx.bfloat16
+    for prefix, source in sources.items():
+        _check_bias(prefix, source.spec, "down_proj.bias" in source.pieces, path)
+    per_slot = sum(slot_bytes(s, float_dtype) for s in sources.values())
+    slots = check_budget(budget, sources, float_dtype)
+    memory = sum(slot_bytes(s, float_dtype) * min(slots, s.spec.num_experts)
+                 for s in sources.values())  # fmt: skip
+    return ExpertPlan(residency, "", quantization, expert_bytes, memory, budget, slots,
+                      per_slot, sources)  # fmt: skip
+
+
+def build_store(
+    plan: ExpertPlan, options: LoadOptions, ckpt: Checkpoint, adapter: MoeArchAdapter
+) -> ExpertStore:
+    """The store ``plan`` describes. Streaming allocates its banks; resident reads nothing yet."""
+    if plan.resident is not None:
+        return plan.resident
+    if plan.residency == "resident":
+        return _resident_from_sidecar(plan, options)
+    if plan.layout == ExpertLayout.STACKED.value:
+        warnings.warn(STACKED_GUARD, StackedStreamingWarning, stacklevel=4)
+    assert plan.budget_bytes is not None
+    float_dtype = mx.bfloat16 if plan.residency == "bf16_streaming" else None
+    return BankCache(
+        plan.sources,
+        plan.budget_bytes,
+        ExpertReader(verify=options.verify_experts),
+        options.prefill,
+        float_dtype,
+        kind=plan.residency,
+    )
+
+
+def _resident_from_sidecar(plan: ExpertPlan, options: LoadOptions) -> ExpertStore:
+    weights: dict[str, mx.array] = {}
+    reader = ExpertReader(verify=options.verify_experts)
+    try:
+        for prefix, source in plan.sources.items():
+            raws = reader.read(source, list(range(source.spec.num_experts)))
+            for name, piece in source.pieces.items():
+                weights[f"{prefix}.{name}"] = mx.stack([piece.to_mx(r[name]) for r in raws])
+    finally:
+        reader.close()
+    switches = {prefix: source.spec for prefix, source in plan.sources.items()}
+    return ResidentStackedExpertCache.from_weights(
+        weights, switches, str, env_flag("MACH_FUSE_GATE_UP", True)
+    )
