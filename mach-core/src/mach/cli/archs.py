@@ -42,6 +42,8 @@ def _render(as_json: bool) -> None:
             f"expert_stores={','.join(s['expert_stores'])}  "
             f"cache_backends={','.join(s['cache_backends'])}"
         )
+        if s["unavailable"]:
+            typer.echo(f"  not yet in mach: {', '.join(s['unavailable'])}")
 
 
 def archs_command(

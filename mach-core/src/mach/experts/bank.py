@@ -109,6 +109,11 @@ class LayerExpertBank(LayerExperts):
         }
         mx.eval(list(self.arrays.values()))
         self.weights = self._weights(self.arrays)
+        # MLX's CPU gather kernel computes in float32 only: half-precision banks are widened
+        # for each call there, keeping the memory saving; other devices use them as they are.
+        self._widen = (
+            float_dtype is not None and float_dtype != mx.float32 and mx.default_device() == mx.cpu
+        )
         self._slot_of: OrderedDict[int, int] = OrderedDict()
         self._lut = np.zeros(spec.num_experts, dtype=np.uint32)
         self._free = list(range(slots))
@@ -132,6 +137,22 @@ class LayerExpertBank(LayerExperts):
             return ExpertWeights(down=down, gate_up=matrix("gate_up", "gate_proj"))
         return ExpertWeights(down=down, gate=matrix("gate_proj", "gate_proj"),
                              up=matrix("up_proj", "up_proj"))  # fmt: skip
+
+    def _compute(self, arrays: Mapping[str, mx.array]) -> ExpertWeights:
+        if not self._widen:
+            return self.weights if arrays is self.arrays else self._weights(arrays)
+        return self._weights(
+            {
+                name: a.astype(mx.float32)
+                if mx.issubdtype(a.dtype, mx.floating) and not self._quantized(name)
+                else a
+                for name, a in arrays.items()
+            }
+        )
+
+    def _quantized(self, bank_name: str) -> bool:
+        proj = "gate_proj" if bank_name.startswith("gate_up") else bank_name.split(".")[0]
+        return self._formats[proj][0] is not None
 
     @property
     def nbytes(self) -> int:
@@ -188,7 +209,7 @@ class LayerExpertBank(LayerExperts):
                 self._write(slot, raw)
                 self._slot_of[expert] = slot
                 self._lut[expert] = slot
-        return self.weights, mx.array(self._lut[ids])
+        return self._compute(self.arrays), mx.array(self._lut[ids])
 
     def _transient(self, wanted: list[int], ids: np.ndarray) -> tuple[ExpertWeights, mx.array]:
         self.transient_calls += 1
@@ -208,7 +229,7 @@ class LayerExpertBank(LayerExperts):
         stacked = {name: mx.stack(values) for name, values in columns.items()}
         lut = np.zeros(self.source.spec.num_experts, dtype=np.uint32)
         lut[wanted] = np.arange(len(wanted), dtype=np.uint32)
-        return self._weights(stacked), mx.array(lut[ids])
+        return self._compute(stacked), mx.array(lut[ids])
 
 
 def parse_size(value: int | str) -> int:
