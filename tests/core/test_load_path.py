@@ -85,6 +85,7 @@ def test_default_model_budget_is_the_one_loading_picks() -> None:
 def test_loaded_model_unpacks_and_carries_the_plan() -> None:
     loaded = load_moe(FIXTURES / "qwen3_moe" / "mlx-q4")
     model, tokenizer, store, cache = loaded
+    assert tokenizer is loaded.tokenizer and cache is loaded.cache
     assert loaded[0] is model and loaded[2] is store and len(loaded) == 4
     assert loaded.adapter.name == "qwen3_moe"
     assert loaded.checkpoint.path == FIXTURES / "qwen3_moe" / "mlx-q4"

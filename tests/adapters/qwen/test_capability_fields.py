@@ -8,7 +8,6 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from mach_adapter_qwen.adapters import Qwen3MoeAdapter
 
 from mach import REGISTRY, load_moe
 from mach.check import check_checkpoint
@@ -16,6 +15,7 @@ from mach.errors import AdapterError, CheckpointError, ShapeMismatchError
 from mach.experts.activations import GateActivation
 from mach.experts.swap import bind_switches
 from mach.io.options import LoadOptions
+from mach_adapter_qwen.adapters import Qwen3MoeAdapter
 
 FAMILY = Path(__file__).parents[2] / "fixtures" / "qwen3_moe"
 
