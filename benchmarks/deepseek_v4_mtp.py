@@ -32,6 +32,7 @@ from mach.decode.engine import TargetEngine
 from mach.decode.params import SamplingParams
 from mach.decode.sampler import Sampler
 from mach.decode.speculative import Draft, Drafter, DraftGate, SpecDecEngine
+from mach.io.checkpoint import open_checkpoint
 from mach.io.convert import convert
 from mach_adapter_deepseek.mtp import MtpDrafter, load_mtp
 
@@ -153,9 +154,8 @@ def main() -> None:
         sidecar = Path(tmp) / "sidecar"
         convert(FIXTURE, sidecar)
         model, _, store, cache = load_moe(sidecar, expert_budget="70KB")
-        mtp = load_mtp(
-            model, FIXTURE, __import__("json").loads((FIXTURE / "config.json").read_text())
-        )
+        source = open_checkpoint(FIXTURE)
+        mtp = load_mtp(model, source, source.config)
         assert mtp is not None
         loss = distil(model, mtp, args.steps, args.batch)
         print(f"MTP distilled for {args.steps} steps: loss {loss:.3f} "

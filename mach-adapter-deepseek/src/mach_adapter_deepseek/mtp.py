@@ -11,7 +11,6 @@ streams for the committed positions take their place.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -22,7 +21,8 @@ from mach.decode.speculative import Draft, Drafter, DraftGate
 from mach.env import env_flag
 from mach.experts.store import ResidentStackedExpertCache
 from mach.experts.swap import bind_switches, swap_switch_mlp
-from mach.io.checkpoint import open_checkpoint
+from mach.io.checkpoint import Checkpoint
+from mach.io.load import LoadedModel
 from mach_adapter_deepseek.config import ModelArgs
 from mach_adapter_deepseek.hyper import HyperHead
 from mach_adapter_deepseek.model import DecoderLayer, Model, rotary_tables
@@ -57,12 +57,12 @@ class MtpModule(nn.Module):
 _OWN = ("e_proj.", "h_proj.", "enorm.", "hnorm.", "norm.")
 
 
-def _mtp_weights(path: Path, config: dict[str, Any]) -> dict[str, mx.array]:
+def _mtp_weights(ckpt: Checkpoint, config: dict[str, Any]) -> dict[str, mx.array]:
     """``mtp.0.*`` -> the module's names: its own tensors as they are, its block as layer 0."""
     from mach_adapter_deepseek.checkpoint import engine_name, stack_experts, unpack
 
     raw: dict[str, mx.array] = {}
-    for file in open_checkpoint(path).files:
+    for file in ckpt.files:
         loaded = mx.load(str(file))
         assert isinstance(loaded, dict)
         raw.update(
@@ -80,9 +80,10 @@ def _mtp_weights(path: Path, config: dict[str, Any]) -> dict[str, mx.array]:
     return out
 
 
-def load_mtp(target: Model, path: Path, config: dict[str, Any]) -> MtpModule | None:
+def load_mtp(target: Model, ckpt: Checkpoint, config: dict[str, Any]) -> MtpModule | None:
     """The checkpoint's MTP module with its experts resident, or ``None`` if it ships none."""
-    weights = _mtp_weights(path, config)
+    path = ckpt.path
+    weights = _mtp_weights(ckpt, config)
     if not weights:
         return None
     mtp = MtpModule(target.args)
@@ -152,11 +153,12 @@ class MtpDrafter(Drafter):
         return Draft(drafted, mx.concatenate(dists) if dists else None, confidence)
 
 
-def make_mtp_drafter(target: nn.Module, checkpoint: Any, config: dict[str, Any]) -> Drafter | None:
+def make_mtp_drafter(loaded: LoadedModel) -> Drafter | None:
     """``register_drafters`` factory: the MTP drafter, unless switched off or absent."""
-    if not env_flag(DRAFT_ENV, True):
+    target = loaded.model
+    if not env_flag(DRAFT_ENV, True) or not isinstance(target, Model):
         return None
-    if not isinstance(target, Model):
+    if not any(name.startswith("mtp.0.") for name in loaded.checkpoint.tensor_names):
         return None
-    mtp = load_mtp(target, Path(checkpoint), config)
+    mtp = load_mtp(target, loaded.checkpoint, loaded.checkpoint.config)
     return None if mtp is None else MtpDrafter(target, mtp)

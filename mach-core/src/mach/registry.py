@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import importlib_metadata
@@ -15,6 +14,7 @@ from mach.errors import AdapterError, UnknownArchitectureError
 
 if TYPE_CHECKING:
     from mach.decode.speculative import Drafter
+    from mach.io.load import LoadedModel
 
 # Families that mach publishes, so an unknown model_type can name the package that adds it.
 KNOWN_FAMILIES: dict[str, str] = {
@@ -261,8 +261,8 @@ def arch_summary(adapter: MoeArchAdapter) -> dict[str, Any]:
     }
 
 
-DrafterFactory = Callable[[Any, Path, Mapping[str, Any]], "Drafter | None"]
-"""``factory(model, checkpoint_folder, config)``; ``None`` means no draft for this checkpoint."""
+DrafterFactory = Callable[["LoadedModel"], "Drafter | None"]
+"""``factory(loaded)``; ``None`` means no draft for this checkpoint (or it is switched off)."""
 
 
 def drafter_factories() -> dict[str, DrafterFactory | str]:
@@ -280,12 +280,12 @@ def drafter_factories() -> dict[str, DrafterFactory | str]:
     return found
 
 
-def make_drafter(adapter: MoeArchAdapter, model: Any, checkpoint: Path,
-                 config: Mapping[str, Any]) -> Drafter | None:  # fmt: skip
+def make_drafter(loaded: LoadedModel) -> Drafter | None:
     """The adapter's draft family bound to a loaded model, or ``None`` when it has none."""
+    adapter = loaded.adapter
     if adapter.specdec_kind is None:
         return None
     factory = drafter_factories().get(adapter.specdec_kind)
     if isinstance(factory, str):
         factory = load_object(factory, "drafter factory")
-    return None if factory is None else factory(model, checkpoint, config)
+    return None if factory is None else factory(loaded)

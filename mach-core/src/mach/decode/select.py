@@ -27,7 +27,7 @@ def build_engine(
     ckpt = loaded.checkpoint
     if draft is False:
         return TargetEngine(model, tokenizer, loaded.cache.new)
-    drafter = make_drafter(adapter, model, ckpt.path, ckpt.config) if adapter.specdec_kind else None
+    drafter = make_drafter(loaded)
     if drafter is None:
         if draft:
             raise MachError(
