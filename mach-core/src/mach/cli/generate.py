@@ -9,6 +9,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from mach.chat.reasoning import ReasoningTags, split_reasoning
 from mach.cli import reports_errors
 from mach.cli.residency import (
     Draft,
@@ -21,7 +22,6 @@ from mach.cli.residency import (
     store_line,
     store_report,
 )
-from mach.decode.reasoning import ReasoningTags, split_reasoning
 from mach.errors import MachError
 
 DEFAULT_PROMPT = "def fibonacci(n):"
