@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mach.decode.harmony import HarmonyStream, parse_harmony
+from mach.chat.harmony import HarmonyStream, parse_harmony
 
 FULL = ("<|channel|>analysis<|message|>User wants a sum.<|end|>"
         "<|start|>assistant<|channel|>final<|message|>It is 5.<|return|>")  # fmt: skip

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 from openai import OpenAI
 
-from mach.decode.reasoning import ReasoningSplitter, ReasoningTags, split_reasoning
+from mach.chat.reasoning import ReasoningSplitter, ReasoningTags, split_reasoning
 from tests.serve.conftest import Running, serve_with
 from tests.serve.scripted import scripted_checkpoint
 

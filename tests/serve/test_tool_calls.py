@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from mach.decode.tool_calls import parse_tool_calls
-from mach_serve.responses import ToolCallSplitter
+from mach.chat.tool_calls import ToolCallSplitter, parse_tool_calls
 
 CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
 
@@ -55,7 +54,7 @@ def test_splitter_releases_a_false_start() -> None:
 
 
 def test_gemma_tool_call_format() -> None:
-    from mach.decode.tool_calls import parse_gemma_tool_calls
+    from mach.chat.tool_calls import parse_gemma_tool_calls
 
     text = 'Sure.<|tool_call>call:search{query:<|"|>a, b: c<|"|>,limit:5,exact:true}<tool_call|>'
     content, calls = parse_gemma_tool_calls(text)

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     import mlx.nn as nn
 
     from mach.cache.base import LayerCache
-    from mach.decode.tool_calls import ParsedToolCall
+    from mach.chat.tool_calls import ParsedToolCall
 
 
 class Gemma4Adapter(MoeArchAdapter):
@@ -36,7 +36,7 @@ class Gemma4Adapter(MoeArchAdapter):
     tool_call_open = "<|tool_call>"
 
     def parse_tool_calls(self, text: str) -> tuple[str, list[ParsedToolCall]]:
-        from mach.decode.tool_calls import parse_gemma_tool_calls
+        from mach.chat.tool_calls import parse_gemma_tool_calls
 
         return parse_gemma_tool_calls(text)
 

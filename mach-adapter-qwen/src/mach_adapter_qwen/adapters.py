@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from mach.adapter import MoeArchAdapter
-from mach.decode.reasoning import ReasoningTags
+from mach.chat.reasoning import ReasoningTags
 
 if TYPE_CHECKING:
     import mlx.core as mx

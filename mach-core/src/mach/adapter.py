@@ -13,8 +13,8 @@ if TYPE_CHECKING:
     import mlx.nn as nn
 
     from mach.cache.base import LayerCache
-    from mach.decode.reasoning import ReasoningTags
-    from mach.decode.tool_calls import ParsedToolCall
+    from mach.chat.reasoning import ReasoningTags
+    from mach.chat.tool_calls import ParsedToolCall
     from mach.experts.activations import GateActivation
     from mach.io.checkpoint import Checkpoint
     from mach.io.options import LoadOptions
@@ -110,7 +110,7 @@ class MoeArchAdapter(ABC):
 
     def parse_tool_calls(self, text: str) -> tuple[str, list[ParsedToolCall]]:
         """Content and tool calls in generated text; the default reads ``<tool_call>`` JSON."""
-        from mach.decode.tool_calls import parse_tool_calls
+        from mach.chat.tool_calls import parse_tool_calls
 
         return parse_tool_calls(text)
 

@@ -7,8 +7,8 @@ import time
 import uuid
 from typing import Any
 
+from mach.chat.tool_calls import ParsedToolCall
 from mach.decode.events import GenerationStats, TokenEvent
-from mach.decode.tool_calls import TOOL_CALL_OPEN, ParsedToolCall
 from mach.tokenizer.tokenizer import Tokenizer
 
 
@@ -58,34 +58,6 @@ def completion_logprobs(tokenizer: Tokenizer, events: list[TokenEvent]) -> dict[
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops,
             "text_offset": offsets}  # fmt: skip
-
-
-class ToolCallSplitter:
-    """Streams content until a tool-call block starts; keeps the rest for parsing at the end."""
-
-    def __init__(self, open_tag: str = TOOL_CALL_OPEN) -> None:
-        self.open_tag = open_tag
-        self.held = ""
-        self.tail = ""
-        self.in_call = False
-
-    def feed(self, delta: str) -> str:
-        if self.in_call:
-            self.tail += delta
-            return ""
-        text = self.held + delta
-        start = text.find(self.open_tag)
-        if start >= 0:
-            self.in_call, self.held, self.tail = True, "", text[start:]
-            return text[:start]
-        keep = next((n for n in range(len(self.open_tag) - 1, 0, -1)
-                     if text.endswith(self.open_tag[:n])), 0)  # fmt: skip
-        self.held = text[len(text) - keep :] if keep else ""
-        return text[: len(text) - keep]
-
-    def finish(self) -> str:
-        held, self.held = self.held, ""
-        return held
 
 
 def chunk(cid: str, model: str, created: int, delta: dict[str, Any], finish: str | None,

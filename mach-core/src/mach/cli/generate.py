@@ -9,6 +9,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from mach.chat.reasoning import split_reasoning
 from mach.cli import reports_errors
 from mach.cli.residency import (
     Arch,
@@ -25,7 +26,6 @@ from mach.cli.residency import (
     store_line,
     store_report,
 )
-from mach.decode.reasoning import split_reasoning
 from mach.errors import MachError
 
 DEFAULT_PROMPT = "def fibonacci(n):"

@@ -18,6 +18,7 @@ import numpy as np
 
 from mach.errors import ShapeMismatchError
 from mach.experts.switch import SwitchSpec
+from mach.tensors import TensorInfo
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 PARTS = ("weight", "scales", "biases", "bias")
@@ -114,8 +115,6 @@ def stacked_source(
     find: stacked tensors already under engine names (``<switch>.<proj>.<part>``, as
     mlx-community checkpoints are), or one tensor per expert named by ``per_expert_name``.
     """
-    from mach.io.safetensors import TensorInfo
-
     pieces: dict[str, Piece] = {}
     e = spec.num_experts
     for proj in PROJECTIONS:

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from mach.errors import CheckpointError, CorruptCheckpointError, MissingFileError
-from mach.io.safetensors import TensorInfo, read_header
+from mach.io.safetensors import read_header
+from mach.tensors import TensorInfo
 
 INDEX_FILE = "model.safetensors.index.json"
 

@@ -6,10 +6,10 @@ import json
 import math
 import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 from mach.errors import CorruptCheckpointError
+from mach.tensors import TensorInfo
 
 DTYPE_SIZES: dict[str, int] = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
@@ -19,22 +19,6 @@ DTYPE_SIZES: dict[str, int] = {
 }  # fmt: skip
 
 _MAX_HEADER = 100 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives: its file, dtype, shape and absolute byte range."""
-
-    name: str
-    file: Path
-    dtype: str
-    shape: tuple[int, ...]
-    start: int
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:

@@ -15,7 +15,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mach.experts.sources import DTYPES
-from mach.io.safetensors import TensorInfo
+from mach.tensors import TensorInfo
 
 
 class StreamingEmbedding(nn.Module):

@@ -1,4 +1,8 @@
-"""Tool calls in generated text: the ``<tool_call>{json}</tool_call>`` format (Qwen, Hermes)."""
+"""Tool calls in generated text, whole or as it streams.
+
+Two formats: ``<tool_call>{json}</tool_call>`` (Qwen, Hermes) and Gemma 4's
+``<|tool_call>call:NAME{key:value,...}<tool_call|>``.
+"""
 
 from __future__ import annotations
 
@@ -53,6 +57,34 @@ def parse_tool_calls(text: str) -> tuple[str, list[ParsedToolCall]]:
                 break
         rest = after
     return "".join(content).strip(), calls
+
+
+class ToolCallSplitter:
+    """Streams content until a tool-call block starts; keeps the rest for parsing at the end."""
+
+    def __init__(self, open_tag: str = TOOL_CALL_OPEN) -> None:
+        self.open_tag = open_tag
+        self.held = ""
+        self.tail = ""
+        self.in_call = False
+
+    def feed(self, delta: str) -> str:
+        if self.in_call:
+            self.tail += delta
+            return ""
+        text = self.held + delta
+        start = text.find(self.open_tag)
+        if start >= 0:
+            self.in_call, self.held, self.tail = True, "", text[start:]
+            return text[:start]
+        keep = next((n for n in range(len(self.open_tag) - 1, 0, -1)
+                     if text.endswith(self.open_tag[:n])), 0)  # fmt: skip
+        self.held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep]
+
+    def finish(self) -> str:
+        held, self.held = self.held, ""
+        return held
 
 
 GEMMA_OPEN, GEMMA_CLOSE, GEMMA_QUOTE = "<|tool_call>", "<tool_call|>", '<|"|>'

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 
-from mach.decode.tool_calls import ParsedToolCall
+from mach.chat.tool_calls import ParsedToolCall
 
 ENDS = ("<|end|>", "<|return|>", "<|call|>")
 MESSAGE = "<|message|>"
