@@ -1,0 +1,96 @@
+"""Headers and indexes that disagree with the files they describe fail by name, before any read."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mach import load_moe
+from mach.errors import CorruptCheckpointError
+
+Header = dict[str, Any]
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path, fixtures_dir: Path) -> Path:
+    target = tmp_path / "ckpt"
+    shutil.copytree(fixtures_dir / "qwen3_moe" / "hf-per-expert", target)
+    return target
+
+
+def rewrite_header(path: Path, edit: Callable[[Header], None]) -> None:
+    """Replace a safetensors file's header with an edited copy; the tensor data stays as it was."""
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    edit(header)
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + length :])
+
+
+def by_offset(header: Header) -> list[str]:
+    names = [n for n in header if n != "__metadata__"]
+    return sorted(names, key=lambda n: header[n]["data_offsets"][0])
+
+
+# safetensors data_offsets
+
+
+def test_overlapping_tensors_name_both(checkpoint: Path) -> None:
+    names: list[str] = []
+
+    def overlap(header: Header) -> None:
+        names.extend(by_offset(header)[2:4])
+        first, second = (header[n] for n in names)
+        size = second["data_offsets"][1] - second["data_offsets"][0]
+        start = first["data_offsets"][0] + 4
+        second["data_offsets"] = [start, start + size]
+
+    rewrite_header(checkpoint / "model.safetensors", overlap)
+    with pytest.raises(CorruptCheckpointError, match="overlap") as err:
+        load_moe(checkpoint)
+    assert "model.safetensors" in str(err.value)
+    assert all(repr(n) in str(err.value) for n in names)
+
+
+def test_offsets_that_run_backwards(checkpoint: Path) -> None:
+    names: list[str] = []
+
+    def reverse(header: Header) -> None:
+        names.append(by_offset(header)[1])
+        header[names[0]]["data_offsets"].reverse()
+
+    rewrite_header(checkpoint / "model.safetensors", reverse)
+    with pytest.raises(CorruptCheckpointError, match="do not form a byte range") as err:
+        load_moe(checkpoint)
+    assert repr(names[0]) in str(err.value)
+
+
+@pytest.mark.parametrize(("dropped", "where"), [(0, "at the start of the data"), (1, "after")])
+def test_gap_between_tensors(checkpoint: Path, dropped: int, where: str) -> None:
+    names: list[str] = []
+
+    def drop(header: Header) -> None:
+        order = by_offset(header)
+        names.extend([order[1]] if dropped == 0 else [order[0], order[2]])
+        del header[order[dropped]]
+
+    rewrite_header(checkpoint / "model.safetensors", drop)
+    with pytest.raises(CorruptCheckpointError, match="belong to no tensor") as err:
+        load_moe(checkpoint)
+    assert where in str(err.value)
+    assert all(repr(n) in str(err.value) for n in names)
+
+
+def test_bytes_beyond_the_last_tensor(checkpoint: Path) -> None:
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b"\0" * 16)
+    with pytest.raises(CorruptCheckpointError, match="header does not match the file") as err:
+        load_moe(checkpoint)
+    assert "model.safetensors" in str(err.value)
