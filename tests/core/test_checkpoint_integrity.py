@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from mach import load_moe
-from mach.errors import CorruptCheckpointError
+from mach.errors import CorruptCheckpointError, MissingFileError
 
 Header = dict[str, Any]
 
@@ -21,6 +21,13 @@ Header = dict[str, Any]
 def checkpoint(tmp_path: Path, fixtures_dir: Path) -> Path:
     target = tmp_path / "ckpt"
     shutil.copytree(fixtures_dir / "qwen3_moe" / "hf-per-expert", target)
+    return target
+
+
+@pytest.fixture
+def sharded(tmp_path: Path, fixtures_dir: Path) -> Path:
+    target = tmp_path / "sharded"
+    shutil.copytree(fixtures_dir / "qwen3_moe" / "hf-sharded", target)
     return target
 
 
@@ -94,3 +101,22 @@ def test_bytes_beyond_the_last_tensor(checkpoint: Path) -> None:
     with pytest.raises(CorruptCheckpointError, match="header does not match the file") as err:
         load_moe(checkpoint)
     assert "model.safetensors" in str(err.value)
+
+
+# folders where weight files should be
+
+
+def test_weights_path_is_a_folder(checkpoint: Path) -> None:
+    weights = checkpoint / "model.safetensors"
+    weights.rename(checkpoint / "weights.bin")
+    weights.mkdir()
+    with pytest.raises(MissingFileError, match=r"model\.safetensors: is a folder"):
+        load_moe(checkpoint)
+
+
+def test_shard_is_a_folder(sharded: Path) -> None:
+    shard = sharded / "model-00002-of-00004.safetensors"
+    shard.unlink()
+    shard.mkdir()
+    with pytest.raises(MissingFileError, match=rf"shard {shard.name} .* is a folder"):
+        load_moe(sharded)

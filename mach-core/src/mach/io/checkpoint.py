@@ -47,14 +47,20 @@ def _weight_files(root: Path) -> list[Path]:
         weight_map = _read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CorruptCheckpointError(f"{index_path}: has no 'weight_map'")
-        shards = sorted(set(weight_map.values()))
-        missing = [s for s in shards if not (root / s).is_file()]
+        shards = {root / s: s for s in weight_map.values()}
+        folders = [s for path, s in shards.items() if path.is_dir()]
+        if folders:
+            raise MissingFileError(
+                f"{root}: shard {folders[0]} listed in {INDEX_FILE} is a folder, not a "
+                "safetensors file; fix the entry or replace the folder with the shard"
+            )
+        missing = sorted(s for path, s in shards.items() if not path.is_file())
         if missing:
             raise MissingFileError(
                 f"{root}: shard(s) {', '.join(missing)} listed in {INDEX_FILE} are missing; "
                 "download every shard of the checkpoint"
             )
-        return [root / s for s in shards]
+        return sorted(shards)
     files = sorted(root.glob("model*.safetensors")) or sorted(root.glob("*.safetensors"))
     if not files:
         raise MissingFileError(

@@ -9,7 +9,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from mach.errors import CorruptCheckpointError
+from mach.errors import CorruptCheckpointError, MissingFileError
 
 DTYPE_SIZES: dict[str, int] = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
@@ -42,8 +42,12 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
 
     Raises ``CorruptCheckpointError`` naming the file when the header is unreadable, a tensor's
     byte range disagrees with its dtype and shape, the ranges overlap or leave gaps, or the file
-    is shorter or longer than the header says.
+    is shorter or longer than the header says; ``MissingFileError`` when ``path`` is a folder.
     """
+    if path.is_dir():
+        raise MissingFileError(
+            f"{path}: is a folder, not a safetensors file; move the weights out of it or remove it"
+        )
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         prefix = f.read(8)
