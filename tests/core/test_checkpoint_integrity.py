@@ -9,10 +9,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
 import pytest
 
 from mach import load_moe
 from mach.errors import CorruptCheckpointError, MissingFileError
+from mach.io.checkpoint import open_checkpoint
 
 Header = dict[str, Any]
 
@@ -44,6 +46,19 @@ def rewrite_header(path: Path, edit: Callable[[Header], None]) -> None:
 def by_offset(header: Header) -> list[str]:
     names = [n for n in header if n != "__metadata__"]
     return sorted(names, key=lambda n: header[n]["data_offsets"][0])
+
+
+def edit_weight_map(root: Path, edit: Callable[[dict[str, str]], None]) -> None:
+    path = root / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    edit(index["weight_map"])
+    path.write_text(json.dumps(index))
+
+
+def rename_shard(weight_map: dict[str, str], old: str, new: str) -> None:
+    for tensor, shard in weight_map.items():
+        if shard == old:
+            weight_map[tensor] = new
 
 
 # safetensors data_offsets
@@ -120,3 +135,37 @@ def test_shard_is_a_folder(sharded: Path) -> None:
     shard.mkdir()
     with pytest.raises(MissingFileError, match=rf"shard {shard.name} .* is a folder"):
         load_moe(sharded)
+
+
+# weight_map entries naming files outside the checkpoint
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+def test_shard_outside_the_folder(sharded: Path, absolute: bool) -> None:
+    name = "model-00001-of-00004.safetensors"
+    outside = sharded.parent / name
+    (sharded / name).rename(outside)
+    entry = str(outside) if absolute else f"../{name}"
+    edit_weight_map(sharded, lambda m: rename_shard(m, name, entry))
+    with pytest.raises(CorruptCheckpointError, match="points outside") as err:
+        load_moe(sharded)
+    assert "model.safetensors.index.json" in str(err.value) and repr(entry) in str(err.value)
+
+
+def test_dot_dot_that_stays_inside_is_accepted(sharded: Path) -> None:
+    name = "model-00001-of-00004.safetensors"
+    (sharded / "sub").mkdir()
+    edit_weight_map(sharded, lambda m: rename_shard(m, name, f"sub/../{name}"))
+    assert sharded / name in open_checkpoint(sharded).files
+
+
+def test_hub_cache_snapshot_of_symlinks_loads(sharded: Path, tmp_path: Path) -> None:
+    blobs = tmp_path / "models--acme--tiny" / "blobs"
+    snapshot = tmp_path / "models--acme--tiny" / "snapshots" / "0123abcd"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for i, file in enumerate(sorted(sharded.iterdir())):
+        file.rename(blobs / f"blob{i}")
+        (snapshot / file.name).symlink_to(Path("..", "..", "blobs", f"blob{i}"))
+    model, _, _, _ = load_moe(snapshot)
+    assert model(mx.array([[1, 2, 3]])).shape == (1, 3, 512)
