@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 from collections.abc import Callable
@@ -14,7 +15,9 @@ import pytest
 
 from mach import load_moe
 from mach.errors import CorruptCheckpointError, MissingFileError
+from mach.experts.reader import ExpertReadError
 from mach.io.checkpoint import open_checkpoint
+from mach.io.convert import convert
 
 Header = dict[str, Any]
 
@@ -31,6 +34,17 @@ def sharded(tmp_path: Path, fixtures_dir: Path) -> Path:
     target = tmp_path / "sharded"
     shutil.copytree(fixtures_dir / "qwen3_moe" / "hf-sharded", target)
     return target
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    fixture = Path(__file__).parents[1] / "fixtures" / "qwen3_moe" / "mlx-q4"
+    return convert(fixture, tmp_path_factory.mktemp("converted") / "model")
+
+
+@pytest.fixture
+def sidecar(tmp_path: Path, converted: Path) -> Path:
+    return Path(shutil.copytree(converted, tmp_path / "sidecar"))
 
 
 def rewrite_header(path: Path, edit: Callable[[Header], None]) -> None:
@@ -169,3 +183,99 @@ def test_hub_cache_snapshot_of_symlinks_loads(sharded: Path, tmp_path: Path) -> 
         (snapshot / file.name).symlink_to(Path("..", "..", "blobs", f"blob{i}"))
     model, _, _, _ = load_moe(snapshot)
     assert model(mx.array([[1, 2, 3]])).shape == (1, 3, 512)
+
+
+# expert sidecar index
+
+
+def sidecar_index(root: Path) -> dict[str, Any]:
+    return json.loads((root / "expert_sidecar" / "index.json").read_text())  # type: ignore[no-any-return]
+
+
+def write_sidecar_index(root: Path, index: dict[str, Any]) -> None:
+    (root / "expert_sidecar" / "index.json").write_text(json.dumps(index, indent=1))
+
+
+def first_layer(index: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    prefix = next(iter(index["layers"]))
+    return prefix, index["layers"][prefix]
+
+
+def test_edited_part_offset_fails_at_open(sidecar: Path) -> None:
+    index = sidecar_index(sidecar)
+    prefix, layer = first_layer(index)
+    part = layer["parts"][1]
+    part["offset"] += 4
+    write_sidecar_index(sidecar, index)
+    with pytest.raises(CorruptCheckpointError, match="parts before it end at byte") as err:
+        load_moe(sidecar, streaming=True)
+    assert f"part {part['name']} of {prefix}" in str(err.value)
+
+
+def test_record_size_disagrees_with_parts(sidecar: Path) -> None:
+    index = sidecar_index(sidecar)
+    prefix, layer = first_layer(index)
+    layer["record_bytes"] = 4096
+    write_sidecar_index(sidecar, index)
+    with pytest.raises(CorruptCheckpointError, match="once padded to the 4096-byte") as err:
+        load_moe(sidecar, streaming=True)
+    assert prefix in str(err.value)
+
+
+@pytest.mark.parametrize("entry", ["../model.safetensors", "/etc/passwd"])
+def test_layer_file_outside_the_sidecar(sidecar: Path, entry: str) -> None:
+    index = sidecar_index(sidecar)
+    _, layer = first_layer(index)
+    layer["file"] = entry
+    write_sidecar_index(sidecar, index)
+    with pytest.raises(CorruptCheckpointError, match="points outside") as err:
+        load_moe(sidecar, streaming=True)
+    assert "index.json" in str(err.value) and repr(entry) in str(err.value)
+
+
+def test_layer_file_is_a_folder(sidecar: Path) -> None:
+    _, layer = first_layer(sidecar_index(sidecar))
+    path = sidecar / "expert_sidecar" / layer["file"]
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(MissingFileError, match=rf"{path.name}: layer file .* is a folder"):
+        load_moe(sidecar, streaming=True)
+
+
+def test_version_1_asks_for_a_new_convert(sidecar: Path) -> None:
+    index = sidecar_index(sidecar)
+    index["version"] = 1
+    write_sidecar_index(sidecar, index)
+    with pytest.raises(CorruptCheckpointError, match=r"version 1, .* re-run `mach convert`"):
+        load_moe(sidecar)
+
+
+def swap_names(parts: list[dict[str, Any]]) -> None:
+    parts[0]["name"], parts[3]["name"] = parts[3]["name"], parts[0]["name"]
+
+
+def transpose_scales(parts: list[dict[str, Any]]) -> None:
+    parts[1]["shape"].reverse()
+
+
+def retype_scales(parts: list[dict[str, Any]]) -> None:
+    parts[1]["dtype"] = "U32"
+
+
+def drop_last_part(parts: list[dict[str, Any]]) -> None:
+    parts.pop()  # its bytes now read as padding, which the record size still allows
+
+
+@pytest.mark.parametrize("edit", [swap_names, transpose_scales, retype_scales, drop_last_part])
+@pytest.mark.parametrize("streaming", [False, True])
+def test_edited_part_description_fails_its_checksum(
+    sidecar: Path, edit: Callable[[list[dict[str, Any]]], None], streaming: bool
+) -> None:
+    index = sidecar_index(sidecar)
+    prefix, layer = first_layer(index)
+    edit(layer["parts"])
+    write_sidecar_index(sidecar, index)
+    pattern = rf"layer_00\.bin: expert \d+ of {re.escape(prefix)} fails its checksum"
+    with pytest.raises(ExpertReadError, match=pattern):
+        model, _, _, _ = load_moe(sidecar, streaming=streaming)
+        mx.eval(model(mx.array([list(range(3, 40))])))
