@@ -22,20 +22,6 @@ from mach.io.convert import convert
 Header = dict[str, Any]
 
 
-@pytest.fixture
-def checkpoint(tmp_path: Path, fixtures_dir: Path) -> Path:
-    target = tmp_path / "ckpt"
-    shutil.copytree(fixtures_dir / "qwen3_moe" / "hf-per-expert", target)
-    return target
-
-
-@pytest.fixture
-def sharded(tmp_path: Path, fixtures_dir: Path) -> Path:
-    target = tmp_path / "sharded"
-    shutil.copytree(fixtures_dir / "qwen3_moe" / "hf-sharded", target)
-    return target
-
-
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     fixture = Path(__file__).parents[1] / "fixtures" / "qwen3_moe" / "mlx-q4"
