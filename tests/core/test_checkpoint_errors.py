@@ -20,20 +20,6 @@ from mach.errors import (
 )
 
 
-@pytest.fixture
-def checkpoint(tmp_path: Path, fixtures_dir: Path) -> Path:
-    target = tmp_path / "ckpt"
-    shutil.copytree(fixtures_dir / "qwen3_moe" / "hf-per-expert", target)
-    return target
-
-
-@pytest.fixture
-def sharded(tmp_path: Path, fixtures_dir: Path) -> Path:
-    target = tmp_path / "sharded"
-    shutil.copytree(fixtures_dir / "qwen3_moe" / "hf-sharded", target)
-    return target
-
-
 def _edit_config(path: Path, **changes: object) -> None:
     config = json.loads((path / "config.json").read_text())
     config.update(changes)

@@ -138,7 +138,12 @@ def _copy(tmp_path: Path, layout: str = "upstream-fp8") -> Path:
 
 
 def _edit_header(folder: Path, edit: object) -> None:
-    """Edit the safetensors header in place (numpy cannot hold the release's E8M0 scales)."""
+    """Edit the safetensors header, then pack each tensor's bytes to match it.
+
+    The file is rewritten by hand because numpy cannot hold the release's E8M0 scales; packing
+    keeps it valid safetensors (no bytes left between tensors) after an entry is dropped or
+    narrowed.
+    """
     import struct
 
     path = folder / "model.safetensors"
@@ -146,9 +151,16 @@ def _edit_header(folder: Path, edit: object) -> None:
     size = struct.unpack("<Q", raw[:8])[0]
     header = json.loads(raw[8 : 8 + size])
     edit(header)  # type: ignore[operator]
+    data, packed = raw[8 + size :], bytearray()
+    names = sorted((n for n in header if n != "__metadata__"),
+                   key=lambda n: header[n]["data_offsets"][0])  # fmt: skip
+    for name in names:
+        begin, end = header[name]["data_offsets"]
+        header[name]["data_offsets"] = [len(packed), len(packed) + end - begin]
+        packed += data[begin:end]
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
-    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + size :])
+    path.write_bytes(struct.pack("<Q", len(text)) + text + packed)
 
 
 def test_missing_scale_names_the_tensor(tmp_path: Path) -> None:

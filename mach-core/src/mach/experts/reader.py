@@ -74,10 +74,11 @@ class ExpertReader:
         if record is not None:
             start = record.offsets[expert]
             buf = self._pread(record.file, start, record.nbytes)
-            if self.verify and zlib.crc32(buf) != record.crc32[expert]:
+            if self.verify and zlib.crc32(buf, record.described) != record.crc32[expert]:
                 raise ExpertReadError(
-                    f"{record.file}: expert {expert} of {source.prefix} fails its checksum; the "
-                    "sidecar is corrupt: re-run `mach convert`"
+                    f"{record.file}: expert {expert} of {source.prefix} fails its checksum: the "
+                    "record or its entry in index.json changed since `mach convert` wrote them; "
+                    "re-run `mach convert`"
                 )
             view = memoryview(buf)
             return {

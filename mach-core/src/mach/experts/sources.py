@@ -56,12 +56,17 @@ class Piece:
 
 @dataclass(frozen=True)
 class Record:
-    """An expert's whole contiguous record (sidecar): offset and CRC-32 per expert."""
+    """An expert's whole contiguous record (sidecar): offset and CRC-32 per expert.
+
+    ``crc32`` checksums continue from ``described``, the CRC-32 of the index's description of the
+    records, so they catch an edited index as well as changed bytes.
+    """
 
     file: Path
     nbytes: int
     offsets: tuple[int, ...]
     crc32: tuple[int, ...]
+    described: int = 0
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,20 +54,45 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def member_path(folder: Path, name: object, listed_in: Path) -> Path:
+    """``folder / name`` for a file name read from an index, refusing names that leave ``folder``.
+
+    The name is judged as written, not where symlinks lead, since Hugging Face cache snapshots
+    are folders of symlinks into a shared blob store.
+    """
+    if not isinstance(name, str) or not name:
+        raise CorruptCheckpointError(
+            f"{listed_in}: {name!r} is not a file name; fix the entry or re-download the checkpoint"
+        )
+    normal = posixpath.normpath(name)
+    if posixpath.isabs(normal) or normal == ".." or normal.startswith("../"):
+        raise CorruptCheckpointError(
+            f"{listed_in}: entry {name!r} points outside {folder}; an index may only name files "
+            "inside its own folder: fix the entry or re-download the checkpoint"
+        )
+    return folder / normal
+
+
 def _weight_files(root: Path) -> list[Path]:
     index_path = root / INDEX_FILE
     if index_path.is_file():
         weight_map = _read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CorruptCheckpointError(f"{index_path}: has no 'weight_map'")
-        shards = sorted(set(weight_map.values()))
-        missing = [s for s in shards if not (root / s).is_file()]
+        shards = {member_path(root, s, index_path): s for s in weight_map.values()}
+        folders = [s for path, s in shards.items() if path.is_dir()]
+        if folders:
+            raise MissingFileError(
+                f"{root}: shard {folders[0]} listed in {INDEX_FILE} is a folder, not a "
+                "safetensors file; fix the entry or replace the folder with the shard"
+            )
+        missing = sorted(s for path, s in shards.items() if not path.is_file())
         if missing:
             raise MissingFileError(
                 f"{root}: shard(s) {', '.join(missing)} listed in {INDEX_FILE} are missing; "
                 "download every shard of the checkpoint"
             )
-        return [root / s for s in shards]
+        return sorted(shards)
     files = sorted(root.glob("model*.safetensors")) or sorted(root.glob("*.safetensors"))
     if not files:
         raise MissingFileError(

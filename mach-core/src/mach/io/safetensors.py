@@ -8,7 +8,7 @@ import os
 import struct
 from pathlib import Path
 
-from mach.errors import CorruptCheckpointError
+from mach.errors import CorruptCheckpointError, MissingFileError
 from mach.tensors import TensorInfo
 
 DTYPE_SIZES: dict[str, int] = {
@@ -25,8 +25,13 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     """Parse one safetensors file's header and check it against the file's size.
 
     Raises ``CorruptCheckpointError`` naming the file when the header is unreadable, a tensor's
-    byte range disagrees with its dtype and shape, or the file is shorter than the header says.
+    byte range disagrees with its dtype and shape, the ranges overlap or leave gaps, or the file
+    is shorter or longer than the header says; ``MissingFileError`` when ``path`` is a folder.
     """
+    if path.is_dir():
+        raise MissingFileError(
+            f"{path}: is a folder, not a safetensors file; move the weights out of it or remove it"
+        )
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         prefix = f.read(8)
@@ -50,7 +55,6 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     data_start = 8 + header_len
     data_len = size - data_start
     tensors: dict[str, TensorInfo] = {}
-    furthest = 0
     for name, entry in header.items():
         if name == "__metadata__":
             continue
@@ -62,17 +66,53 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             raise CorruptCheckpointError(f"{path}: malformed header entry for {name!r}") from exc
         if dtype not in DTYPE_SIZES:
             raise CorruptCheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
+        if begin < 0 or end < begin:
+            raise CorruptCheckpointError(
+                f"{path}: tensor {name!r} has data_offsets [{begin}, {end}], which do not form a "
+                "byte range; the header is corrupt: re-download or re-convert the file"
+            )
         expected = math.prod(shape) * DTYPE_SIZES[dtype]
-        if end - begin != expected or begin < 0:
+        if end - begin != expected:
             raise CorruptCheckpointError(
                 f"{path}: tensor {name!r} spans {end - begin} bytes but {dtype}{list(shape)} "
                 f"needs {expected}"
             )
-        furthest = max(furthest, end)
         tensors[name] = TensorInfo(name, path, dtype, shape, data_start + begin, data_start + end)
-    if furthest > data_len:
+    _check_tiling(path, tensors, data_start, data_len)
+    return tensors
+
+
+def _check_tiling(
+    path: Path, tensors: dict[str, TensorInfo], data_start: int, data_len: int
+) -> None:
+    """Sorted by offset, the tensors cover the data buffer from byte 0 to its end exactly once.
+
+    Overlapping ranges would make two tensors share bytes and load as garbage, so they are refused
+    as the safetensors reference implementation refuses them.
+    """
+    covered, last = 0, None
+    for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+        begin, end = info.start - data_start, info.end - data_start
+        if last is not None and begin < covered:
+            raise CorruptCheckpointError(
+                f"{path}: tensors {last.name!r} (bytes {last.start - data_start}-"
+                f"{last.end - data_start}) and {info.name!r} (bytes {begin}-{end}) overlap; "
+                "the header is corrupt: re-download or re-convert the file"
+            )
+        if begin > covered:
+            after = f"after tensor {last.name!r}" if last else "at the start of the data"
+            raise CorruptCheckpointError(
+                f"{path}: bytes {covered}-{begin} {after} belong to no tensor (the next is "
+                f"{info.name!r}); the header is corrupt: re-download or re-convert the file"
+            )
+        covered, last = end, info
+    if covered > data_len:
         raise CorruptCheckpointError(
-            f"{path}: truncated: the header describes {furthest} bytes of tensor data but the "
+            f"{path}: truncated: the header describes {covered} bytes of tensor data but the "
             f"file holds {data_len}; re-download or re-convert it"
         )
-    return tensors
+    if covered < data_len:
+        raise CorruptCheckpointError(
+            f"{path}: the header describes {covered} bytes of tensor data but the file holds "
+            f"{data_len}; the header does not match the file: re-download or re-convert it"
+        )
