@@ -3,33 +3,28 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
+if TYPE_CHECKING:
+    from mach.io.options import LoadOptions
+
 from mach.cli import reports_errors
 from mach.cli.residency import (
-    Arch,
     Draft,
     DraftTokens,
-    DType,
-    ExpertBudget,
-    Prefill,
-    Residency,
-    Streaming,
-    StreamingEmbedding,
-    load_options,
+    takes_load_options,
 )
 
 
 @reports_errors
+@takes_load_options
 def serve_command(
     model: Annotated[
         Optional[str],  # noqa: UP045 - typer reads the annotation at run time
         typer.Argument(help="Checkpoint folder; omit for the embedded default model."),
     ] = None,
-    arch: Arch = None,
-    dtype: DType = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     model_name: Annotated[
@@ -46,19 +41,14 @@ def serve_command(
     ] = None,
     max_queue: Annotated[int, typer.Option(min=1, help="Requests that may wait.")] = 32,
     max_body_bytes: Annotated[int, typer.Option(min=1024)] = 4 * 2**20,
-    streaming: Streaming = None,
-    expert_budget: ExpertBudget = None,
-    expert_residency: Residency = None,
-    prefill: Prefill = "transient",
-    streaming_embedding: StreamingEmbedding = False,
     draft: Draft = None,
     draft_tokens: DraftTokens = 2,
+    *,
+    options: LoadOptions,
 ) -> None:
     """Serve a model over HTTP with the OpenAI API."""
     from mach_serve.server import build_state, run
 
-    options = load_options(arch, dtype, streaming, expert_budget, prefill, streaming_embedding,
-                           expert_residency)  # fmt: skip
     state = build_state(
         model,
         model_name=model_name,

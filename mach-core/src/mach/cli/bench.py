@@ -4,23 +4,24 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
+if TYPE_CHECKING:
+    from mach.io.options import LoadOptions
+
 from mach.cli import reports_errors
 from mach.cli.residency import (
-    ExpertBudget,
-    Prefill,
-    Streaming,
     load_model,
-    load_options,
     store_line,
     store_report,
+    takes_load_options,
 )
 
 
 @reports_errors
+@takes_load_options
 def bench_command(
     model: Annotated[
         Optional[str],  # noqa: UP045 - typer reads the annotation at run time
@@ -29,10 +30,9 @@ def bench_command(
     prompt_tokens: Annotated[int, typer.Option(min=1)] = 128,
     tokens: Annotated[int, typer.Option(min=1, help="Tokens to decode.")] = 64,
     repeats: Annotated[int, typer.Option(min=1, help="Timed runs after one warm-up.")] = 2,
-    streaming: Streaming = None,
-    expert_budget: ExpertBudget = None,
-    prefill: Prefill = "transient",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    *,
+    options: LoadOptions,
 ) -> None:
     """Prefill a random prompt, decode greedily, and report speed and expert traffic."""
     import mlx.core as mx
@@ -46,9 +46,7 @@ def bench_command(
 
         model = str(default_model_path())
     start = time.perf_counter()
-    net, _, store, cache = load_model(
-        model, load_options(streaming=streaming, expert_budget=expert_budget, prefill=prefill)
-    )
+    net, _, store, cache = load_model(model, options)
     load_seconds = time.perf_counter() - start
     vocab = int(net(mx.array([[0]])).shape[-1])
     prompt = np.random.default_rng(0).integers(0, vocab, prompt_tokens).tolist()

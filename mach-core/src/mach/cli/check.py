@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+if TYPE_CHECKING:
+    from mach.io.options import LoadOptions
+
 from mach.cli import reports_errors
 from mach.cli.residency import (
-    Arch,
-    DType,
-    ExpertBudget,
-    Prefill,
-    Residency,
-    Streaming,
-    StreamingEmbedding,
-    load_options,
+    takes_load_options,
 )
 
 
@@ -63,17 +59,13 @@ HEADER = ["path", "arch", "layout", "experts", "experts + rest", "memory residen
 
 
 @reports_errors
+@takes_load_options
 def check_command(
     paths: Annotated[list[str], typer.Argument(help="Checkpoint folders.")],
-    arch: Arch = None,
-    dtype: DType = None,
-    streaming: Streaming = None,
-    expert_budget: ExpertBudget = None,
-    expert_residency: Residency = None,
-    prefill: Prefill = "transient",
-    streaming_embedding: StreamingEmbedding = False,
     ssd_gbps: Annotated[float, typer.Option(help="SSD read bandwidth for the bound, GB/s.")] = 5.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    *,
+    options: LoadOptions,
 ) -> None:
     """Predict what each checkpoint can run, reading headers only (no tensor data).
 
@@ -82,8 +74,6 @@ def check_command(
     """
     from mach.check import check_checkpoint
 
-    options = load_options(arch, dtype, streaming, expert_budget, prefill, streaming_embedding,
-                           expert_residency)  # fmt: skip
     reports = [check_checkpoint(p, options, ssd_gbps).to_dict() for p in paths]
     if as_json:
         typer.echo(json.dumps({"checkpoints": reports}, indent=2))

@@ -5,26 +5,22 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
+
+if TYPE_CHECKING:
+    from mach.io.options import LoadOptions
 
 from mach.chat.reasoning import split_reasoning
 from mach.cli import reports_errors
 from mach.cli.residency import (
-    Arch,
     Draft,
     DraftTokens,
-    DType,
-    ExpertBudget,
-    Prefill,
-    Residency,
-    Streaming,
-    StreamingEmbedding,
     load_model,
-    load_options,
     store_line,
     store_report,
+    takes_load_options,
 )
 from mach.errors import MachError
 
@@ -46,6 +42,7 @@ def _stats_line(stats: dict[str, Any], finish: str) -> str:
 
 
 @reports_errors
+@takes_load_options
 def generate_command(
     model: Annotated[
         Optional[str],  # noqa: UP045 - typer reads the annotation at run time
@@ -74,16 +71,11 @@ def generate_command(
     stop: Annotated[
         Optional[list[str]], typer.Option(help="Stop string (repeatable).")  # noqa: UP045
     ] = None,
-    arch: Arch = None,
-    dtype: DType = None,
-    streaming: Streaming = None,
-    expert_budget: ExpertBudget = None,
-    expert_residency: Residency = None,
-    prefill: Prefill = "transient",
-    streaming_embedding: StreamingEmbedding = False,
     draft: Draft = None,
     draft_tokens: DraftTokens = 2,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    *,
+    options: LoadOptions,
 ) -> None:
     """Generate text from a prompt with a MoE checkpoint."""
     from mach.decode.params import SamplingParams
@@ -107,7 +99,7 @@ def generate_command(
 
         path: Path | str = default_model_path()
         # Tiny enough that float32 costs nothing, and it matches the recorded reference.
-        dtype = dtype or "float32"
+        options = options.with_defaults(dtype="float32")
         if not as_json:
             typer.echo(
                 f"mach: default model {DEFAULT_MODEL_NAME} (qwen3_moe, 12.8M parameters, "
@@ -116,8 +108,6 @@ def generate_command(
             )
     else:
         path = model
-    options = load_options(arch, dtype, streaming, expert_budget, prefill, streaming_embedding,
-                           expert_residency)  # fmt: skip
     loaded = load_model(path, options)
     tokenizer, store = loaded.tokenizer, loaded.store
     if tokenizer is None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional, TypeVar
 
 import typer
 
@@ -62,27 +65,52 @@ Residency = Annotated[
 ]
 
 
-def load_options(
-    arch: str | None = None,
-    dtype: str | None = None,
-    streaming: bool | None = None,
-    expert_budget: str | None = None,
-    prefill: str = "transient",
-    streaming_embedding: bool = False,
-    expert_residency: str | None = None,
-) -> LoadOptions:
-    """The ``LoadOptions`` that the residency flags of every command stand for."""
-    from mach.io.options import LoadOptions
+_LOAD_FLAGS: dict[str, tuple[Any, Any]] = {
+    "arch": (Arch, None),
+    "dtype": (DType, None),
+    "streaming": (Streaming, None),
+    "expert_budget": (ExpertBudget, None),
+    "expert_residency": (Residency, None),
+    "prefill": (Prefill, "transient"),
+    "streaming_embedding": (StreamingEmbedding, False),
+}
 
-    return LoadOptions.from_kwargs(
-        arch=arch,
-        dtype=dtype,
-        streaming=streaming,
-        expert_budget=expert_budget,
-        expert_residency=expert_residency,
-        prefill=prefill,
-        streaming_embedding=streaming_embedding,
-    )
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _evaluated(annotation: Any, owner: Callable[..., Any]) -> Any:
+    if isinstance(annotation, str):
+        return eval(annotation, owner.__globals__)
+    return annotation
+
+
+def takes_load_options(command: F) -> F:
+    """Give a command every load flag; it receives them as one ``options: LoadOptions``.
+
+    The flags map onto ``LoadOptions`` here and nowhere else, so ``generate``, ``check``,
+    ``bench`` and ``serve`` accept the same ones and validate them the same way.
+    """
+    # Typer needs the command's annotations evaluated; ``options`` is only named for typing.
+    signature = inspect.signature(command)
+    kept = [p.replace(annotation=_evaluated(p.annotation, command))
+            for p in signature.parameters.values() if p.name != "options"]  # fmt: skip
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                               annotation=annotation)
+             for name, (annotation, default) in _LOAD_FLAGS.items()]  # fmt: skip
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from mach.io.options import LoadOptions
+
+        flags = {name: kwargs.pop(name) for name in _LOAD_FLAGS}
+        return command(*args, options=LoadOptions.from_kwargs(**flags), **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=[*kept, *added])  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {
+        **{p.name: p.annotation for p in kept},
+        **{name: annotation for name, (annotation, _) in _LOAD_FLAGS.items()},
+    }
+    return wrapper  # type: ignore[return-value]
 
 
 def load_model(path: Path | str, options: LoadOptions) -> LoadedModel:

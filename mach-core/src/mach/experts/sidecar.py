@@ -24,7 +24,7 @@ import numpy as np
 from mach.errors import CorruptCheckpointError, MissingFileError
 from mach.experts.sources import DTYPES, LayerSource, Piece, Record
 from mach.experts.switch import SwitchSpec
-from mach.io.checkpoint import member_path
+from mach.files import member_path
 
 SIDECAR_DIR = "expert_sidecar"
 INDEX_FILE = "index.json"

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mach.errors import CheckpointError, CorruptCheckpointError, MissingFileError
+from mach.files import member_path
 from mach.io.safetensors import read_header
 from mach.tensors import TensorInfo
 
@@ -52,25 +52,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CorruptCheckpointError(f"{path}: expected a JSON object")
     return data
-
-
-def member_path(folder: Path, name: object, listed_in: Path) -> Path:
-    """``folder / name`` for a file name read from an index, refusing names that leave ``folder``.
-
-    The name is judged as written, not where symlinks lead, since Hugging Face cache snapshots
-    are folders of symlinks into a shared blob store.
-    """
-    if not isinstance(name, str) or not name:
-        raise CorruptCheckpointError(
-            f"{listed_in}: {name!r} is not a file name; fix the entry or re-download the checkpoint"
-        )
-    normal = posixpath.normpath(name)
-    if posixpath.isabs(normal) or normal == ".." or normal.startswith("../"):
-        raise CorruptCheckpointError(
-            f"{listed_in}: entry {name!r} points outside {folder}; an index may only name files "
-            "inside its own folder: fix the entry or re-download the checkpoint"
-        )
-    return folder / normal
 
 
 def _weight_files(root: Path) -> list[Path]:
