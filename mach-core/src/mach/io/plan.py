@@ -19,7 +19,14 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mach.adapter import MoeArchAdapter
-from mach.errors import AdapterError, CheckpointError, ConfigError, OptionsError, ShapeMismatchError
+from mach.errors import (
+    AdapterError,
+    CheckpointError,
+    ConfigError,
+    MachError,
+    OptionsError,
+    ShapeMismatchError,
+)
 from mach.experts.swap import bind_switches
 from mach.experts.switch import SwitchSpec
 from mach.io.checkpoint import Checkpoint, open_checkpoint
@@ -174,7 +181,15 @@ def read_model(
         )
     switches = bind_switches(model, activation, adapter.has_expert_bias, adapter.name)
     weights, origin = _read_weights(ckpt)
-    weights = adapter.sanitize(weights, ckpt.config)
+    try:
+        weights = adapter.sanitize(weights, ckpt.config)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        if isinstance(exc, MachError):
+            raise
+        raise CheckpointError(
+            f"{ckpt.path}: {adapter.name} cannot map these tensors to its model ({exc!r}); the "
+            "weights do not match config.json or come from another architecture"
+        ) from exc
     if dtype is not None:
         weights = _cast(weights, _DTYPES[dtype])
     return model, switches, weights, origin
