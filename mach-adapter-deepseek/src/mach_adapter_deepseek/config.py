@@ -9,10 +9,11 @@ transformers writes ``layer_types``, ``mlp_layer_types``, ``compress_rates`` and
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
-from mach.errors import AdapterError
+from mach.config import config_fields, positive, require
+from mach.errors import ConfigError
 
 SLIDING = "sliding_attention"
 CSA = "compressed_sparse_attention"
@@ -55,12 +56,34 @@ class ModelArgs:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ModelArgs:
-        names = {f.name for f in fields(cls)} - {"layer_types", "mlp_layer_types",
-                                                 "compress_rates", "compress_rope"}  # fmt: skip
-        args = cls(**{k: v for k, v in config.items() if k in names and v is not None})
+        derived = {"layer_types", "mlp_layer_types", "compress_rates", "compress_rope"}
+        args = config_fields(cls, {k: v for k, v in config.items() if k not in derived})
+        positive(
+            args,
+            "vocab_size",
+            "hidden_size",
+            "moe_intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "head_dim",
+            "num_experts_per_tok",
+            "n_routed_experts",
+            "sliding_window",
+            "o_groups",
+            "index_topk",
+            "hc_mult",
+        )
+        require(
+            args.num_experts_per_tok <= args.n_routed_experts,
+            f"num_experts_per_tok ({args.num_experts_per_tok}) is more than n_routed_experts "
+            f"({args.n_routed_experts})",
+        )
+        require(args.num_attention_heads % args.o_groups == 0,
+                f"num_attention_heads ({args.num_attention_heads}) is not a multiple of o_groups "
+                f"({args.o_groups})")  # fmt: skip
         n = args.num_hidden_layers
         if args.scoring_func != "sqrtsoftplus":
-            raise AdapterError(
+            raise ConfigError(
                 f"deepseek_v4 scoring_func {args.scoring_func!r} is not supported (sqrtsoftplus)"
             )
         args.compress_rates = {CSA: 4, HCA: 128, **dict(config.get("compress_rates") or {})}
@@ -73,7 +96,7 @@ class ModelArgs:
             args.layer_types = list(config["layer_types"])[:n]
         elif ratios is not None:
             if any(r not in kinds for r in ratios):
-                raise AdapterError(f"compress_ratios {ratios} has values other than {set(kinds)}")
+                raise ConfigError(f"compress_ratios {ratios} has values other than {set(kinds)}")
             args.layer_types = [kinds[r] for r in ratios[:n]]
             if len(ratios) > n:
                 args.mtp_layer_type = kinds[ratios[n]]
@@ -87,7 +110,7 @@ class ModelArgs:
             hashed = int(config.get("num_hash_layers", 3))
             args.mlp_layer_types = ["hash_moe"] * min(n, hashed) + ["moe"] * max(0, n - hashed)
         if len(args.layer_types) != n or len(args.mlp_layer_types) != n:
-            raise AdapterError(
+            raise ConfigError(
                 f"deepseek_v4 config lists {len(args.layer_types)} attention and "
                 f"{len(args.mlp_layer_types)} MoE layer types for {n} layers"
             )

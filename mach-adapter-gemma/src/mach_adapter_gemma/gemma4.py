@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
@@ -15,6 +15,7 @@ import mlx.nn as nn
 from mach.cache.base import LayerCache
 from mach.cache.kv import KVCache
 from mach.cache.rotating import RotatingKVCache
+from mach.config import check_attention, config_fields, positive, require
 from mach.experts.layouts import rename, split_gate_up
 from mach.experts.switch import SwitchSpec, UnboundSwitchGLU
 from mach.layers.attention import attend
@@ -49,8 +50,19 @@ class ModelArgs:
     def from_config(cls, config: Mapping[str, Any]) -> ModelArgs:
         text = config.get("text_config")
         merged = {**config, **text} if isinstance(text, Mapping) else dict(config)
-        names = {f.name for f in fields(cls)}
-        args = cls(**{k: v for k, v in merged.items() if k in names})
+        args = config_fields(cls, merged)
+        check_attention(args)
+        positive(
+            args,
+            "num_experts",
+            "top_k_experts",
+            "moe_intermediate_size",
+            "head_dim",
+            "sliding_window",
+        )
+        require(args.top_k_experts <= args.num_experts,
+                f"top_k_experts ({args.top_k_experts}) is more than num_experts "
+                f"({args.num_experts})")  # fmt: skip
         if not args.layer_types:
             args.layer_types = ["sliding_attention" if (i + 1) % 6 else "full_attention"
                                 for i in range(args.num_hidden_layers)]  # fmt: skip

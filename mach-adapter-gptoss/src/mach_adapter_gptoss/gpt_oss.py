@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
@@ -15,6 +15,7 @@ import mlx.nn as nn
 from mach.cache.base import LayerCache
 from mach.cache.kv import KVCache
 from mach.cache.rotating import RotatingKVCache
+from mach.config import check_attention, config_fields, positive, require
 from mach.experts.switch import SwitchSpec, UnboundSwitchGLU
 from mach.layers.attention import attend
 from mach.layers.causal_lm import CausalLM, DecoderStack
@@ -47,8 +48,14 @@ class ModelArgs:
         config = dict(config)
         if "num_local_experts" not in config and "num_experts" in config:
             config["num_local_experts"] = config["num_experts"]
-        names = {f.name for f in fields(cls)}
-        args = cls(**{k: v for k, v in config.items() if k in names and k != "rope"})
+        args = config_fields(cls, {k: v for k, v in config.items() if k != "rope"})
+        check_attention(args)
+        positive(
+            args, "num_local_experts", "num_experts_per_tok", "intermediate_size", "sliding_window"
+        )
+        require(args.num_experts_per_tok <= args.num_local_experts,
+                f"num_experts_per_tok ({args.num_experts_per_tok}) is more than "
+                f"num_local_experts ({args.num_local_experts})")  # fmt: skip
         args.rope = {k: config[k] for k in ("rope_theta", "rope_parameters", "rope_scaling")
                      if k in config}  # fmt: skip
         if not args.layer_types:

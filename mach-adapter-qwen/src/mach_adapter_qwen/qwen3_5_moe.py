@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
@@ -14,6 +14,7 @@ import mlx.nn as nn
 from mach.cache.base import LayerCache
 from mach.cache.gdn import GDNCache
 from mach.cache.kv import KVCache
+from mach.config import check_attention, config_fields, positive, require
 from mach.experts.layouts import rename, split_gate_up, stack_per_expert
 from mach.experts.switch import SwitchSpec, UnboundSwitchGLU
 from mach.layers.attention import attend
@@ -51,8 +52,20 @@ class ModelArgs:
     def from_config(cls, config: Mapping[str, Any]) -> ModelArgs:
         text = config.get("text_config")
         merged = {**config, **text} if isinstance(text, Mapping) else dict(config)
-        names = {f.name for f in fields(cls)}
-        args = cls(**{k: v for k, v in merged.items() if k in names and k != "rope"})
+        args = config_fields(cls, {k: v for k, v in merged.items() if k != "rope"})
+        check_attention(args)
+        positive(
+            args,
+            "linear_num_key_heads",
+            "linear_num_value_heads",
+            "linear_key_head_dim",
+            "linear_value_head_dim",
+            "linear_conv_kernel_dim",
+            "full_attention_interval",
+        )
+        require(args.num_experts_per_tok <= args.num_experts,
+                f"num_experts_per_tok ({args.num_experts_per_tok}) is more than num_experts "
+                f"({args.num_experts})")  # fmt: skip
         rope = merged.get("rope_parameters") or {}
         theta = rope.get("rope_theta", merged.get("rope_theta", 10000.0))
         args.rope = {

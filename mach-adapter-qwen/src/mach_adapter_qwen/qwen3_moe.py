@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from mach.cache.base import LayerCache
+from mach.config import check_attention, config_fields, positive, require
 from mach.experts.layouts import split_gate_up, stack_per_expert
 from mach.experts.switch import SwitchSpec, UnboundSwitchGLU
 from mach.layers.attention import attend
@@ -42,12 +43,16 @@ class ModelArgs:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ModelArgs:
-        names = {f.name for f in fields(cls)}
         if "num_experts" not in config and "num_local_experts" in config:
             config = {**config, "num_experts": config["num_local_experts"]}
-        args = cls(**{k: v for k, v in config.items() if k in names and k != "rope"})
+        args = config_fields(cls, {k: v for k, v in config.items() if k != "rope"})
         args.rope = {k: config[k] for k in ("rope_theta", "rope_parameters", "rope_scaling")
                      if k in config}  # fmt: skip
+        check_attention(args)
+        positive(args, "num_experts_per_tok", "moe_intermediate_size")
+        require(args.num_experts_per_tok <= args.num_experts or args.num_experts == 0,
+                f"num_experts_per_tok ({args.num_experts_per_tok}) is more than num_experts "
+                f"({args.num_experts})")  # fmt: skip
         if args.head_dim is None:
             args.head_dim = args.hidden_size // args.num_attention_heads
         return args
