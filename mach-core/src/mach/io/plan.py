@@ -8,6 +8,7 @@ name and shape against the model. ``mach check`` stops there; ``load_moe`` goes 
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,9 +66,13 @@ class LoadPlan:
 
     def where(self, array_or_name: Any) -> str:
         """The file a lazy array came from, for error messages."""
-        if isinstance(array_or_name, mx.array):
-            return self.origin.get(id(array_or_name), str(self.checkpoint.path))
-        return str(self.checkpoint.path)
+        return _locate(self.checkpoint, self.origin, array_or_name)
+
+
+def _locate(ckpt: Checkpoint, origin: dict[int, str], array_or_name: Any) -> str:
+    if isinstance(array_or_name, mx.array):
+        return origin.get(id(array_or_name), str(ckpt.path))
+    return str(ckpt.path)
 
 
 def plan_load(
@@ -202,18 +207,13 @@ def plan_checkpoint(ckpt: Checkpoint, adapter: MoeArchAdapter, options: LoadOpti
     build, weights that do not match the model, or options the checkpoint cannot honour.
     """
     model, switches, weights, origin = read_model(ckpt, adapter, options.dtype)
-
-    def where(array_or_name: Any) -> str:
-        if isinstance(array_or_name, mx.array):
-            return origin.get(id(array_or_name), str(ckpt.path))
-        return str(ckpt.path)
-
+    where = functools.partial(_locate, ckpt, origin)
     experts = plan_experts(ckpt, adapter, switches, weights, where, options)
     plan = LoadPlan(ckpt, adapter, options, model, switches, weights, experts, None, 0, origin)
     if options.streaming_embedding:
         _stream_embeddings(plan)
     quantize_modules(model, ckpt.config, weights)
-    check_shapes(model, weights, ckpt.path, where)
+    check_shapes(model, weights, ckpt.path, plan.where)
     plan.non_expert_bytes = sum(int(v.nbytes) for v in weights.values())
     plan.tokenizer = load_tokenizer(ckpt.path, ckpt.config)
     return plan
