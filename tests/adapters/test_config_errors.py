@@ -1,0 +1,91 @@
+"""Every family's ``build_model`` rejects a broken config.json with a ``ConfigError`` that names
+the key at fault, starting from the family's real fixture config."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mach.errors import ConfigError
+from mach.registry import REGISTRY
+
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+DELETE = object()
+
+
+def assert_rejected(arch: str, layout: str, edits: dict[str, Any], message: str) -> None:
+    """Apply ``edits`` (dotted key path -> new value, or ``DELETE``) to the fixture's config and
+    check that building the model fails with ``message`` in the error."""
+    config = json.loads((FIXTURES / arch / layout / "config.json").read_text())
+    for path, value in edits.items():
+        *parents, key = path.split(".")
+        target = config
+        for parent in parents:
+            target = target[parent]
+        if value is DELETE:
+            del target[key]
+        else:
+            target[key] = value
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        REGISTRY[arch].build_model(config)
+
+
+@pytest.mark.parametrize(
+    ("layout", "edits", "message"),
+    [
+        ("hf-per-expert", {"hidden_size": DELETE}, "hidden_size is missing"),
+        ("hf-per-expert", {"num_local_experts": "eight"},
+         'num_local_experts should be an integer of at least 0, found "eight"'),
+        ("hf-fused", {"num_experts": DELETE}, "num_experts (or num_local_experts) is missing"),
+        ("hf-fused", {"num_experts": "eight"}, 'num_experts should be an integer'),
+        ("hf-per-expert", {"num_hidden_layers": 2.5},
+         "num_hidden_layers should be a positive integer, found 2.5"),
+        ("hf-per-expert", {"num_attention_heads": 0},
+         "num_attention_heads should be a positive integer, found 0"),
+        ("hf-per-expert", {"rms_norm_eps": "x"}, 'rms_norm_eps should be a number, found "x"'),
+        ("hf-per-expert", {"mlp_only_layers": 3},
+         "mlp_only_layers should be a list of integers, found 3"),
+        ("hf-per-expert", {"norm_topk_prob": "yes"},
+         'norm_topk_prob should be true or false, found "yes"'),
+        ("hf-per-expert", {"decoder_sparse_step": 0}, "decoder_sparse_step should be a positive"),
+        ("hf-per-expert", {"num_experts_per_tok": 9},
+         "num_experts_per_tok (9) is more than num_local_experts (8)"),
+        ("hf-per-expert", {"num_key_value_heads": 3},
+         "num_attention_heads (4) is not a multiple of num_key_value_heads (3)"),
+        ("hf-fused", {"head_dim": DELETE, "hidden_size": 66},
+         "hidden_size (66) is not a multiple of num_attention_heads (4); without head_dim"),
+    ],
+)  # fmt: skip
+def test_qwen3_moe(layout: str, edits: dict[str, Any], message: str) -> None:
+    assert_rejected("qwen3_moe", layout, edits, message)
+
+
+@pytest.mark.parametrize(
+    ("layout", "edits", "message"),
+    [
+        ("hf-fused-wrapper", {"text_config.hidden_size": DELETE},
+         "text_config.hidden_size is missing"),
+        ("hf-fused-wrapper", {"text_config.num_experts": "eight"},
+         'text_config.num_experts should be a positive integer, found "eight"'),
+        ("hf-fused-wrapper", {"text_config.layer_types": ["linear_attention", "local"] * 2},
+         'text_config.layer_types[1] should be one of "linear_attention", "full_attention"'),
+        ("hf-fused-wrapper", {"text_config.layer_types": ["full_attention"]},
+         "text_config.layer_types has 1 entries but text_config.num_hidden_layers is 4"),
+        ("hf-fused-wrapper", {"text_config": "none"}, 'text_config should be an object'),
+        ("hf-per-expert", {"linear_key_head_dim": DELETE}, "linear_key_head_dim is missing"),
+        ("hf-per-expert", {"tie_word_embeddings": "no"}, "tie_word_embeddings should be true"),
+        ("hf-per-expert", {"linear_num_value_heads": 3},
+         "linear_num_value_heads (3) is not a multiple of linear_num_key_heads (2)"),
+        ("hf-per-expert", {"num_experts_per_tok": 9},
+         "num_experts_per_tok (9) is more than num_experts (8)"),
+        ("mlx-q4", {"text_config.num_key_value_heads": 3},
+         "text_config.num_attention_heads (4) is not a multiple of "
+         "text_config.num_key_value_heads (3)"),
+    ],
+)  # fmt: skip
+def test_qwen3_5_moe(layout: str, edits: dict[str, Any], message: str) -> None:
+    assert_rejected("qwen3_5_moe", layout, edits, message)
