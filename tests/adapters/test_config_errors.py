@@ -89,3 +89,29 @@ def test_qwen3_moe(layout: str, edits: dict[str, Any], message: str) -> None:
 )  # fmt: skip
 def test_qwen3_5_moe(layout: str, edits: dict[str, Any], message: str) -> None:
     assert_rejected("qwen3_5_moe", layout, edits, message)
+
+
+@pytest.mark.parametrize(
+    ("layout", "edits", "message"),
+    [
+        ("hf-float", {"hidden_size": DELETE}, "hidden_size is missing"),
+        ("hf-float", {"num_local_experts": DELETE},
+         "num_local_experts (or num_experts) is missing"),
+        ("hf-float", {"num_local_experts": DELETE, "num_experts": "eight"},
+         'num_experts should be a positive integer, found "eight"'),
+        ("hf-float", {"num_hidden_layers": 2.5}, "num_hidden_layers should be a positive integer"),
+        ("hf-float", {"rms_norm_eps": "x"}, 'rms_norm_eps should be a number, found "x"'),
+        ("hf-float", {"attention_bias": "yes"}, "attention_bias should be true or false"),
+        ("hf-float", {"sliding_window": 0}, "sliding_window should be a positive integer"),
+        ("hf-float", {"layer_types": ["sliding_attention", "global"]},
+         'layer_types[1] should be one of "sliding_attention", "full_attention", found "global"'),
+        ("hf-float", {"layer_types": ["full_attention"]},
+         "layer_types has 1 entries but num_hidden_layers is 2"),
+        ("mxfp4", {"num_experts_per_tok": 9},
+         "num_experts_per_tok (9) is more than num_local_experts (8)"),
+        ("mxfp4", {"num_key_value_heads": 3},
+         "num_attention_heads (4) is not a multiple of num_key_value_heads (3)"),
+    ],
+)  # fmt: skip
+def test_gpt_oss(layout: str, edits: dict[str, Any], message: str) -> None:
+    assert_rejected("gpt_oss", layout, edits, message)
