@@ -78,7 +78,7 @@ def test_defaults_fill_what_the_config_leaves_out() -> None:
         ({"norm_topk_prob": 1}, "norm_topk_prob should be true or false, found 1"),
         ({"name": 3}, "name should be a string, found 3"),
         ({"kind": "sparse"}, 'kind should be one of "dense", "moe", found "sparse"'),
-        ({"head_dim": "16"}, 'head_dim should be an integer, found "16"'),
+        ({"head_dim": "16"}, 'head_dim should be an integer or null, found "16"'),
         ({"size": 1.5}, "size should be an integer or a string, found 1.5"),
     ],
 )
@@ -113,7 +113,7 @@ def test_missing_and_null_fields() -> None:
         ({"rates": [4]}, "rates should be an object, found [4]"),
         ({"rates": {"csa": "four"}}, 'rates.csa should be an integer, found "four"'),
         ({"per_layer": {"2": {"head_dim": 0}}},
-         "per_layer.2.head_dim should be a positive integer, found 0"),
+         "per_layer.2.head_dim should be a positive integer or null, found 0"),
         ({"per_layer": {"2": 32}}, "per_layer.2 should be an object, found 32"),
     ],
 )  # fmt: skip

@@ -153,7 +153,7 @@ def config_value(value: Any, annotation: Any, path: str) -> Any:
         try:
             out = config_value(value, base, path)
         except ConfigError:
-            if base not in _NAMES:
+            if _is_container(base):
                 raise
             raise _mismatch(path, annotation, value) from None
         for mark in marks:
@@ -166,7 +166,7 @@ def config_value(value: Any, annotation: Any, path: str) -> Any:
         options = [a for a in get_args(annotation) if a is not type(None)]
         if value is None and len(options) < len(get_args(annotation)):
             return None
-        if len(options) == 1:
+        if len(options) == 1 and _is_container(options[0]):
             return config_value(value, options[0], path)
         for option in options:
             try:
@@ -255,6 +255,12 @@ _PLURALS: dict[Any, str] = {int: "integers", float: "numbers", bool: "booleans",
 
 def _mismatch(path: str, annotation: Any, value: Any) -> ConfigError:
     return ConfigError(f"{path} should be {describe(annotation)}, found {found(value)}")
+
+
+def _is_container(annotation: Any) -> bool:
+    """Whether errors inside a value of this type name an item of it (so are passed on)."""
+    return (annotation in (list, dict) or get_origin(annotation) in (list, dict)
+            or dataclasses.is_dataclass(annotation))  # fmt: skip
 
 
 def _admits_none(annotation: Any) -> bool:
