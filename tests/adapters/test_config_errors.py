@@ -115,3 +115,36 @@ def test_qwen3_5_moe(layout: str, edits: dict[str, Any], message: str) -> None:
 )  # fmt: skip
 def test_gpt_oss(layout: str, edits: dict[str, Any], message: str) -> None:
     assert_rejected("gpt_oss", layout, edits, message)
+
+
+@pytest.mark.parametrize(
+    ("layout", "edits", "message"),
+    [
+        ("hf-wrapper", {"text_config.top_k_experts": DELETE},
+         "text_config.top_k_experts is missing"),
+        ("hf-wrapper", {"text_config.num_experts": "eight"},
+         'text_config.num_experts should be a positive integer, found "eight"'),
+        ("hf-wrapper", {"text_config.top_k_experts": 9},
+         "text_config.top_k_experts (9) is more than text_config.num_experts (8)"),
+        ("hf-wrapper", {"text_config.final_logit_softcapping": "x"},
+         'text_config.final_logit_softcapping should be a number or null, found "x"'),
+        ("hf-wrapper", {"text_config.per_layer_config.2.num_key_value_heads": 3},
+         "text_config.num_attention_heads (4) is not a multiple of "
+         "text_config.per_layer_config.2.num_key_value_heads (3)"),
+        ("hf-wrapper", {"text_config.per_layer_config.2.head_dim": 0},
+         "text_config.per_layer_config.2.head_dim should be a positive integer or null, found 0"),
+        ("hf", {"hidden_size": DELETE}, "hidden_size is missing"),
+        ("hf", {"num_hidden_layers": 2.5}, "num_hidden_layers should be a positive integer"),
+        ("hf", {"rms_norm_eps": "x"}, 'rms_norm_eps should be a number, found "x"'),
+        ("hf", {"attention_k_eq_v": "yes"}, "attention_k_eq_v should be true or false"),
+        ("hf", {"layer_types": ["sliding_attention"]},
+         "layer_types has 1 entries but num_hidden_layers is 3"),
+        ("hf", {"num_key_value_heads": 3},
+         "num_attention_heads (4) is not a multiple of num_key_value_heads (3)"),
+        ("mlx-q4", {"text_config.num_global_key_value_heads": 3},
+         "text_config.num_attention_heads (4) is not a multiple of "
+         "text_config.num_global_key_value_heads (3)"),
+    ],
+)  # fmt: skip
+def test_gemma4(layout: str, edits: dict[str, Any], message: str) -> None:
+    assert_rejected("gemma4", layout, edits, message)
