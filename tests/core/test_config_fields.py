@@ -196,6 +196,10 @@ def test_config_value_checks_a_single_value() -> None:
     assert config_value(None, PositiveInt | None, "x") is None
     with pytest.raises(ConfigError, match=r"^rope\.factor should be a number, found \"4\"$"):
         config_value("4", float, "rope.factor")
+    with pytest.raises(ConfigError, match=r"^ids should be a list of integers or null, found 3$"):
+        config_value(3, list[int] | None, "ids")
+    with pytest.raises(ConfigError, match=r'^ids\[1\] should be an integer, found "x"$'):
+        config_value([1, "x"], list[int] | None, "ids")
     with pytest.raises(TypeError, match="not supported"):
         config_value(1, set[int], "x")
 

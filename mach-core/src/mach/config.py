@@ -153,7 +153,7 @@ def config_value(value: Any, annotation: Any, path: str) -> Any:
         try:
             out = config_value(value, base, path)
         except ConfigError:
-            if _is_container(base):
+            if _container_kind(base) is not None:
                 raise
             raise _mismatch(path, annotation, value) from None
         for mark in marks:
@@ -166,7 +166,8 @@ def config_value(value: Any, annotation: Any, path: str) -> Any:
         options = [a for a in get_args(annotation) if a is not type(None)]
         if value is None and len(options) < len(get_args(annotation)):
             return None
-        if len(options) == 1 and _is_container(options[0]):
+        kind = _container_kind(options[0]) if len(options) == 1 else None
+        if kind is not None and isinstance(value, kind):
             return config_value(value, options[0], path)
         for option in options:
             try:
@@ -257,10 +258,14 @@ def _mismatch(path: str, annotation: Any, value: Any) -> ConfigError:
     return ConfigError(f"{path} should be {describe(annotation)}, found {found(value)}")
 
 
-def _is_container(annotation: Any) -> bool:
-    """Whether errors inside a value of this type name an item of it (so are passed on)."""
-    return (annotation in (list, dict) or get_origin(annotation) in (list, dict)
-            or dataclasses.is_dataclass(annotation))  # fmt: skip
+def _container_kind(annotation: Any) -> Any:
+    """The Python types a list, dict or dataclass annotation takes, else ``None``. An error
+    inside such a value names the item at fault, so it is passed on as it is."""
+    if annotation is list or get_origin(annotation) is list:
+        return (list, tuple)
+    if annotation is dict or get_origin(annotation) is dict or dataclasses.is_dataclass(annotation):
+        return Mapping
+    return None
 
 
 def _admits_none(annotation: Any) -> bool:
