@@ -148,3 +148,33 @@ def test_gpt_oss(layout: str, edits: dict[str, Any], message: str) -> None:
 )  # fmt: skip
 def test_gemma4(layout: str, edits: dict[str, Any], message: str) -> None:
     assert_rejected("gemma4", layout, edits, message)
+
+
+@pytest.mark.parametrize(
+    ("layout", "edits", "message"),
+    [
+        ("hf-fused", {"hidden_size": DELETE}, "hidden_size is missing"),
+        ("hf-fused", {"n_routed_experts": "eight"},
+         'n_routed_experts should be a positive integer, found "eight"'),
+        ("hf-fused", {"num_hidden_layers": 2.5}, "num_hidden_layers should be a positive integer"),
+        ("hf-fused", {"rms_norm_eps": "x"}, 'rms_norm_eps should be a number, found "x"'),
+        ("hf-fused", {"tie_word_embeddings": "yes"}, "tie_word_embeddings should be true or false"),
+        ("hf-fused", {"num_experts_per_tok": 9},
+         "num_experts_per_tok (9) is more than n_routed_experts (8)"),
+        ("hf-fused", {"o_groups": 3}, "num_attention_heads (4) is not a multiple of o_groups (3)"),
+        ("hf-fused", {"layer_types": ["sliding_attention", "dense"]},
+         'layer_types[1] should be one of "sliding_attention"'),
+        ("hf-fused", {"mlp_layer_types": "moe"}, 'mlp_layer_types should be a list of strings'),
+        ("hf-fused", {"compress_rates": {"compressed_sparse_attention": "four"}},
+         'compress_rates.compressed_sparse_attention should be a positive integer, found "four"'),
+        ("hf-fused", {"scoring_func": "softmax"}, "scoring_func 'softmax' is not supported"),
+        ("upstream", {"head_dim": DELETE}, "head_dim is missing"),
+        ("upstream", {"num_hash_layers": 2.5}, "num_hash_layers should be an integer"),
+        ("upstream", {"compress_ratios": 4}, "compress_ratios should be a list of integers"),
+        ("upstream", {"compress_ratios": [8, 4, 0]},
+         "deepseek_v4 config lists 3 attention and 5 MoE layer types for 5 layers"),
+        ("upstream", {"rope_scaling": "yarn"}, 'rope_scaling should be an object or null'),
+    ],
+)  # fmt: skip
+def test_deepseek_v4(layout: str, edits: dict[str, Any], message: str) -> None:
+    assert_rejected("deepseek_v4", layout, edits, message)

@@ -172,13 +172,13 @@ def test_wrong_fp4_scale_shape_is_reported(tmp_path: Path) -> None:
 
 
 def test_unknown_compress_ratio_is_reported(tmp_path: Path) -> None:
-    from mach.errors import AdapterError
+    from mach.errors import ConfigError
 
     folder = _copy(tmp_path, "upstream")
     config = json.loads((folder / "config.json").read_text())
     config["compress_ratios"][1] = 16
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(AdapterError, match="compress_ratios"):
+    with pytest.raises(ConfigError, match="compress_ratios"):
         load_moe(folder)
 
 
