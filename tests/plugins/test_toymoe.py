@@ -17,6 +17,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from mach import REGISTRY, load_moe, plugins
+from mach.errors import ConfigError
 from mach.experts.dispatch import GatherSwitchGLU
 
 CONFIG = {"model_type": "toy_moe", "dim": 32, "heads": 4, "layers": 2, "experts": 6,
@@ -26,6 +27,22 @@ CONFIG = {"model_type": "toy_moe", "dim": 32, "heads": 4, "layers": 2, "experts"
 def test_entry_point_is_installed() -> None:
     assert "toy_moe" in REGISTRY
     assert plugins.plugin_record("toymoe").distribution == "mach-adapter-toymoe"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"dim": None}, "dim is null"),
+        ({"experts": "six"}, 'experts should be a positive integer, found "six"'),
+        ({"top_k": 7}, r"top_k \(7\) is more than experts \(6\)"),
+        ({"heads": 5}, r"dim \(32\) is not a multiple of heads \(5\)"),
+    ],
+)
+def test_outside_adapters_get_the_same_config_errors(
+    changes: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        REGISTRY["toy_moe"].build_model({**CONFIG, **changes})
 
 
 def make_weights(rng: np.random.Generator) -> dict[str, np.ndarray]:

@@ -7,7 +7,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -15,7 +15,9 @@ import mlx.nn as nn
 from mach.cache.base import LayerCache
 from mach.cache.kv import KVCache
 from mach.cache.rotating import RotatingKVCache
-from mach.config import check_attention, config_fields, positive, require
+from mach.config import ConfigReader, PositiveInt
+from mach.errors import ConfigError
+from mach.experts.activations import GateActivation
 from mach.experts.layouts import rename, split_gate_up
 from mach.experts.switch import SwitchSpec, UnboundSwitchGLU
 from mach.layers.attention import attend
@@ -24,56 +26,65 @@ from mach.layers.mlp import GatedMLP
 
 
 @dataclass
+class LayerShape:
+    """One layer's attention shape in ``per_layer_config``, where it differs from the rest."""
+
+    head_dim: PositiveInt | None = None
+    num_key_value_heads: PositiveInt | None = None
+
+
+@dataclass
 class ModelArgs:
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    vocab_size: int
-    intermediate_size: int
-    num_experts: int
-    top_k_experts: int
-    moe_intermediate_size: int
-    head_dim: int = 256
-    global_head_dim: int | None = None
-    num_global_key_value_heads: int | None = None
+    hidden_size: PositiveInt
+    num_hidden_layers: PositiveInt
+    num_attention_heads: PositiveInt
+    num_key_value_heads: PositiveInt
+    vocab_size: PositiveInt
+    intermediate_size: PositiveInt
+    num_experts: PositiveInt
+    top_k_experts: PositiveInt
+    moe_intermediate_size: PositiveInt
+    head_dim: PositiveInt = 256
+    global_head_dim: PositiveInt | None = None
+    num_global_key_value_heads: PositiveInt | None = None
     attention_k_eq_v: bool = False
-    sliding_window: int = 1024
+    sliding_window: PositiveInt = 1024
     rms_norm_eps: float = 1e-6
     final_logit_softcapping: float | None = None
     tie_word_embeddings: bool = True
-    layer_types: list[str] = field(default_factory=list)
+    layer_types: list[Literal["sliding_attention", "full_attention"]] = field(default_factory=list)
     rope_parameters: dict[str, Any] = field(default_factory=dict)
-    per_layer_config: dict[str, Any] = field(default_factory=dict)
+    per_layer_config: dict[str, LayerShape] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ModelArgs:
-        text = config.get("text_config")
-        merged = {**config, **text} if isinstance(text, Mapping) else dict(config)
-        args = config_fields(cls, merged)
-        check_attention(args)
-        positive(
-            args,
-            "num_experts",
-            "top_k_experts",
-            "moe_intermediate_size",
-            "head_dim",
-            "sliding_window",
-        )
-        require(args.top_k_experts <= args.num_experts,
-                f"top_k_experts ({args.top_k_experts}) is more than num_experts "
-                f"({args.num_experts})")  # fmt: skip
-        if not args.layer_types:
+        read = ConfigReader(config, section="text_config")
+        args = read.fields(cls)
+        read.at_most(args, "top_k_experts", "num_experts")
+        read.multiple_of(args, "num_attention_heads", "num_key_value_heads")
+        if args.num_global_key_value_heads is not None:
+            read.multiple_of(args, "num_attention_heads", "num_global_key_value_heads")
+        for layer, shape in args.per_layer_config.items():
+            kv = shape.num_key_value_heads
+            if kv and args.num_attention_heads % kv:
+                where = f"{read.path('per_layer_config')}.{layer}.num_key_value_heads"
+                raise ConfigError(
+                    f"{read.path('num_attention_heads')} ({args.num_attention_heads}) is not a "
+                    f"multiple of {where} ({kv})"
+                )
+        if args.layer_types:
+            read.per_layer(args, "layer_types")
+        else:
             args.layer_types = ["sliding_attention" if (i + 1) % 6 else "full_attention"
                                 for i in range(args.num_hidden_layers)]  # fmt: skip
         return args
 
     def attention_shape(self, layer: int) -> tuple[int, int]:
         """``(head_dim, kv_heads)`` of a layer."""
-        override = self.per_layer_config.get(str(layer)) or self.per_layer_config.get(layer)
-        if override:
-            return (int(override.get("head_dim", self.head_dim)),
-                    int(override.get("num_key_value_heads", self.num_key_value_heads)))  # fmt: skip
+        override = self.per_layer_config.get(str(layer))
+        if override is not None and (override.head_dim or override.num_key_value_heads):
+            return (override.head_dim or self.head_dim,
+                    override.num_key_value_heads or self.num_key_value_heads)  # fmt: skip
         if self.layer_types[layer] == "full_attention" and self.global_head_dim:
             kv = self.num_global_key_value_heads if self.attention_k_eq_v else None
             return self.global_head_dim, kv or self.num_key_value_heads

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -15,7 +15,8 @@ import mlx.nn as nn
 from mach.cache.base import LayerCache
 from mach.cache.kv import KVCache
 from mach.cache.rotating import RotatingKVCache
-from mach.config import check_attention, config_fields, positive, require
+from mach.config import ConfigReader, PositiveInt
+from mach.experts.activations import GateActivation
 from mach.experts.switch import SwitchSpec, UnboundSwitchGLU
 from mach.layers.attention import attend
 from mach.layers.causal_lm import CausalLM, DecoderStack
@@ -25,40 +26,35 @@ from mach.layers.routing import topk_softmax
 
 @dataclass
 class ModelArgs:
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    vocab_size: int
-    intermediate_size: int
-    num_local_experts: int
-    num_experts_per_tok: int
-    head_dim: int = 64
-    sliding_window: int = 128
+    hidden_size: PositiveInt
+    num_hidden_layers: PositiveInt
+    num_attention_heads: PositiveInt
+    num_key_value_heads: PositiveInt
+    vocab_size: PositiveInt
+    intermediate_size: PositiveInt
+    num_local_experts: PositiveInt
+    num_experts_per_tok: PositiveInt
+    head_dim: PositiveInt = 64
+    sliding_window: PositiveInt = 128
     rms_norm_eps: float = 1e-5
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
     attention_bias: bool = True
     tie_word_embeddings: bool = False
-    layer_types: list[str] = field(default_factory=list)
+    layer_types: list[Literal["sliding_attention", "full_attention"]] = field(default_factory=list)
     rope: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ModelArgs:
-        config = dict(config)
-        if "num_local_experts" not in config and "num_experts" in config:
-            config["num_local_experts"] = config["num_experts"]
-        args = config_fields(cls, {k: v for k, v in config.items() if k != "rope"})
-        check_attention(args)
-        positive(
-            args, "num_local_experts", "num_experts_per_tok", "intermediate_size", "sliding_window"
-        )
-        require(args.num_experts_per_tok <= args.num_local_experts,
-                f"num_experts_per_tok ({args.num_experts_per_tok}) is more than "
-                f"num_local_experts ({args.num_local_experts})")  # fmt: skip
+        read = ConfigReader(config)
+        args = read.fields(cls, skip={"rope"}, aliases={"num_local_experts": "num_experts"})
         args.rope = {k: config[k] for k in ("rope_theta", "rope_parameters", "rope_scaling")
                      if k in config}  # fmt: skip
-        if not args.layer_types:
+        read.at_most(args, "num_experts_per_tok", "num_local_experts")
+        read.multiple_of(args, "num_attention_heads", "num_key_value_heads")
+        if args.layer_types:
+            read.per_layer(args, "layer_types")
+        else:
             args.layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention"
                                 for i in range(args.num_hidden_layers)]  # fmt: skip
         return args

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -14,7 +14,7 @@ import mlx.nn as nn
 from mach.cache.base import LayerCache
 from mach.cache.gdn import GDNCache
 from mach.cache.kv import KVCache
-from mach.config import check_attention, config_fields, positive, require
+from mach.config import ConfigReader, PositiveInt
 from mach.experts.layouts import rename, split_gate_up, stack_per_expert
 from mach.experts.switch import SwitchSpec, UnboundSwitchGLU
 from mach.layers.attention import attend
@@ -22,50 +22,41 @@ from mach.layers.causal_lm import CausalLM, DecoderStack
 from mach.layers.gated_delta import chunked_gated_delta, recurrent_gated_delta
 from mach.layers.mlp import GatedMLP
 from mach.layers.routing import softmax_topk
+from mach_adapter_qwen.qwen3_moe import resolve_heads
+
+LayerType = Literal["linear_attention", "full_attention"]
 
 
 @dataclass
 class ModelArgs:
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    vocab_size: int
-    num_experts: int
-    num_experts_per_tok: int
-    moe_intermediate_size: int
-    shared_expert_intermediate_size: int
-    linear_num_key_heads: int
-    linear_num_value_heads: int
-    linear_key_head_dim: int
-    linear_value_head_dim: int
-    linear_conv_kernel_dim: int = 4
-    head_dim: int | None = None
+    hidden_size: PositiveInt
+    num_hidden_layers: PositiveInt
+    num_attention_heads: PositiveInt
+    num_key_value_heads: PositiveInt
+    vocab_size: PositiveInt
+    num_experts: PositiveInt
+    num_experts_per_tok: PositiveInt
+    moe_intermediate_size: PositiveInt
+    shared_expert_intermediate_size: PositiveInt
+    linear_num_key_heads: PositiveInt
+    linear_num_value_heads: PositiveInt
+    linear_key_head_dim: PositiveInt
+    linear_value_head_dim: PositiveInt
+    linear_conv_kernel_dim: PositiveInt = 4
+    head_dim: PositiveInt | None = None
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     attention_bias: bool = False
-    full_attention_interval: int = 4
-    layer_types: list[str] = field(default_factory=list)
+    full_attention_interval: PositiveInt = 4
+    layer_types: list[LayerType] = field(default_factory=list)
     rope: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ModelArgs:
+        read = ConfigReader(config, section="text_config")
+        args = read.fields(cls, skip={"rope"})
         text = config.get("text_config")
         merged = {**config, **text} if isinstance(text, Mapping) else dict(config)
-        args = config_fields(cls, {k: v for k, v in merged.items() if k != "rope"})
-        check_attention(args)
-        positive(
-            args,
-            "linear_num_key_heads",
-            "linear_num_value_heads",
-            "linear_key_head_dim",
-            "linear_value_head_dim",
-            "linear_conv_kernel_dim",
-            "full_attention_interval",
-        )
-        require(args.num_experts_per_tok <= args.num_experts,
-                f"num_experts_per_tok ({args.num_experts_per_tok}) is more than num_experts "
-                f"({args.num_experts})")  # fmt: skip
         rope = merged.get("rope_parameters") or {}
         theta = rope.get("rope_theta", merged.get("rope_theta", 10000.0))
         args.rope = {
@@ -74,9 +65,12 @@ class ModelArgs:
                 "partial_rotary_factor", merged.get("partial_rotary_factor", 0.25)
             ),
         }
-        if args.head_dim is None:
-            args.head_dim = args.hidden_size // args.num_attention_heads
-        if not args.layer_types:
+        read.at_most(args, "num_experts_per_tok", "num_experts")
+        read.multiple_of(args, "linear_num_value_heads", "linear_num_key_heads")
+        resolve_heads(read, args)
+        if args.layer_types:
+            read.per_layer(args, "layer_types")
+        else:
             args.layer_types = [
                 "full_attention" if (i + 1) % args.full_attention_interval == 0
                 else "linear_attention"

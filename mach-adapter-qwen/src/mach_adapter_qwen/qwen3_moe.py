@@ -5,13 +5,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from mach.cache.base import LayerCache
-from mach.config import check_attention, config_fields, positive, require
+from mach.config import AtLeast, ConfigReader, PositiveInt
 from mach.experts.layouts import split_gate_up, stack_per_expert
 from mach.experts.switch import SwitchSpec, UnboundSwitchGLU
 from mach.layers.attention import attend
@@ -23,18 +23,18 @@ from mach.layers.routing import softmax_topk
 
 @dataclass
 class ModelArgs:
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    vocab_size: int
-    num_experts: int
-    num_experts_per_tok: int
-    moe_intermediate_size: int
-    intermediate_size: int = 0
-    head_dim: int | None = None
+    hidden_size: PositiveInt
+    num_hidden_layers: PositiveInt
+    num_attention_heads: PositiveInt
+    num_key_value_heads: PositiveInt
+    vocab_size: PositiveInt
+    num_experts: Annotated[int, AtLeast(0)]
+    num_experts_per_tok: PositiveInt
+    moe_intermediate_size: PositiveInt
+    intermediate_size: Annotated[int, AtLeast(0)] = 0
+    head_dim: PositiveInt | None = None
     rms_norm_eps: float = 1e-6
-    decoder_sparse_step: int = 1
+    decoder_sparse_step: PositiveInt = 1
     mlp_only_layers: list[int] = field(default_factory=list)
     norm_topk_prob: bool = False
     tie_word_embeddings: bool = False
@@ -43,18 +43,13 @@ class ModelArgs:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ModelArgs:
-        if "num_experts" not in config and "num_local_experts" in config:
-            config = {**config, "num_experts": config["num_local_experts"]}
-        args = config_fields(cls, {k: v for k, v in config.items() if k != "rope"})
+        read = ConfigReader(config)
+        args = read.fields(cls, skip={"rope"}, aliases={"num_experts": "num_local_experts"})
         args.rope = {k: config[k] for k in ("rope_theta", "rope_parameters", "rope_scaling")
                      if k in config}  # fmt: skip
-        check_attention(args)
-        positive(args, "num_experts_per_tok", "moe_intermediate_size")
-        require(args.num_experts_per_tok <= args.num_experts or args.num_experts == 0,
-                f"num_experts_per_tok ({args.num_experts_per_tok}) is more than num_experts "
-                f"({args.num_experts})")  # fmt: skip
-        if args.head_dim is None:
-            args.head_dim = args.hidden_size // args.num_attention_heads
+        if args.num_experts:
+            read.at_most(args, "num_experts_per_tok", "num_experts")
+        resolve_heads(read, args)
         return args
 
     def is_sparse(self, layer: int) -> bool:
@@ -63,6 +58,15 @@ class ModelArgs:
             and self.num_experts > 0
             and (layer + 1) % self.decoder_sparse_step == 0
         )
+
+
+def resolve_heads(read: ConfigReader, args: Any) -> None:
+    """Check the head counts and derive ``head_dim`` when the config leaves it out."""
+    read.multiple_of(args, "num_attention_heads", "num_key_value_heads")
+    if args.head_dim is None:
+        why = "without head_dim, the head size is hidden_size / num_attention_heads"
+        read.multiple_of(args, "hidden_size", "num_attention_heads", why)
+        args.head_dim = args.hidden_size // args.num_attention_heads
 
 
 class Attention(nn.Module):

@@ -190,7 +190,7 @@ def test_unknown_compress_ratio_is_reported(tmp_path: Path) -> None:
     config = json.loads((folder / "config.json").read_text())
     config["compress_ratios"][1] = 16
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match=r"config\.json: compress_ratios"):
+    with pytest.raises(ConfigError, match="compress_ratios"):
         load_moe(folder)
 
 

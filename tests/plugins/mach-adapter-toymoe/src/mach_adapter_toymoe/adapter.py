@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -10,11 +11,32 @@ import mlx.nn as nn
 
 from mach import MoeArchAdapter
 from mach.cache.base import LayerCache
+from mach.config import ConfigReader, PositiveInt
 from mach.experts.activations import GateActivation
 from mach.experts.layouts import stack_per_expert
 from mach.experts.switch import SwitchSpec, UnboundSwitchGLU
 from mach.layers.attention import attend
 from mach.layers.routing import topk_softmax
+
+
+@dataclass
+class ToyArgs:
+    dim: PositiveInt
+    heads: PositiveInt
+    layers: PositiveInt
+    experts: PositiveInt
+    top_k: PositiveInt
+    expert_dim: PositiveInt
+    vocab: PositiveInt
+    rope_theta: float = 10000.0
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ToyArgs:
+        read = ConfigReader(config)
+        args = read.fields(cls)
+        read.at_most(args, "top_k", "experts")
+        read.multiple_of(args, "dim", "heads")
+        return args
 
 
 class Attention(nn.Module):
@@ -51,13 +73,12 @@ class Moe(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, args: ToyArgs) -> None:
         super().__init__()
-        dim = config["dim"]
-        self.attn_norm = nn.RMSNorm(dim)
-        self.attn = Attention(dim, config["heads"], config.get("rope_theta", 10000.0))
-        self.moe_norm = nn.RMSNorm(dim)
-        self.moe = Moe(dim, config["expert_dim"], config["experts"], config["top_k"])
+        self.attn_norm = nn.RMSNorm(args.dim)
+        self.attn = Attention(args.dim, args.heads, args.rope_theta)
+        self.moe_norm = nn.RMSNorm(args.dim)
+        self.moe = Moe(args.dim, args.expert_dim, args.experts, args.top_k)
 
     def __call__(self, x: mx.array, cache: LayerCache | None) -> mx.array:
         x = x + self.attn(self.attn_norm(x), cache)
@@ -65,12 +86,12 @@ class Layer(nn.Module):
 
 
 class ToyMoe(nn.Module):
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, args: ToyArgs) -> None:
         super().__init__()
-        self.embed = nn.Embedding(config["vocab"], config["dim"])
-        self.layers = [Layer(config) for _ in range(config["layers"])]
-        self.norm = nn.RMSNorm(config["dim"])
-        self.head = nn.Linear(config["dim"], config["vocab"], bias=False)
+        self.embed = nn.Embedding(args.vocab, args.dim)
+        self.layers = [Layer(args) for _ in range(args.layers)]
+        self.norm = nn.RMSNorm(args.dim)
+        self.head = nn.Linear(args.dim, args.vocab, bias=False)
 
     def __call__(self, tokens: mx.array, cache: Sequence[LayerCache] | None = None) -> mx.array:
         h = self.embed(tokens)
@@ -87,11 +108,11 @@ class ToyMoeAdapter(MoeArchAdapter):
     has_expert_bias = True
 
     def build_model(self, config: dict[str, Any]) -> nn.Module:
-        return ToyMoe(config)
+        return ToyMoe(ToyArgs.from_config(config))
 
     def sanitize(self, weights: dict[str, mx.array], config: dict[str, Any]) -> dict[str, mx.array]:
         names = {"wi_gate": "gate_proj", "wi_up": "up_proj", "wo": "down_proj"}
-        for layer in range(config["layers"]):
+        for layer in range(ToyArgs.from_config(config).layers):
             prefix = f"layers.{layer}.moe"
             stack_per_expert(weights, f"{prefix}.experts", f"{prefix}.switch", names)
         return weights
