@@ -17,7 +17,6 @@ from mach.cache.kv import KVCache
 from mach.cache.rotating import RotatingKVCache
 from mach.config import ConfigReader, PositiveInt
 from mach.errors import ConfigError
-from mach.experts.activations import GateActivation
 from mach.experts.layouts import rename, split_gate_up
 from mach.experts.switch import SwitchSpec, UnboundSwitchGLU
 from mach.layers.attention import attend

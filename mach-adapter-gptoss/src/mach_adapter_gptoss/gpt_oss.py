@@ -16,7 +16,6 @@ from mach.cache.base import LayerCache
 from mach.cache.kv import KVCache
 from mach.cache.rotating import RotatingKVCache
 from mach.config import ConfigReader, PositiveInt
-from mach.experts.activations import GateActivation
 from mach.experts.switch import SwitchSpec, UnboundSwitchGLU
 from mach.layers.attention import attend
 from mach.layers.causal_lm import CausalLM, DecoderStack
