@@ -44,7 +44,7 @@ def test_archs_with_no_family_says_how_to_install() -> None:
     result = mach("archs", env={"MACH_LOAD_PLUGINS": ""})
     assert result.returncode == 0
     assert "No architectures are installed" in result.stdout
-    assert 'pip install "mach[qwen]"' in result.stdout
+    assert 'pip install mach-adapter-qwen' in result.stdout
 
 
 def test_generate_default_model_json() -> None:
@@ -79,7 +79,7 @@ def test_generate_chat_and_sampling_flags() -> None:
         (["generate", "/nonexistent/model"], "no such checkpoint folder"),
         (["generate", str(FIXTURE), "--prompt", "a", "--chat", "b"], "either --prompt or --chat"),
         (["generate", str(FIXTURE), "--top-p", "0"], "top_p must be in (0, 1]"),
-        (["generate", str(FIXTURE), "--arch", "nosuch_moe"], 'pip install "mach[all]"'),
+        (["generate", str(FIXTURE), "--arch", "nosuch_moe"], 'pip install "mach-moe[all]"'),
         (["generate", str(FIXTURE), "--dtype", "int8"], "dtype must be one of float32"),
     ],
 )

@@ -35,14 +35,14 @@ def test_unknown_family_of_ours_names_its_package(monkeypatch: pytest.MonkeyPatc
     message = str(err.value)
     assert "model_type 'futuremoe'" in message
     assert "qwen3_moe" in message and "toy_moe" in message
-    assert 'pip install "mach[future]"' in message
+    assert 'pip install mach-adapter-future' in message
 
 
 def test_unknown_foreign_arch_points_to_adapters() -> None:
     with pytest.raises(UnknownArchitectureError) as err:
         detect_arch({"model_type": "llama"})
     assert "writing-an-adapter" in str(err.value)
-    assert 'pip install "mach[all]"' in str(err.value)
+    assert 'pip install "mach-moe[all]"' in str(err.value)
 
 
 def test_config_without_any_key() -> None:

@@ -30,10 +30,15 @@ KNOWN_FAMILIES: dict[str, str] = {
 AdapterSpec = MoeArchAdapter | type[MoeArchAdapter] | str
 
 
+META_DISTRIBUTION = "mach-moe"
+"""The distribution whose extras pull families (``mach-moe[qwen]``); the import is ``mach``."""
+
+
 def install_hint(family: str | None = None) -> str:
-    """The pip command that installs a family (or every family)."""
-    extra = family or "all"
-    return f'pip install "mach[{extra}]"'
+    """The pip command that installs a family's distribution (or every family)."""
+    if family is None:
+        return f'pip install "{META_DISTRIBUTION}[all]"'
+    return f"pip install mach-adapter-{family}"
 
 
 def load_object(path: str, what: str = "adapter") -> Any:
