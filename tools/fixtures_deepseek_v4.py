@@ -22,6 +22,7 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,8 +40,6 @@ LAYER_TYPES = [
     "compressed_sparse_attention",
     "heavily_compressed_attention",
 ]
-RATIO = {"sliding_attention": 0, "compressed_sparse_attention": 4,
-         "heavily_compressed_attention": 8}  # fmt: skip
 YARN = {"type": "yarn", "factor": 16.0, "beta_fast": 32.0, "beta_slow": 1.0,
         "original_max_position_embeddings": 64}  # fmt: skip
 
@@ -68,7 +67,14 @@ def _build(num_layers: int, layer_types: list[str], mlp_types: list[str],
     from transformers import DeepseekV4ForCausalLM
 
     model = DeepseekV4ForCausalLM(_config(num_layers, layer_types, mlp_types)).eval()
-    experts = model.config.n_routed_experts
+    perturb(model, generator)
+    return model
+
+
+def perturb(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Move 0/1-initialised parameters off those values; give hash layers distinct experts."""
+    config = model.config
+    experts, top_k = config.n_routed_experts, config.num_experts_per_tok
     with torch.no_grad():
         for _, param in model.named_parameters():
             if torch.all(param == 0) or torch.all(param == 1):
@@ -76,11 +82,11 @@ def _build(num_layers: int, layer_types: list[str], mlp_types: list[str],
         for layer in model.model.layers:
             gate = layer.mlp.gate
             if hasattr(gate, "tid2eid"):
-                rows = [torch.randperm(experts, generator=generator)[:2] for _ in range(VOCAB)]
+                rows = [torch.randperm(experts, generator=generator)[:top_k]
+                        for _ in range(config.vocab_size)]  # fmt: skip
                 gate.tid2eid.copy_(torch.stack(rows))
             if hasattr(gate, "e_score_correction_bias"):
                 gate.e_score_correction_bias.copy_(torch.randn(experts, generator=generator) * 0.1)
-    return model
 
 
 def _reference(model: torch.nn.Module, input_ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -151,22 +157,26 @@ def _mtp_module(generator: torch.Generator, hidden: int) -> dict[str, torch.Tens
     return out
 
 
-def _hub_config(hf_config: dict[str, object]) -> dict[str, object]:
-    """The config.json dialect the release ships: per-layer ratios, hash-layer count, yarn."""
+def hub_config(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """The config.json dialect the release ships: per-layer ratios, hash-layer count, yarn.
+
+    The release has no per-layer MoE list, only a count of leading hash layers, so
+    ``mlp_layer_types`` must be hash layers first.
+    """
     config = dict(hf_config)
-    layer_types = config.pop("layer_types")
-    assert isinstance(layer_types, list)
-    config["compress_ratios"] = [RATIO[t] for t in layer_types] + [0]
     rates = config.pop("compress_rates")
-    assert isinstance(rates, dict)
+    ratio = {"sliding_attention": 0, **rates}
+    config["compress_ratios"] = [ratio[t] for t in config.pop("layer_types")] + [0]
+    config["compress_rate_csa"] = rates["compressed_sparse_attention"]
     config["compress_rate_hca"] = rates["heavily_compressed_attention"]  # the release uses 128
     mlp = config.pop("mlp_layer_types")
-    assert isinstance(mlp, list)
-    config["num_hash_layers"] = mlp.count("hash_moe")
-    config.pop("rope_parameters")
-    config.pop("partial_rotary_factor")
-    config["qk_rope_head_dim"] = 8
-    config["rope_scaling"] = dict(YARN)
+    hashed = mlp.count("hash_moe")
+    assert mlp == ["hash_moe"] * hashed + ["moe"] * (len(mlp) - hashed), mlp
+    config["num_hash_layers"] = hashed
+    compress = config.pop("rope_parameters")["compress"]
+    config["qk_rope_head_dim"] = int(config["head_dim"] * config.pop("partial_rotary_factor"))
+    if compress.get("rope_type") == "yarn":
+        config["rope_scaling"] = {"type": "yarn", **{k: compress[k] for k in YARN if k != "type"}}
     config.pop("dtype", None)
     config["torch_dtype"] = "float32"
     return config
@@ -261,7 +271,7 @@ def make(fixtures: Path, tokenizer_dir: Path, write_layout: Callable[..., None])
     out = family / "upstream"
     out.mkdir()
     save_file(release, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(_hub_config(hf_config), indent=2))
+    (out / "config.json").write_text(json.dumps(hub_config(hf_config), indent=2))
     write_layout(out, reference, tokenizer_dir)
 
     packed, dequantized = _pack_release(release)
@@ -287,7 +297,7 @@ def make(fixtures: Path, tokenizer_dir: Path, write_layout: Callable[..., None])
     out = family / "upstream-fp8"
     out.mkdir()
     save_file(packed, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = _hub_config(hf_config)
+    config = hub_config(hf_config)
     config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0",
                                      "activation_scheme": "dynamic",
                                      "weight_block_size": [128, 128]}  # fmt: skip
