@@ -69,12 +69,24 @@ def build(family: str, kwargs: dict[str, Any], seed: int) -> torch.nn.Module:
 def reference(model: torch.nn.Module, ids: np.ndarray, prefill: int) -> dict[str, np.ndarray]:
     """Full-sequence logits of every row, and row 0 prefilled then stepped through the cache."""
     tokens = torch.from_numpy(ids.astype(np.int64))
+    extra: dict[str, Any] = {}
+    if set(getattr(model.config, "layer_types", None) or ()) == {"linear_attention"}:
+        # transformers cannot build a causal mask from a cache without attention layers; none
+        # is needed (the recurrent layers take no mask without padding), so pass none.
+        extra["attention_mask"] = {"full_attention": None, "linear_attention": None}
     with torch.no_grad():
-        full = model(tokens).logits
-        out = model(tokens[:1, :prefill], use_cache=True)
+        # Explicit positions: a Qwen3.5 cache of linear-attention layers only has no length.
+        positions = torch.arange(tokens.shape[1])[None]
+        full = model(
+            tokens, position_ids=positions.expand(len(tokens), -1), use_cache=False, **extra
+        ).logits
+        out = model(
+            tokens[:1, :prefill], position_ids=positions[:, :prefill], use_cache=True, **extra
+        )
         steps, cache = [out.logits], out.past_key_values
         for t in range(prefill, tokens.shape[1]):
-            out = model(tokens[:1, t : t + 1], past_key_values=cache, use_cache=True)
+            out = model(tokens[:1, t : t + 1], position_ids=positions[:, t : t + 1],
+                        cache=cache, use_cache=True, **extra)  # fmt: skip
             steps.append(out.logits)
     return {
         "input_ids": ids.astype(np.int32),
@@ -167,6 +179,18 @@ def run_family(family: str, seed: int, cases: list[int], keep: Path | None) -> d
     return {"family": family, "rows": rows}
 
 
+def write_fixture(family: str, seed: int, index: int, name: str) -> None:
+    """A case as a golden fixture, so the suite guards it without torch."""
+    out = ROOT / "tests" / "fixtures" / family / f"sweep-{name}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    case = make_case(family, seed, index, out)
+    case["command"] = (f"python tools/fidelity_sweep.py --family {family} --seed {seed} "
+                       f"--case {index} --fixture {name}")  # fmt: skip
+    (out / "case.json").write_text(json.dumps(case, indent=2) + "\n")
+    print(f"wrote {out.relative_to(ROOT)}")
+
+
 def describe(row: dict[str, Any]) -> str:
     return (f"case {row['case']} ({row['layout']}, {row['seq_len']} tokens, prefill "
             f"{row['prefill']}): {json.dumps(row['config'], separators=(',', ':'))}")  # fmt: skip
@@ -180,6 +204,11 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=50)
     parser.add_argument("--case", type=int, action="append", help="run only these case indices")
     parser.add_argument("--keep", type=Path, help="keep each case's checkpoint under this folder")
+    parser.add_argument(
+        "--fixture",
+        metavar="NAME",
+        help="save the one --family/--case as tests/fixtures/<family>/sweep-NAME",
+    )
     args = parser.parse_args()
     import transformers
 
@@ -189,6 +218,11 @@ def main() -> int:
     torch.set_num_threads(1)
     families = args.family or list(sweep_configs.FAMILIES)
     cases = args.case or list(range(args.count))
+    if args.fixture:
+        if len(families) != 1 or len(cases) != 1:
+            parser.error("--fixture takes exactly one --family and one --case")
+        write_fixture(families[0], args.seed, cases[0], args.fixture)
+        return 0
     summary, failed = [], False
     for family in families:
         result = run_family(family, args.seed, cases, args.keep)
