@@ -60,6 +60,7 @@ def build(family: str, kwargs: dict[str, Any], seed: int) -> torch.nn.Module:
     generator = torch.Generator().manual_seed(seed)
     if family == "deepseek_v4":
         fixtures_deepseek_v4.perturb(model, generator)
+        model.index_ties = fixtures_deepseek_v4.lowest_index_first_indexer(model)
     else:
         perturb_unit_params(model, generator)
         perturb_layer_scalars(model, generator)
@@ -93,6 +94,7 @@ def reference(model: torch.nn.Module, ids: np.ndarray, prefill: int) -> dict[str
         "logits": full.float().numpy(),
         "incremental_logits": torch.cat(steps, dim=1).float().numpy(),
         "prefill": np.array(prefill, np.int32),
+        "index_ties": np.array(getattr(model, "index_ties", [0])[0], np.int32),
     }
 
 
@@ -143,7 +145,9 @@ def make_case(family: str, seed: int, index: int, out: Path) -> dict[str, Any]:
     options = layouts(family, kwargs, model)
     case["layout"] = options[int(rng.integers(len(options)))]
     save(family, model, out, case["layout"])
-    np.savez(out / "reference.npz", **reference(model, ids, prefill))
+    ref = reference(model, ids, prefill)
+    case["index_ties"] = int(ref["index_ties"])
+    np.savez(out / "reference.npz", **ref)
     (out / "case.json").write_text(json.dumps(case))
     return case
 
@@ -230,7 +234,11 @@ def main() -> int:
         worst = max(rows, key=lambda r: r["error"])
         bad = [r for r in rows if not r["error"] <= TOLERANCE]
         failed = failed or bool(bad)
-        print(f"\n{family}: {len(rows)} configs, {len(bad)} over {TOLERANCE:g}")
+        tied = sum(1 for r in rows if r["index_ties"])
+        print(
+            f"\n{family}: {len(rows)} configs, {len(bad)} over {TOLERANCE:g}"
+            + (f"; {tied} with index-score ties (lowest index first)" if tied else "")
+        )
         for row in bad:
             msg = row.get("failure") or f"full {row['full']:.3g}, step {row['incremental']:.3g}"
             print(f"  {msg}  {describe(row)}")

@@ -89,6 +89,47 @@ def perturb(model: torch.nn.Module, generator: torch.Generator) -> None:
                 gate.e_score_correction_bias.copy_(torch.randn(experts, generator=generator) * 0.1)
 
 
+def lowest_index_first_indexer(model: torch.nn.Module) -> list[int]:
+    """Make transformers' lightning indexer break exact score ties by the lowest entry index.
+
+    ``torch.topk`` leaves the order of equal values unspecified, and the indexer's scores
+    (sums of ReLUs) tie at exactly zero often on small random models, so which entry is kept
+    is an ambiguity of the reference rather than a property of the model; mach keeps the
+    lowest index (``top_k_lowest_first``). Returns a list that counts the (sequence, position)
+    pairs where a tie straddled the top-k boundary, so a reference can record it.
+    """
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Indexer
+
+    ties = [0]
+
+    def keep_scores(scorer: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+        scorer._last_scores = out
+
+    def select(indexer: torch.nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> Any:
+        scores = indexer.scorer._last_scores
+        count = scores.shape[-1]
+        k = min(indexer.index_topk, count)
+        if count == 0 or k == count:
+            return out
+        position_ids = kwargs["position_ids"] if "position_ids" in kwargs else args[2]
+        threshold = ((position_ids + 1) // indexer.compress_rate).unsqueeze(-1)  # [B, S, 1]
+        masked = scores.masked_fill(torch.arange(count) >= threshold, float("-inf"))
+        top = masked.topk(k + 1, dim=-1).values
+        kth = top[..., k - 1 : k]
+        ties[0] += int(((top[..., k - 1] == top[..., k]) & (top[..., k] > -torch.inf)).sum())
+        above, equal = masked > kth, masked == kth
+        room = k - above.sum(-1, keepdim=True)
+        chosen = above | (equal & (equal.cumsum(-1) <= room))
+        picked = chosen.int().sort(dim=-1, descending=True, stable=True).indices[..., :k]
+        return torch.where(picked >= threshold, torch.full_like(picked, -1), picked)
+
+    for module in model.modules():
+        if isinstance(module, DeepseekV4Indexer):
+            module.scorer.register_forward_hook(keep_scores)
+            module.register_forward_hook(select, with_kwargs=True)
+    return ties
+
+
 def _reference(model: torch.nn.Module, input_ids: np.ndarray) -> dict[str, np.ndarray]:
     from transformers import DynamicCache
 

@@ -177,10 +177,16 @@ def deepseek_v4(rng: np.random.Generator, case: int) -> Draw:
         "o_lora_rank": int(_pick(rng, [8, 16])), "n_routed_experts": experts,
         "num_experts_per_tok": int(rng.integers(1, min(4, experts) + 1)),
         "index_n_heads": int(_pick(rng, [2, 4, 16])), "index_head_dim": int(_pick(rng, [8, 16])),
+        "partial_rotary_factor": float(_pick(rng, [0.125, 0.25, 0.5])) if case else None,
         "index_topk": int(_pick(rng, [1, 2, 3, 8])), "sliding_window": window,
         "hc_mult": int(_pick(rng, [2, 4])), "max_position_embeddings": 1024,
     }  # fmt: skip
+    # The indexer's keys carry the same rotation as attention's, so they must be as wide.
+    rope_dims = int(head_dim * (kwargs.pop("partial_rotary_factor") or 0.125))
+    if rope_dims > kwargs["index_head_dim"]:
+        kwargs["index_head_dim"] = rope_dims
     if case:
+        kwargs["partial_rotary_factor"] = rope_dims / head_dim
         kinds = ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"]
         if rng.random() < 0.6:
             kwargs["layer_types"] = [_pick(rng, kinds) for _ in range(layers)]
@@ -188,7 +194,6 @@ def deepseek_v4(rng: np.random.Generator, case: int) -> Draw:
             kwargs["mlp_layer_types"] = [_pick(rng, ["hash_moe", "moe"]) for _ in range(layers)]
         kwargs.update(
             compress_rates={kinds[1]: csa, kinds[2]: hca},
-            partial_rotary_factor=float(_pick(rng, [0.25, 0.5])),
             tie_word_embeddings=bool(rng.random() < 0.2),
             routed_scaling_factor=float(_pick(rng, [1.0, 1.5, 2.5])),
             swiglu_limit=float(_pick(rng, [10.0, 0.5])),
