@@ -185,7 +185,8 @@ def run_family(family: str, seed: int, cases: list[int], keep: Path | None) -> d
 
 def write_fixture(family: str, seed: int, index: int, name: str) -> None:
     """A case as a golden fixture, so the suite guards it without torch."""
-    out = ROOT / "tests" / "fixtures" / family / f"sweep-{name}"
+    # Not under tests/fixtures/<family>/, which make_fixtures.py rewrites whole.
+    out = ROOT / "tests" / "fixtures" / "sweep" / family / name
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     case = make_case(family, seed, index, out)
@@ -211,7 +212,7 @@ def main() -> int:
     parser.add_argument(
         "--fixture",
         metavar="NAME",
-        help="save the one --family/--case as tests/fixtures/<family>/sweep-NAME",
+        help="save the one --family/--case as tests/fixtures/sweep/<family>/NAME",
     )
     args = parser.parse_args()
     import transformers

@@ -1,6 +1,6 @@
 """Configs the fidelity sweep once found broken, kept as golden fixtures.
 
-Each ``tests/fixtures/<family>/sweep-*`` folder was written by ``tools/fidelity_sweep.py
+Each ``tests/fixtures/sweep/<family>/<name>`` folder was written by ``tools/fidelity_sweep.py
 --fixture`` (its ``case.json`` holds the config and the command); the reference is
 transformers' float32 logits for a full forward and for a prefill followed by cache steps.
 """
@@ -16,7 +16,7 @@ import pytest
 from tests.adapters import family_checks as checks
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
-CASES = sorted(FIXTURES.glob("*/sweep-*"))
+CASES = sorted(FIXTURES.glob("sweep/*/*"))
 
 
 def _name(path: Path) -> str:
