@@ -22,6 +22,7 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,8 +40,6 @@ LAYER_TYPES = [
     "compressed_sparse_attention",
     "heavily_compressed_attention",
 ]
-RATIO = {"sliding_attention": 0, "compressed_sparse_attention": 4,
-         "heavily_compressed_attention": 8}  # fmt: skip
 YARN = {"type": "yarn", "factor": 16.0, "beta_fast": 32.0, "beta_slow": 1.0,
         "original_max_position_embeddings": 64}  # fmt: skip
 
@@ -68,7 +67,14 @@ def _build(num_layers: int, layer_types: list[str], mlp_types: list[str],
     from transformers import DeepseekV4ForCausalLM
 
     model = DeepseekV4ForCausalLM(_config(num_layers, layer_types, mlp_types)).eval()
-    experts = model.config.n_routed_experts
+    perturb(model, generator)
+    return model
+
+
+def perturb(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Move 0/1-initialised parameters off those values; give hash layers distinct experts."""
+    config = model.config
+    experts, top_k = config.n_routed_experts, config.num_experts_per_tok
     with torch.no_grad():
         for _, param in model.named_parameters():
             if torch.all(param == 0) or torch.all(param == 1):
@@ -76,11 +82,52 @@ def _build(num_layers: int, layer_types: list[str], mlp_types: list[str],
         for layer in model.model.layers:
             gate = layer.mlp.gate
             if hasattr(gate, "tid2eid"):
-                rows = [torch.randperm(experts, generator=generator)[:2] for _ in range(VOCAB)]
+                rows = [torch.randperm(experts, generator=generator)[:top_k]
+                        for _ in range(config.vocab_size)]  # fmt: skip
                 gate.tid2eid.copy_(torch.stack(rows))
             if hasattr(gate, "e_score_correction_bias"):
                 gate.e_score_correction_bias.copy_(torch.randn(experts, generator=generator) * 0.1)
-    return model
+
+
+def lowest_index_first_indexer(model: torch.nn.Module) -> list[int]:
+    """Make transformers' lightning indexer break exact score ties by the lowest entry index.
+
+    ``torch.topk`` leaves the order of equal values unspecified, and the indexer's scores
+    (sums of ReLUs) tie at exactly zero often on small random models, so which entry is kept
+    is an ambiguity of the reference rather than a property of the model; mach keeps the
+    lowest index (``top_k_lowest_first``). Returns a list that counts the (sequence, position)
+    pairs where a tie straddled the top-k boundary, so a reference can record it.
+    """
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Indexer
+
+    ties = [0]
+
+    def keep_scores(scorer: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+        scorer._last_scores = out
+
+    def select(indexer: torch.nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> Any:
+        scores = indexer.scorer._last_scores
+        count = scores.shape[-1]
+        k = min(indexer.index_topk, count)
+        if count == 0 or k == count:
+            return out
+        position_ids = kwargs["position_ids"] if "position_ids" in kwargs else args[2]
+        threshold = ((position_ids + 1) // indexer.compress_rate).unsqueeze(-1)  # [B, S, 1]
+        masked = scores.masked_fill(torch.arange(count) >= threshold, float("-inf"))
+        top = masked.topk(k + 1, dim=-1).values
+        kth = top[..., k - 1 : k]
+        ties[0] += int(((top[..., k - 1] == top[..., k]) & (top[..., k] > -torch.inf)).sum())
+        above, equal = masked > kth, masked == kth
+        room = k - above.sum(-1, keepdim=True)
+        chosen = above | (equal & (equal.cumsum(-1) <= room))
+        picked = chosen.int().sort(dim=-1, descending=True, stable=True).indices[..., :k]
+        return torch.where(picked >= threshold, torch.full_like(picked, -1), picked)
+
+    for module in model.modules():
+        if isinstance(module, DeepseekV4Indexer):
+            module.scorer.register_forward_hook(keep_scores)
+            module.register_forward_hook(select, with_kwargs=True)
+    return ties
 
 
 def _reference(model: torch.nn.Module, input_ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -151,22 +198,26 @@ def _mtp_module(generator: torch.Generator, hidden: int) -> dict[str, torch.Tens
     return out
 
 
-def _hub_config(hf_config: dict[str, object]) -> dict[str, object]:
-    """The config.json dialect the release ships: per-layer ratios, hash-layer count, yarn."""
+def hub_config(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """The config.json dialect the release ships: per-layer ratios, hash-layer count, yarn.
+
+    The release has no per-layer MoE list, only a count of leading hash layers, so
+    ``mlp_layer_types`` must be hash layers first.
+    """
     config = dict(hf_config)
-    layer_types = config.pop("layer_types")
-    assert isinstance(layer_types, list)
-    config["compress_ratios"] = [RATIO[t] for t in layer_types] + [0]
     rates = config.pop("compress_rates")
-    assert isinstance(rates, dict)
+    ratio = {"sliding_attention": 0, **rates}
+    config["compress_ratios"] = [ratio[t] for t in config.pop("layer_types")] + [0]
+    config["compress_rate_csa"] = rates["compressed_sparse_attention"]
     config["compress_rate_hca"] = rates["heavily_compressed_attention"]  # the release uses 128
     mlp = config.pop("mlp_layer_types")
-    assert isinstance(mlp, list)
-    config["num_hash_layers"] = mlp.count("hash_moe")
-    config.pop("rope_parameters")
-    config.pop("partial_rotary_factor")
-    config["qk_rope_head_dim"] = 8
-    config["rope_scaling"] = dict(YARN)
+    hashed = mlp.count("hash_moe")
+    assert mlp == ["hash_moe"] * hashed + ["moe"] * (len(mlp) - hashed), mlp
+    config["num_hash_layers"] = hashed
+    compress = config.pop("rope_parameters")["compress"]
+    config["qk_rope_head_dim"] = int(config["head_dim"] * config.pop("partial_rotary_factor"))
+    if compress.get("rope_type") == "yarn":
+        config["rope_scaling"] = {"type": "yarn", **{k: compress[k] for k in YARN if k != "type"}}
     config.pop("dtype", None)
     config["torch_dtype"] = "float32"
     return config
@@ -261,7 +312,7 @@ def make(fixtures: Path, tokenizer_dir: Path, write_layout: Callable[..., None])
     out = family / "upstream"
     out.mkdir()
     save_file(release, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(_hub_config(hf_config), indent=2))
+    (out / "config.json").write_text(json.dumps(hub_config(hf_config), indent=2))
     write_layout(out, reference, tokenizer_dir)
 
     packed, dequantized = _pack_release(release)
@@ -287,7 +338,7 @@ def make(fixtures: Path, tokenizer_dir: Path, write_layout: Callable[..., None])
     out = family / "upstream-fp8"
     out.mkdir()
     save_file(packed, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = _hub_config(hf_config)
+    config = hub_config(hf_config)
     config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0",
                                      "activation_scheme": "dynamic",
                                      "weight_block_size": [128, 128]}  # fmt: skip

@@ -87,6 +87,14 @@ def perturb_unit_params(model: torch.nn.Module, generator: torch.Generator) -> N
                 data.add_(noise)
 
 
+def perturb_layer_scalars(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Gemma 4's per-layer output scale is a buffer of ones, not a parameter."""
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                buffer.add_(torch.randn(buffer.shape, generator=generator) * 0.1)
+
+
 def reference_inputs(vocab: int) -> np.ndarray:
     rng = np.random.default_rng(SEED)
     return rng.integers(3, vocab, size=(2, PROMPT_LEN)).astype(np.int32)
@@ -399,10 +407,7 @@ def make_gemma4(tokenizer_dir: Path) -> None:
     model = Gemma4ForCausalLM(config).eval()
     generator = torch.Generator().manual_seed(SEED)
     perturb_unit_params(model, generator)
-    with torch.no_grad():
-        for name, buffer in model.named_buffers():
-            if name.endswith("layer_scalar"):
-                buffer.add_(torch.randn(buffer.shape, generator=generator) * 0.1)
+    perturb_layer_scalars(model, generator)
     # Longer than the 6-token sliding window.
     input_ids = np.random.default_rng(SEED).integers(3, vocab, size=(2, 20)).astype(np.int32)
     out = family / "hf"

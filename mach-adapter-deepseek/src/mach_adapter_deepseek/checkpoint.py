@@ -173,5 +173,7 @@ def sanitize(weights: dict[str, mx.array], config: Mapping[str, Any]) -> dict[st
         target = engine_name(name)
         if target is not None:
             out[target] = value
+    if config.get("tie_word_embeddings"):
+        out.pop("lm_head.weight", None)
     stack_experts(out)
     return out

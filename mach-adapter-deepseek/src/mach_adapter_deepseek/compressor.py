@@ -64,6 +64,17 @@ def visible_entries(positions: mx.array, count: int, ratio: int) -> mx.array:
     return mx.arange(count)[None, :] < ((positions + 1) // ratio)[:, None]
 
 
+def top_k_lowest_first(scores: mx.array, k: int) -> mx.array:
+    """Indices ``[..., k]`` of the ``k`` largest scores (in no order); of equal scores the lowest
+    index wins. Index scores are sums of ReLUs, so exact ties at zero are common and a sort's
+    unspecified tie order would make the choice depend on the backend and the batch shape."""
+    kth = mx.topk(scores, k, axis=-1).min(axis=-1, keepdims=True)
+    above, equal = scores > kth, scores == kth
+    room = k - above.sum(axis=-1, keepdims=True)
+    chosen = above | (equal & (mx.cumsum(equal.astype(mx.int32), axis=-1) <= room))
+    return mx.argpartition(1 - chosen.astype(mx.int32), kth=k - 1, axis=-1)[..., :k]
+
+
 Selection = tuple[mx.array, mx.array]
 """``(picked [B, L, k], valid [B, L, k])``: entry ids each query keeps, and which are real."""
 
@@ -104,6 +115,6 @@ class Indexer(nn.Module):
         scores = scores * self.head_dim**-0.5
         visible = visible_entries(positions, count, self.ratio)
         scores = mx.where(visible, scores, -mx.inf)
-        picked = mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k]
+        picked = top_k_lowest_first(scores, k)
         valid = picked < ((positions + 1) // self.ratio)[:, None]
         return picked, mx.broadcast_to(valid, picked.shape)

@@ -77,7 +77,8 @@ class Model(nn.Module):
         super().__init__()  # type: ignore[no-untyped-call]
         self.args = args
         self.model = DeepseekV4Model(args)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def __call__(self, tokens: mx.array, cache: Sequence[Any] | None = None,
                  return_hidden: bool = False) -> Any:  # fmt: skip
@@ -86,7 +87,13 @@ class Model(nn.Module):
         return (logits, streams) if return_hidden else logits
 
     def head(self, streams: mx.array) -> mx.array:
-        out: mx.array = self.lm_head(self.model.norm(self.model.hc_head(streams)))
+        return self.unembed(self.model.norm(self.model.hc_head(streams)))
+
+    def unembed(self, h: mx.array) -> mx.array:
+        """Hidden states -> logits, through the embedding itself when the two are tied."""
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        out: mx.array = self.lm_head(h)
         return out
 
     @property

@@ -51,7 +51,7 @@ class MtpModule(nn.Module):
         e = self.e_proj(self.enorm(target.model.embed_tokens(tokens)))
         x = e[:, :, None] + self.h_proj(self.hnorm(streams))
         out = self.layers[0](x, tokens, cache)
-        return target.lm_head(self.norm(self.hc_head(out))), out
+        return target.unembed(self.norm(self.hc_head(out))), out
 
 
 _OWN = ("e_proj.", "h_proj.", "enorm.", "hnorm.", "norm.")

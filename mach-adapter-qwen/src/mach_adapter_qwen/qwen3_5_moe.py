@@ -238,13 +238,24 @@ _ZERO_CENTRED = re.compile(
 _PROJECTIONS = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}
 
 
+def _is_raw_hf(weights: dict[str, mx.array]) -> bool:
+    """Whether norms are stored zero-centred and conv1d in torch's layout (transformers) rather
+    than as mlx-lm writes them. The conv1d layout says so; a model without linear-attention
+    layers has none, and then the expert names do: mlx-lm always renames experts to switch_mlp.
+    """
+    convs = [v for k, v in weights.items() if k.endswith("conv1d.weight")]
+    if convs:
+        return any(v.shape[-1] != 1 for v in convs)
+    return not any(".switch_mlp." in k for k in weights)
+
+
 def sanitize(weights: dict[str, mx.array], args: ModelArgs) -> dict[str, mx.array]:
     """HF (CausalLM or the multimodal wrapper; fused or per-expert) and mlx-community names ->
     engine names. Raw HF checkpoints store zero-centred norms and torch's conv1d layout."""
     out = rename(weights, _PREFIXES, _DROPPED)
     if args.tie_word_embeddings:
         out = {k: v for k, v in out.items() if not k.startswith("lm_head.")}
-    raw_hf = any(k.endswith("conv1d.weight") and v.shape[-1] != 1 for k, v in out.items())
+    raw_hf = _is_raw_hf(out)
     if raw_hf:
         for name in list(out):
             if name.endswith("conv1d.weight"):

@@ -204,3 +204,14 @@ def test_snapshot_restore_resumes_a_prefix() -> None:
     assert cache.offset == 26
     again = np.array(model(ids[:, 26:40], cache=cache))
     assert np.abs(first - again).max() == 0
+
+
+def test_indexer_breaks_score_ties_by_lowest_index() -> None:
+    """Summed-ReLU index scores tie at exactly zero; the choice must not depend on sort order."""
+    from mach_adapter_deepseek.compressor import top_k_lowest_first
+
+    scores = mx.array([[0.5, 0.0, -1.0, 0.0, 0.0, -mx.inf], [0.0] * 5 + [-mx.inf]])
+    picked = np.sort(np.array(top_k_lowest_first(scores, 3)), axis=-1)
+    np.testing.assert_array_equal(picked, [[0, 1, 3], [0, 1, 2]])
+    few = np.sort(np.array(top_k_lowest_first(mx.array([[-mx.inf, 2.0, -mx.inf, -mx.inf]]), 2)))
+    np.testing.assert_array_equal(few, [[0, 1]])
