@@ -44,7 +44,7 @@ def test_archs_with_no_family_says_how_to_install() -> None:
     result = mach("archs", env={"MACH_LOAD_PLUGINS": ""})
     assert result.returncode == 0
     assert "No architectures are installed" in result.stdout
-    assert 'pip install mach-adapter-qwen' in result.stdout
+    assert "pip install mach-adapter-qwen" in result.stdout
 
 
 def test_generate_default_model_json() -> None:

@@ -35,7 +35,7 @@ def test_unknown_family_of_ours_names_its_package(monkeypatch: pytest.MonkeyPatc
     message = str(err.value)
     assert "model_type 'futuremoe'" in message
     assert "qwen3_moe" in message and "toy_moe" in message
-    assert 'pip install mach-adapter-future' in message
+    assert "pip install mach-adapter-future" in message
 
 
 def test_unknown_foreign_arch_points_to_adapters() -> None:

@@ -89,7 +89,7 @@ def test_unknown_model_type_names_the_package(
     config.update(model_type="futuremoe", architectures=[])
     (target / "config.json").write_text(json.dumps(config))
     report = check_checkpoint(target)
-    assert not report.loads and 'pip install mach-adapter-future' in report.diagnosis
+    assert not report.loads and "pip install mach-adapter-future" in report.diagnosis
 
 
 def test_missing_tokenizer_loads_but_cannot_serve(tmp_path: Path) -> None:
