@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mach.cache.base import SequenceCache
 from mach.cache.disk import DiskKVCache
 from mach.cache.snapshot import CacheSnapshot, LayerState
 
@@ -108,6 +109,20 @@ class PrefixCache:
             return found
         self._counts["misses"] += 1
         return None
+
+    def resume(self, tokens: Sequence[int], cache: SequenceCache) -> int:
+        """Load the longest cached prefix that leaves at least the last token to run into a
+        fresh ``cache``; returns its length (0 on a miss)."""
+        hit = self.lookup(tokens, len(tokens) - 1)
+        if hit is None:
+            return 0
+        cache.load_state(hit.layers)
+        return len(hit.tokens)
+
+    def snapshot_at(self, prompt_tokens: int, resumed: int) -> int | None:
+        """Where a prefill that resumed at ``resumed`` should take its snapshot, if anywhere."""
+        cut = self.boundary(prompt_tokens - 1)
+        return cut if cut > resumed else None
 
     def store(self, tokens: Sequence[int], layers: list[LayerState]) -> None:
         """Keep the state after ``tokens`` (a whole number of blocks) in both tiers."""
