@@ -1,13 +1,16 @@
-"""Prefix reuse on the qwen3_5_moe fixtures: a cached prefix gives the same output as none."""
+"""Prefix reuse on Qwen3-MoE (full attention) and Qwen3.5-MoE (Gated DeltaNet hybrid)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.adapters import family_checks as checks
 
-FAMILY = Path(__file__).parents[2] / "fixtures" / "qwen3_5_moe"
+FIXTURES = Path(__file__).parents[2] / "fixtures"
 
 
-def test_prefix_reuse_equals_full_prefill(tmp_path: Path) -> None:
-    checks.prefix_reuse_matches(FAMILY / "hf-per-expert", tmp_path / "prompt-cache")
+@pytest.mark.parametrize("layout", ["qwen3_moe/hf-per-expert", "qwen3_5_moe/hf-per-expert"])
+def test_prefix_reuse_equals_full_prefill(tmp_path: Path, layout: str) -> None:
+    checks.prefix_reuse_matches(FIXTURES / layout, tmp_path / "prompt-cache")
