@@ -64,3 +64,46 @@ def greedy_tokens(layout_dir: Path, prefill_step_size: int = 512) -> list[int]:
     engine = TargetEngine(model, None, cache.new, prefill_step_size=prefill_step_size)
     params = SamplingParams(max_tokens=ref["greedy"].shape[1], temperature=0.0)
     return engine.generate(ref["input_ids"][0].tolist(), params).tokens
+
+
+def prefix_reuse_matches(layout_dir: Path, cache_dir: Path, block: int = 16) -> None:
+    """Miss, full hit, partial hit (a longer prompt) and a hit after a restart from the disk
+    tier all give the tokens and log-probabilities of decoding without a prefix cache."""
+    from mach.cache.disk import DiskKVCache
+    from mach.cache.fingerprint import model_fingerprint
+    from mach.cache.prefix import PrefixCache
+
+    loaded = load(layout_dir)
+    model, tokenizer, _, cache = loaded
+    fingerprint = model_fingerprint(loaded)
+
+    def prefix_cache() -> PrefixCache:
+        disk = DiskKVCache(cache_dir, 1 << 30, fingerprint)
+        return PrefixCache(fingerprint, 1 << 30, disk, block)
+
+    plain = TargetEngine(model, tokenizer, cache.new, prefill_step_size=24)
+    cached = TargetEngine(model, tokenizer, cache.new, 24, prefix_cache())
+    rng = np.random.default_rng(17)
+    first = rng.integers(3, 500, size=75).tolist()
+    longer = first + rng.integers(3, 500, size=30).tolist()
+    params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=3)
+
+    def same(engine: TargetEngine, prompt: list[int], reused: int) -> None:
+        want, got = plain.generate(prompt, params), engine.generate(prompt, params)
+        assert got.tokens == want.tokens
+        assert got.stats.cached_tokens == reused
+        events = [list(engine.stream(prompt, params)), list(plain.stream(prompt, params))]
+        for a, b in zip(*events, strict=True):
+            if a.logprob is not None:
+                assert b.logprob is not None and abs(a.logprob - b.logprob) < 1e-5
+                assert a.top_logprobs is not None and b.top_logprobs is not None
+                for (ta, la), (tb, lb) in zip(a.top_logprobs, b.top_logprobs, strict=True):
+                    assert ta == tb and abs(la - lb) < 1e-5
+
+    same(cached, first, 0)
+    same(cached, longer, 64)
+    assert cached.prefix_cache is not None and cached.prefix_cache.stats()["l1_hits"] >= 2
+    restarted = TargetEngine(model, tokenizer, cache.new, 24, prefix_cache())
+    same(restarted, longer, 96)
+    assert restarted.prefix_cache is not None
+    assert restarted.prefix_cache.stats()["l2_hits"] == 1

@@ -14,6 +14,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from mach.cache.snapshot import LayerState, check_kind, present
 from mach.decode.speculative import MAX_DRAFT_TOKENS
 
 TRIM_CAPACITY = 2 * MAX_DRAFT_TOKENS
@@ -122,6 +123,31 @@ class CompressedCache:
         self.rows, self._offset, states = snapshot
         for name, state in states.items():
             self.compressors[name].set_state(state)
+
+    def export_state(self) -> LayerState:
+        arrays = present(rows=self.rows)
+        meta: dict[str, Any] = {"offset": self._offset, "window": self.window, "compressors": {}}
+        for name, s in self.compressors.items():
+            for part, array in present(entries=s.entries, kv=s.kv, gate=s.gate).items():
+                arrays[f"{name}.{part}"] = array
+            meta["compressors"][name] = {"ratio": s.ratio, "row_start": s.row_start,
+                                         "tokens": s.tokens}  # fmt: skip
+        return LayerState(self.kind, arrays, meta)
+
+    def load_state(self, state: LayerState) -> None:
+        check_kind(state, self.kind)
+        saved = {n: c["ratio"] for n, c in state.meta["compressors"].items()}
+        mine = {n: s.ratio for n, s in self.compressors.items()}
+        if state.meta["window"] != self.window or saved != mine:
+            raise ValueError(
+                f"compressed state (window {state.meta['window']}, compressors {saved}) does not "
+                f"fit this layer (window {self.window}, compressors {mine})"
+            )
+        self.rows, self._offset = state.arrays.get("rows"), int(state.meta["offset"])
+        for name, s in self.compressors.items():
+            c = state.meta["compressors"][name]
+            parts = [state.arrays.get(f"{name}.{p}") for p in ("entries", "kv", "gate")]
+            s.set_state((*parts, int(c["row_start"]), int(c["tokens"])))
 
     @property
     def state(self) -> list[mx.array]:

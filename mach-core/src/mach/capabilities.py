@@ -13,16 +13,16 @@ from mach.adapter import KvCacheKind
 
 UNAVAILABLE: dict[str, str] = {
     "continuous_batching": "mach has no continuous-batching scheduler yet",
-    "prefix_reuse": "mach has no prefix cache yet",
     "quantized_kv": "mach has no quantized KV cache yet",
 }
 
 # Which cache kinds each feature can work with once it exists; ``None`` means unknown until a
-# checkpoint is loaded (a rotating cache batches only when it keeps no prefix).
+# checkpoint is loaded (a rotating cache batches only when it keeps no prefix). Prefix reuse
+# restores whole per-layer snapshots, so it works for every kind, sliding windows included.
 _BY_CACHE_KIND: dict[str, dict[str, bool | None]] = {
     "continuous_batching": {"standard": True, "hybrid_gdn": True, "compressed": False,
                             "rotating": None},
-    "prefix_reuse": {"standard": True, "hybrid_gdn": True, "compressed": True, "rotating": None},
+    "prefix_reuse": {"standard": True, "hybrid_gdn": True, "compressed": True, "rotating": True},
     "quantized_kv": {"standard": True, "hybrid_gdn": True, "compressed": False,
                      "rotating": True},
 }  # fmt: skip

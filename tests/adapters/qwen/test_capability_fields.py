@@ -110,4 +110,12 @@ def test_features_mach_lacks_are_false_everywhere() -> None:
                 assert summary[feature] is False, (name, feature)
         assert summary["unavailable"] == UNAVAILABLE
     report = check_checkpoint(FAMILY / "mlx-q4")
-    assert report.continuous_batching is False and report.prefix_reuse is False
+    assert report.continuous_batching is False and report.prefix_reuse is True
+
+
+def test_every_cache_kind_reuses_prefixes() -> None:
+    from mach.registry import arch_summary
+
+    for name in ("qwen3_moe", "qwen3_5_moe"):
+        summary = arch_summary(REGISTRY[name])
+        assert summary["prefix_reuse"] is True and "prefix_reuse" not in summary["unavailable"]

@@ -5,6 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+import mlx.core as mx
+
+from mach.cache.snapshot import LayerState
+
 
 @runtime_checkable
 class LayerCache(Protocol):
@@ -37,6 +41,15 @@ class LayerCache(Protocol):
         ...
 
     def restore(self, snapshot: Any) -> None: ...
+
+    def export_state(self) -> LayerState:
+        """The state at the current offset as named arrays and JSON-able metadata, sharing no
+        buffer with the cache (prefix reuse across requests and processes)."""
+        ...
+
+    def load_state(self, state: LayerState) -> None:
+        """Replace this (fresh) cache's contents with an exported state of the same kind."""
+        ...
 
 
 class SequenceCache(Sequence[LayerCache]):
@@ -90,3 +103,17 @@ class SequenceCache(Sequence[LayerCache]):
     def restore(self, snapshot: list[Any]) -> None:
         for layer, saved in zip(self.layers, snapshot, strict=True):
             layer.restore(saved)
+
+    def export_state(self) -> list[LayerState]:
+        """Every layer's portable state, evaluated."""
+        states = [c.export_state() for c in self.layers]
+        mx.eval([list(s.arrays.values()) for s in states])
+        return states
+
+    def load_state(self, states: list[LayerState]) -> None:
+        if len(states) != len(self.layers):
+            raise ValueError(
+                f"the snapshot has {len(states)} layers, this model's cache {len(self.layers)}"
+            )
+        for layer, state in zip(self.layers, states, strict=True):
+            layer.load_state(state)

@@ -13,6 +13,8 @@ from typing import Any
 
 import mlx.core as mx
 
+from mach.cache.snapshot import LayerState, check_kind, present
+
 
 class GDNCache:
     """Gated DeltaNet state of one layer: the convolution tail and the recurrent state."""
@@ -70,6 +72,15 @@ class GDNCache:
         self.conv_state, self.state, self._offset = snapshot
         if self._history is not None:
             self._history = [(self.conv_state, self.state)]
+
+    def export_state(self) -> LayerState:
+        arrays = present(conv_state=self.conv_state, state=self.state)
+        return LayerState(self.kind, arrays, {"offset": self._offset})
+
+    def load_state(self, state: LayerState) -> None:
+        check_kind(state, self.kind)
+        self.restore((state.arrays.get("conv_state"), state.arrays.get("state"),
+                      int(state.meta["offset"])))  # fmt: skip
 
     @property
     def nbytes(self) -> int:

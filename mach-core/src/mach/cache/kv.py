@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from mach.cache.snapshot import LayerState, check_kind, present
+
 
 class KVCache:
     """Keys/values ``[batch, kv_heads, positions, head_dim]`` for one attention layer."""
@@ -60,6 +62,21 @@ class KVCache:
                 f"cache at {self._offset})"
             )
         self._offset = snapshot
+
+    def export_state(self) -> LayerState:
+        held = self.state
+        keys, values = held if held is not None else (None, None)
+        return LayerState(self.kind, present(keys=keys, values=values), {"offset": self._offset})
+
+    def load_state(self, state: LayerState) -> None:
+        check_kind(state, self.kind)
+        self.keys = self.values = None
+        self._offset = 0
+        if state.meta["offset"]:
+            # Copied into a fresh buffer, so later writes never reach the stored snapshot.
+            self.update_and_fetch(state.arrays["keys"], state.arrays["values"])
+        if self._offset != state.meta["offset"]:
+            raise ValueError(f"KV state holds {self._offset} positions, not {state.meta['offset']}")
 
     @property
     def state(self) -> tuple[mx.array, mx.array] | None:

@@ -6,6 +6,8 @@ from typing import Any
 
 import mlx.core as mx
 
+from mach.cache.snapshot import LayerState, check_kind, present
+
 
 class RotatingKVCache:
     """Holds the last ``window - 1`` positions; each call sees those plus its own new ones."""
@@ -44,6 +46,19 @@ class RotatingKVCache:
 
     def restore(self, snapshot: Any) -> None:
         self.keys, self.values, self._offset = snapshot
+
+    def export_state(self) -> LayerState:
+        meta = {"offset": self._offset, "window": self.window}
+        return LayerState(self.kind, present(keys=self.keys, values=self.values), meta)
+
+    def load_state(self, state: LayerState) -> None:
+        check_kind(state, self.kind)
+        if state.meta["window"] != self.window:
+            raise ValueError(
+                f"rotating state has window {state.meta['window']}, this cache {self.window}"
+            )
+        self.keys, self.values = state.arrays.get("keys"), state.arrays.get("values")
+        self._offset = int(state.meta["offset"])
 
     @property
     def nbytes(self) -> int:

@@ -34,8 +34,9 @@ def _stats_line(stats: dict[str, Any], finish: str) -> str:
         if stats.get("verify_passes")
         else ""
     )
+    cached = f" ({stats['cached_tokens']} cached)" if stats.get("cached_tokens") else ""
     return (
-        f"prompt: {stats['prompt_tokens']} tokens, {stats['prompt_tps']:.1f} tok/s | "
+        f"prompt: {stats['prompt_tokens']} tokens{cached}, {stats['prompt_tps']:.1f} tok/s | "
         f"generation: {stats['generation_tokens']} tokens, {stats['generation_tps']:.1f} tok/s | "
         f"peak memory: {stats['peak_memory_bytes'] / 1e9:.3f} GB{draft} | finish: {finish}"
     )
@@ -74,6 +75,16 @@ def generate_command(
     draft: Draft = None,
     draft_tokens: DraftTokens = 2,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    prompt_cache_dir: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            help="Keep prompt-prefix snapshots in this folder and start from the longest one "
+            "that matches (reused across runs of the same model)."
+        ),
+    ] = None,
+    prompt_cache_disk_bytes: Annotated[
+        str, typer.Option(help="Byte budget of --prompt-cache-dir, e.g. 16GB.")
+    ] = "16GB",
     *,
     options: LoadOptions,
 ) -> None:
@@ -125,7 +136,15 @@ def generate_command(
         prompt_text = prompt if prompt is not None else DEFAULT_PROMPT
         tokens = tokenizer.encode(prompt_text)
 
-    engine = build_engine(loaded, draft, draft_tokens)
+    prefix_cache = None
+    if prompt_cache_dir is not None:
+        from mach.cache.prefix import PrefixCache
+        from mach.experts.bank import parse_size
+
+        prefix_cache = PrefixCache.for_model(
+            loaded, directory=prompt_cache_dir, disk_bytes=parse_size(prompt_cache_disk_bytes)
+        )
+    engine = build_engine(loaded, draft, draft_tokens, prefix_cache)
     if as_json:
         result = engine.generate(tokens, params)
         payload = {**result.to_dict(), "model": str(path), "default_model": default_model}

@@ -10,12 +10,25 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mach.cache.base import SequenceCache
+from mach.cache.prefix import PrefixCache
 from mach.decode.events import FinishReason, GenerationResult, GenerationStats, TokenEvent
 from mach.decode.params import SamplingParams
 from mach.decode.sampler import Sampler
 from mach.decode.stopping import StopMatcher
 from mach.tokenizer.detokenizer import StreamingDetokenizer
 from mach.tokenizer.tokenizer import Tokenizer
+
+
+def prefill_chunks(start: int, stop: int, step: int, cut: int | None) -> Iterator[tuple[int, int]]:
+    """``(begin, end)`` chunks of at most ``step`` tokens over ``[start, stop)``, one ending at
+    ``cut`` so the prefix cache can snapshot there."""
+    begin = start
+    while begin < stop:
+        end = min(begin + step, stop)
+        if cut is not None and begin < cut < end:
+            end = cut
+        yield begin, end
+        begin = end
 
 
 class DecodeEngine(ABC):
@@ -80,7 +93,9 @@ class TargetEngine(DecodeEngine):
     """Target-model-only decoding: chunked prefill, then one token per step.
 
     The next step is queued before the current token is handed out, so the host never waits
-    for the device between tokens.
+    for the device between tokens. With a ``prefix_cache``, a request starts from its longest
+    cached prefix and prefills only the rest; the last prompt token always goes through a
+    decode step, so a snapshot never has to cover the whole prompt.
     """
 
     def __init__(
@@ -89,17 +104,25 @@ class TargetEngine(DecodeEngine):
         tokenizer: Tokenizer | None,
         make_cache: Callable[[], SequenceCache],
         prefill_step_size: int = 512,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.make_cache = make_cache
         self.prefill_step_size = prefill_step_size
+        self.prefix_cache = prefix_cache
 
-    def _prefill(self, prompt: mx.array, cache: SequenceCache) -> None:
-        step = self.prefill_step_size
-        for start in range(0, prompt.size, step):
-            self.model(prompt[None, start : start + step], cache=cache)
+    def _prefill(self, prompt: Sequence[int], tokens: mx.array, cache: SequenceCache) -> int:
+        """Run all but the last prompt token; returns how many came from the prefix cache."""
+        pc = self.prefix_cache
+        resumed = pc.resume(prompt, cache) if pc is not None else 0
+        cut = pc.snapshot_at(len(prompt), resumed) if pc is not None else None
+        for begin, end in prefill_chunks(resumed, tokens.size - 1, self.prefill_step_size, cut):
+            self.model(tokens[None, begin:end], cache=cache)
             mx.eval([getattr(c, "state", None) for c in cache])
+            if pc is not None and end == cut:
+                pc.store(prompt[:cut], cache.export_state())
+        return resumed
 
     def stream(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[TokenEvent]:
         if not prompt:
@@ -138,7 +161,7 @@ class TargetEngine(DecodeEngine):
             stats.prompt_seconds = time.perf_counter() - start
             yield TokenEvent(None, "", "length", stats)
             return
-        self._prefill(tokens[:-1], cache)
+        stats.cached_tokens = self._prefill(prompt, tokens, cache)
         pending = step(tokens[-1:])
         mx.async_eval(pending)
         generated = 0

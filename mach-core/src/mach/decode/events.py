@@ -12,6 +12,8 @@ FinishReason = Literal["stop", "length"]
 class GenerationStats:
     prompt_tokens: int = 0
     prompt_seconds: float = 0.0
+    cached_tokens: int = 0
+    """Prompt tokens restored from the prefix cache instead of prefilled."""
     generation_tokens: int = 0
     generation_seconds: float = 0.0
     time_to_first_token: float = 0.0

@@ -24,7 +24,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mach.cache.base import SequenceCache
-from mach.decode.engine import DecodeEngine, TargetEngine, TextOutput
+from mach.cache.prefix import PrefixCache
+from mach.decode.engine import DecodeEngine, TargetEngine, TextOutput, prefill_chunks
 from mach.decode.events import GenerationStats, TokenEvent
 from mach.decode.params import SamplingParams
 from mach.decode.sampler import Sampler
@@ -153,6 +154,9 @@ class SpecDecEngine(DecodeEngine):
 
     The target model must accept ``return_hidden=True`` when the drafter needs hidden states.
     Requests this engine does not speculate on (repetition penalty, logprobs) run target-only.
+    A ``prefix_cache`` restores the target's cache as in ``TargetEngine``; the drafter starts
+    from the restored position and sees only the rest of the prompt, which can lower its
+    acceptance on that request but never changes the output.
     """
 
     def __init__(
@@ -164,6 +168,7 @@ class SpecDecEngine(DecodeEngine):
         num_draft_tokens: int = 2,
         gate: DraftGate | None = None,
         prefill_step_size: int = 512,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         if not 1 <= num_draft_tokens <= MAX_DRAFT_TOKENS:
             raise ValueError(
@@ -173,7 +178,8 @@ class SpecDecEngine(DecodeEngine):
         self.drafter, self.k = drafter, num_draft_tokens
         self.gate = gate or DraftGate()
         self.prefill_step_size = prefill_step_size
-        self._fallback = TargetEngine(model, tokenizer, make_cache, prefill_step_size)
+        self.prefix_cache = prefix_cache
+        self._fallback = TargetEngine(model, tokenizer, make_cache, prefill_step_size, prefix_cache)
 
     def _forward(self, tokens: mx.array, cache: SequenceCache) -> tuple[mx.array, mx.array | None]:
         if self.drafter.needs_hidden:
@@ -200,14 +206,19 @@ class SpecDecEngine(DecodeEngine):
             return
 
         tokens = mx.array(list(prompt), dtype=mx.uint32)
-        step = self.prefill_step_size
+        pc = self.prefix_cache
+        stats.cached_tokens = pc.resume(prompt, cache) if pc is not None else 0
+        cut = pc.snapshot_at(len(prompt), stats.cached_tokens) if pc is not None else None
         logits = hidden = None
-        for begin in range(0, tokens.size, step):
-            logits, hidden = self._forward(tokens[begin : begin + step], cache)
-            end = min(begin + step, tokens.size)
+        begin = 0
+        chunks = prefill_chunks(stats.cached_tokens, tokens.size, self.prefill_step_size, cut)
+        for begin, end in chunks:
+            logits, hidden = self._forward(tokens[begin:end], cache)
             if end < tokens.size:
                 self.drafter.observe(tokens[begin + 1 : end + 1], hidden)
             mx.eval(logits)
+            if pc is not None and end == cut:
+                pc.store(prompt[:cut], cache.export_state())
         assert logits is not None
         last = int(_scalar(sampler(logits[-1:])))
         self.drafter.observe(mx.concatenate([tokens[begin + 1 :], mx.array([last], mx.uint32)]),

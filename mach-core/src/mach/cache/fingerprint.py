@@ -1,0 +1,47 @@
+"""The identity of a loaded model as far as its cache state is concerned.
+
+Two loads share prefix snapshots only when their fingerprints match: same architecture and
+config, same weights (tensor headers, file sizes and a sample of each file's bytes), same
+compute dtype and expert format, and the same mach snapshot format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import TYPE_CHECKING
+
+from mach.cache.snapshot import FORMAT_VERSION
+
+if TYPE_CHECKING:
+    from mach.io.load import LoadedModel
+
+SAMPLE_BYTES = 1 << 16
+
+
+def model_fingerprint(loaded: LoadedModel) -> str:
+    """A hex digest naming the model, its weights, dtype and the cache format."""
+    ckpt = loaded.checkpoint
+    digest = hashlib.sha256()
+    tensors = sorted(
+        (t.name, t.file.name, t.dtype, list(t.shape), t.start, t.end) for t in ckpt.tensors.values()
+    )
+    identity = {
+        "format": FORMAT_VERSION,
+        "arch": loaded.adapter.name,
+        "config": ckpt.config,
+        "dtype": loaded.options.dtype,
+        "residency": loaded.experts.residency,
+        "quantization": loaded.experts.quantization,
+        "tensors": tensors,
+    }
+    digest.update(json.dumps(identity, sort_keys=True, default=str).encode())
+    for path in sorted(ckpt.files):
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        # Headers alone miss retrained weights of the same shapes; a sample of bytes does not.
+        with open(path, "rb") as handle:
+            for where in (size // 2, max(0, size - SAMPLE_BYTES)):
+                handle.seek(where)
+                digest.update(handle.read(SAMPLE_BYTES))
+    return digest.hexdigest()
