@@ -142,7 +142,9 @@ def generate_command(
         from mach.experts.bank import parse_size
 
         prefix_cache = PrefixCache.for_model(
-            loaded, directory=prompt_cache_dir, disk_bytes=parse_size(prompt_cache_disk_bytes)
+            loaded,
+            directory=prompt_cache_dir,
+            disk_bytes=parse_size(prompt_cache_disk_bytes, "--prompt-cache-disk-bytes"),
         )
     engine = build_engine(loaded, draft, draft_tokens, prefix_cache)
     if as_json:

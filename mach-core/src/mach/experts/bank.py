@@ -232,10 +232,13 @@ class LayerExpertBank(LayerExperts):
         return self._compute(stacked), mx.array(lut[ids])
 
 
-def parse_size(value: int | str) -> int:
-    """Bytes from an int or a size string such as ``"2GB"``, ``"512MiB"`` or ``"1.5G"``."""
+def parse_size(value: int | str, what: str = "expert budget") -> int:
+    """Bytes from an int or a size string such as ``"2GB"``, ``"512MiB"`` or ``"1.5G"``.
+
+    ``what`` names the setting in the error message.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise OptionsError(f"expert budget must be bytes or a size string, got {value!r}")
+        raise OptionsError(f"{what} must be bytes or a size string, got {value!r}")
     size: float
     if isinstance(value, int):
         size = value
@@ -250,10 +253,10 @@ def parse_size(value: int | str) -> int:
             size = float(number) * units[unit]
         except (ValueError, KeyError):
             raise OptionsError(
-                f"expert budget {value!r} is not a size; use bytes or e.g. '2GB', '512MiB'"
+                f"{what} {value!r} is not a size; use bytes or e.g. '2GB', '512MiB'"
             ) from None
     if not size >= 1:
-        raise OptionsError(f"expert budget must be at least one byte, got {value!r}")
+        raise OptionsError(f"{what} must be at least one byte, got {value!r}")
     return int(size)
 
 
