@@ -112,11 +112,12 @@ def mlx_lm_server_trace(path: Path, turns: int) -> list[float] | None:
             body = {"messages": messages, "max_tokens": 16, "temperature": 0.0, "stream": True}
             start = time.perf_counter()
             with httpx.stream("POST", url, json=body, timeout=600) as response:
-                for line in response.iter_lines():
+                lines = response.iter_lines()
+                for line in lines:
                     if line.startswith("data: ") and '"content"' in line:
                         times.append(time.perf_counter() - start)
                         break
-                for _ in response.iter_lines():
+                for _ in lines:
                     pass
         return times
     finally:
