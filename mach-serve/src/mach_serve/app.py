@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -91,8 +92,7 @@ def create_app(
     """
 
     def route(endpoint: str, handler: Handler, methods: list[str]) -> Route:
-        async def wrapped(request: Request) -> Response:
-            status = 500
+        async def answer(request: Request) -> Response:
             try:
                 if state.api_key is not None and endpoint != "health":
                     expected = f"Bearer {state.api_key}"
@@ -103,23 +103,22 @@ def create_app(
                 if request.method == "POST":
                     require_json(request)
                 response: Response = await handler(request)
-                status = response.status_code
                 return response
             except APIError as exc:
-                status = exc.status
                 return exc.response()
             except ClientGoneError:
-                status = CLIENT_CLOSED
                 return Response(status_code=CLIENT_CLOSED)
             except Exception as exc:  # nothing a client sends may take the server down
                 logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
                 return internal_error().response()
-            finally:
-                state.metrics.requests[(endpoint, status)] += 1
-                if getattr(request.state, "body_bytes", 0) >= LARGE_REQUEST_BYTES:
-                    asyncio.get_running_loop().run_in_executor(
-                        state.prepare_pool, release_freed_memory
-                    )
+
+        async def wrapped(request: Request) -> Response:
+            response = await answer(request)
+            state.metrics.requests[(endpoint, response.status_code)] += 1
+            if getattr(request.state, "body_bytes", 0) >= LARGE_REQUEST_BYTES:
+                # After the response is sent, when nothing of the request is left alive.
+                response.background = BackgroundTask(release_freed_memory)
+            return response
 
         return Route(f"/{endpoint}" if endpoint == "health" else f"/v1/{endpoint}",
                      wrapped, methods=methods)  # fmt: skip

@@ -21,6 +21,8 @@ from mach_serve.state import ServerState
 
 JSON_HINT = "Respond with one valid JSON object and nothing else."
 MAX_SEED = 2**64 - 1
+PIECE_CHARS = 2**15
+CUT_ALLOWANCE = 8
 
 
 @dataclass
@@ -89,11 +91,38 @@ def check_prompt_bytes(state: ServerState, size: int, param: str) -> None:
                        code="prompt_too_long")  # fmt: skip
 
 
-def check_prompt_tokens(state: ServerState, count: int, param: str) -> None:
-    limit = state.max_prompt_tokens
-    if limit is not None and count > limit:
-        raise APIError(400, f"the prompt is {count} tokens; this server takes at most {limit} "
-                       "(--max-prompt-tokens)", param=param, code="prompt_too_long")  # fmt: skip
+def token_limit(state: ServerState) -> tuple[int, str, str]:
+    """The most prompt tokens a request may have, why, and the error code for more."""
+    room = state.context_length - 1
+    if state.max_prompt_tokens is not None and state.max_prompt_tokens < room:
+        return state.max_prompt_tokens, "--max-prompt-tokens", "prompt_too_long"
+    return room, f"this model's context is {state.context_length} tokens", "context_length_exceeded"
+
+
+def check_prompt_tokens(state: ServerState, count: int, param: str, at_least: bool = False) -> None:
+    limit, why, code = token_limit(state)
+    if count > limit:
+        size = f"more than {limit}" if at_least else str(count)
+        raise APIError(400, f"the prompt is {size} tokens; the limit is {limit} ({why})",
+                       param=param, code=code)  # fmt: skip
+
+
+def encode_prompt(state: ServerState, text: str, param: str, special: bool) -> list[int]:
+    """``text``'s tokens; a text far over the limit is refused before it is tokenized whole.
+
+    Tokenizing megabytes takes seconds and hundreds of megabytes, so a text long for its limit
+    is first counted in pieces, stopping as soon as the count is certainly over. A cut can
+    split a token in two; the allowance per piece keeps that from refusing a prompt that fits.
+    """
+    limit = token_limit(state)[0]
+    if len(text) > PIECE_CHARS and len(text) > 4 * limit:
+        count = 0
+        for pieces, start in enumerate(range(0, len(text), PIECE_CHARS), 1):
+            piece = text[start : start + PIECE_CHARS]
+            count += len(state.tokenizer.encode(piece, add_special_tokens=False))
+            if count > limit + CUT_ALLOWANCE * pieces:
+                check_prompt_tokens(state, count, param, at_least=True)
+    return state.tokenizer.encode(text, add_special_tokens=special)
 
 
 def _message_dict(message: Message, index: int) -> dict[str, Any]:
@@ -142,7 +171,7 @@ def chat_prompt(state: ServerState, req: ChatCompletionRequest) -> tuple[list[in
         text = state.tokenizer.apply_chat_template(messages, tools=tools)
     except ChatTemplateError as exc:
         raise APIError(400, str(exc), param="messages") from None
-    return state.tokenizer.encode(text, add_special_tokens=False), text
+    return encode_prompt(state, text, "messages", special=False), text
 
 
 def completion_prompt(state: ServerState, req: CompletionRequest) -> list[int]:
@@ -163,7 +192,7 @@ def completion_prompt(state: ServerState, req: CompletionRequest) -> list[int]:
     if not isinstance(prompt, str) or not prompt:
         raise APIError(400, "prompt must be a non-empty string", param="prompt")
     check_prompt_bytes(state, len(prompt.encode()), "prompt")
-    return state.tokenizer.encode(prompt)
+    return encode_prompt(state, prompt, "prompt", special=True)
 
 
 def sampling(
@@ -177,14 +206,6 @@ def sampling(
     prompt_field = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
     check_prompt_tokens(state, len(prompt), prompt_field)
     room = state.context_length - len(prompt)
-    if room <= 0:
-        raise APIError(
-            400,
-            f"the prompt is {len(prompt)} tokens; this model's context is "
-            f"{state.context_length} tokens",
-            param=prompt_field,
-            code="context_length_exceeded",
-        )
     limit = room if max_tokens is None else max_tokens
     if not 1 <= limit <= room:
         raise APIError(
