@@ -264,7 +264,8 @@ def create_app(
                              code="not_found")  # fmt: skip
         else:
             error = APIError(status, str(exc.detail), headers=headers)
-        state.metrics.requests[(path if path in ENDPOINTS else "unrouted", status)] += 1
+        endpoint = path.removeprefix("/v1/").lstrip("/") if path in ENDPOINTS else "unrouted"
+        state.metrics.requests[(endpoint, status)] += 1
         return error.response()
 
     routes = [

@@ -70,6 +70,7 @@ async def submitted(state: ServerState, request: Request, job: Job) -> AsyncIter
             state.metrics.prompt_tokens += len(job.prompt)
         yield job
     except BaseException as exc:
+        job.cancelled.set()  # nobody will read the rest
         state.metrics.outcomes[outcome_of(exc)] += 1
         if isinstance(exc, ClientGoneError | asyncio.CancelledError):
             raise

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -19,6 +19,7 @@ from mach_serve.errors import APIError
 from mach_serve.schemas import ChatCompletionRequest, CompletionRequest, Message, SamplingFields
 from mach_serve.state import ServerState
 
+Request = TypeVar("Request", bound=SamplingFields)
 JSON_HINT = "Respond with one valid JSON object and nothing else."
 MAX_SEED = 2**64 - 1
 PIECE_CHARS = 2**15
@@ -35,10 +36,16 @@ class Prepared:
     """Chat: the rendered prompt, which output parsing reads. Completions: the echo, or ''."""
 
 
-def prepare_chat(state: ServerState, body: bytes) -> tuple[ChatCompletionRequest, Prepared]:
-    req = decode_body(body, ChatCompletionRequest)
+def decode_request(state: ServerState, body: bytes, kind: type[Request]) -> Request:
+    """The body as ``kind``, with every check that needs no prompt made."""
+    req = decode_body(body, kind)
     check_model(state, req.model)
     check_fields(req)
+    return req
+
+
+def prepare_chat(state: ServerState, body: bytes) -> tuple[ChatCompletionRequest, Prepared]:
+    req = decode_request(state, body, ChatCompletionRequest)
     if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
         raise APIError(400, "top_logprobs must be between 0 and 20", param="top_logprobs")
     prompt, text = chat_prompt(state, req)
@@ -51,9 +58,7 @@ def prepare_chat(state: ServerState, body: bytes) -> tuple[ChatCompletionRequest
 
 
 def prepare_completion(state: ServerState, body: bytes) -> tuple[CompletionRequest, Prepared]:
-    req = decode_body(body, CompletionRequest)
-    check_model(state, req.model)
-    check_fields(req)
+    req = decode_request(state, body, CompletionRequest)
     if req.logprobs is not None and not 0 <= req.logprobs <= 5:
         raise APIError(400, "logprobs must be between 0 and 5", param="logprobs")
     prompt = completion_prompt(state, req)
@@ -73,7 +78,7 @@ def check_model(state: ServerState, model: str | None) -> None:
 
 
 def check_fields(req: SamplingFields) -> None:
-    """The checks that need no prompt, made before any templating or tokenizing."""
+    """Field checks that come before any templating or tokenizing."""
     if req.n != 1:
         raise APIError(400, "only n=1 is supported", param="n")
     if req.seed is not None and not 0 <= req.seed <= MAX_SEED:
