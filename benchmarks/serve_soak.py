@@ -28,10 +28,12 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import IO
 
 import httpx
 
@@ -57,6 +59,7 @@ class Tally:
     outcomes: Counter[str] = field(default_factory=Counter)
     kinds: Counter[str] = field(default_factory=Counter)
     failures: Counter[str] = field(default_factory=Counter)
+    by_kind: Counter[str] = field(default_factory=Counter)
 
 
 def free_port() -> int:
@@ -70,10 +73,10 @@ def rss_mib(pid: int) -> float:
     return int(out.stdout.strip() or 0) / 1024
 
 
-def start_server(model: str | None, port: int) -> subprocess.Popen[str]:
+def start_server(model: str | None, port: int, log: IO[str]) -> subprocess.Popen[str]:
     args = [sys.executable, "-m", "mach", "serve", "--port", str(port), "--shutdown-grace", "5"]
     proc = subprocess.Popen([*args, *([model] if model else [])], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stderr=log, text=True)  # fmt: skip
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -81,8 +84,8 @@ def start_server(model: str | None, port: int) -> subprocess.Popen[str]:
                 return proc
         except httpx.TransportError:
             if proc.poll() is not None:
-                output = proc.stderr.read() if proc.stderr else "the server exited"
-                raise SystemExit(output) from None
+                log.seek(0)
+                raise SystemExit(log.read()) from None
         time.sleep(0.2)
     proc.kill()
     raise SystemExit("the server did not start within 120 s")
@@ -124,11 +127,11 @@ async def one_request(client: httpx.AsyncClient, rng: random.Random, kind: str) 
         return "cancelled"
     if kind == "abandon":
         try:
-            await client.post(COMPLETIONS, json=completion(rng, False, 400),
-                              timeout=rng.uniform(0.1, 1.0))  # fmt: skip
+            response = await client.post(COMPLETIONS, json=completion(rng, False, 400),
+                                         timeout=rng.uniform(0.1, 1.0))  # fmt: skip
         except httpx.TimeoutException:
             return "cancelled"
-        return "completed"
+        return {200: "completed", 503: "rejected"}.get(response.status_code, "errors")
     if kind == "too_long":
         body = {"prompt": "x = 1\n" * 150_000}
         response = await client.post(COMPLETIONS, json=body)
@@ -155,6 +158,7 @@ async def run_client(url: str, seed: int, stop_at: float, tally: Tally) -> None:
                 if outcome == "errors":
                     tally.failures[kind] += 1
             tally.outcomes[outcome] += 1
+            tally.by_kind[f"{kind} {outcome}"] += 1
 
 
 def probe_health(url: str, stop: threading.Event, latencies: list[float]) -> None:
@@ -185,7 +189,8 @@ def main() -> None:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start_server(args.model, port)
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - read after the server has exited
+    proc = start_server(args.model, port, log)
     try:
         httpx.post(f"{url}{COMPLETIONS}", json={"prompt": "x", "max_tokens": 4}, timeout=60)
         before = rss_mib(proc.pid)
@@ -216,6 +221,8 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
 
+    log.seek(0)
+    logged = [line.rstrip() for line in log if line.startswith(("ERROR", "Traceback"))]
     sent = sum(tally.kinds.values())
     ordered = sorted(latencies)
     p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
@@ -233,6 +240,8 @@ def main() -> None:
           f"| {before:.0f} MiB | {after:.0f} MiB |")  # fmt: skip
     print()
     print("server's counts (/metrics):", json.dumps(server))
+    print("clients' outcomes by kind:", dict(sorted(tally.by_kind.items())))
+    print(f"errors in the server's log: {len(logged)}")
     if tally.failures:
         print("errors by kind:", dict(tally.failures))
 

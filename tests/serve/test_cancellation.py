@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from tests.serve.conftest import Running, serve_with
-from tests.serve.raw import read_response, send, wait_until
+from tests.serve.raw import read_response, request_bytes, send, wait_until
 
 # Far more tokens than any test waits for: only cancelling ends such a job early.
 LONG = {"prompt": "def parse(text):", "max_tokens": 1500, "temperature": 0}
@@ -71,3 +72,14 @@ def test_a_streaming_client_that_leaves_is_counted_cancelled(fresh: Running) -> 
     after = outcomes(fresh)
     assert after["cancelled"] == before.get("cancelled", 0) + 1
     assert after.get("failed", 0) == before.get("failed", 0)
+
+
+def test_a_client_that_leaves_while_sending_its_body_is_counted_cancelled(fresh: Running) -> None:
+    metrics = fresh.state.metrics
+    cancelled, gone = metrics.cancelled, metrics.requests[("completions", 499)]
+    head = request_bytes("POST", "/v1/completions", b"", port=fresh.port)
+    with socket.create_connection(("127.0.0.1", fresh.port)) as sock:
+        sock.sendall(head.replace(b"Content-Length: 0", b"Content-Length: 100") + b'{"pro')
+    wait_until(lambda: metrics.cancelled == cancelled + 1, "the departure is counted")
+    assert metrics.requests[("completions", 499)] == gone + 1
+    assert not any(status == 500 for _, status in metrics.requests)

@@ -14,7 +14,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
@@ -65,6 +65,9 @@ async def read_body(request: Request, state: ServerState) -> bytes:
 
     try:
         body = await asyncio.wait_for(read(), state.body_timeout)
+    except ClientDisconnect:
+        state.metrics.outcomes["cancelled"] += 1
+        raise ClientGoneError("the client disconnected while sending its request") from None
     except asyncio.TimeoutError:
         raise APIError(408, f"the request body did not arrive within {state.body_timeout:g} s",
                        code="timeout", headers={"Connection": "close"}) from None  # fmt: skip
