@@ -65,6 +65,16 @@ def test_multibyte_character_waits_for_all_its_bytes(tokenizer: Tokenizer) -> No
     assert deltas[:-1] == [""] * (len(ids) - 1) and deltas[-1] == "🚀"
 
 
+@pytest.mark.parametrize("special", [True, False])
+def test_long_text_encodes_as_short_text_does(tokenizer: Tokenizer, special: bool) -> None:
+    from mach.tokenizer.tokenizer import LONG_TEXT
+
+    text = "<|im_start|>user\ndef f(x):\n    return x + 1\n" * (LONG_TEXT // 20)
+    assert len(text) >= LONG_TEXT
+    whole = list(tokenizer.backend.encode(text, add_special_tokens=special).ids)
+    assert tokenizer.encode(text, add_special_tokens=special) == whole
+
+
 def test_chat_template_and_eos(tokenizer: Tokenizer) -> None:
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
     assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"

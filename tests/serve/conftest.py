@@ -10,16 +10,24 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-import uvicorn
 
-from mach_serve import build_state, create_app
+from mach_serve import build_state
+from mach_serve.limits import HTTPLimits
+from mach_serve.server import MachServer, make_server
 from mach_serve.state import ServerState
+
+SERVER_OPTIONS = ("cors_origins", "allowed_hosts", "limits")
 
 
 @dataclass
 class Running:
     url: str
     state: ServerState
+    server: MachServer
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rpartition(":")[2])
 
 
 def free_port() -> int:
@@ -28,11 +36,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start(state: ServerState, **app_options: Any) -> tuple[uvicorn.Server, threading.Thread, str]:
+def start(state: ServerState, **server_options: Any) -> tuple[MachServer, threading.Thread, str]:
     port = free_port()
-    config = uvicorn.Config(create_app(state, **app_options), host="127.0.0.1", port=port,
-                            log_level="warning", timeout_graceful_shutdown=5)  # fmt: skip
-    server = uvicorn.Server(config)
+    server_options.setdefault("limits", HTTPLimits(shutdown_grace=2))
+    server = make_server(state, "127.0.0.1", port, log_level="warning", **server_options)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -47,17 +54,17 @@ def start(state: ServerState, **app_options: Any) -> tuple[uvicorn.Server, threa
 def served() -> Iterator[Running]:
     state = build_state(None, max_queue=64)
     server, thread, url = start(state)
-    yield Running(url, state)
+    yield Running(url, state, server)
     server.should_exit = True
     thread.join(10)
 
 
 def serve_with(**options: Any) -> Iterator[Running]:
-    app_options = {k: options.pop(k) for k in ("cors_origins",) if k in options}
+    server_options = {k: options.pop(k) for k in SERVER_OPTIONS if k in options}
     state = build_state(options.pop("model", None), **options)
-    server, thread, url = start(state, **app_options)
+    server, thread, url = start(state, **server_options)
     try:
-        yield Running(url, state)
+        yield Running(url, state, server)
     finally:
         server.should_exit = True
         thread.join(10)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 
@@ -79,9 +80,82 @@ def test_bad_completion_bodies(served: Running, body: dict[str, object], fragmen
     assert fragment in str(error(post(served, "/v1/completions", json=body), 400)["message"])
 
 
-def test_wrong_method_and_path(served: Running) -> None:
-    assert httpx.get(f"{served.url}{CHAT}").status_code == 405
-    assert httpx.get(f"{served.url}/v1/nothing").status_code == 404
+def test_wrong_method_and_path_are_error_objects(served: Running) -> None:
+    wrong = httpx.get(f"{served.url}{CHAT}")
+    body = error(wrong, 405)
+    assert body["code"] == "method_not_allowed" and "POST" in str(body["message"])
+    assert wrong.headers["allow"] == "POST"
+    missing = httpx.post(f"{served.url}/v1/nothing", json={})
+    body = error(missing, 404)
+    assert body["code"] == "not_found" and "/v1/chat/completions" in str(body["message"])
+
+
+def raw(served: Running, body: bytes) -> httpx.Response:
+    return post(served, CHAT, content=body, headers={"content-type": "application/json"})
+
+
+MESSAGE = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "%s"}]}'
+
+
+@pytest.mark.parametrize("text", [b"caf\xe9", b"\xff\xfe", b"ok \xc3"])
+def test_text_that_is_not_utf8_names_its_field(served: Running, text: bytes) -> None:
+    body = error(raw(served, MESSAGE.replace(b"%s", text)), 400)
+    assert body["param"] == "messages[1].content" and "UTF-8" in str(body["message"])
+
+
+@pytest.mark.parametrize("escape", [rb"\ud800", rb"x\udc00y", rb"\ud800\u0041"])
+def test_unpaired_surrogate_escapes_name_their_field(served: Running, escape: bytes) -> None:
+    body = error(raw(served, MESSAGE.replace(b"%s", escape)), 400)
+    assert body["param"] == "messages[1].content" and "surrogate" in str(body["message"])
+
+
+def test_paired_surrogate_escapes_are_text(served: Running) -> None:
+    body = MESSAGE.replace(b"%s", rb"\ud83d\ude00")[:-1] + b', "max_tokens": 2}'
+    assert raw(served, body).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [(b'{"messages": [{"role": "user", "content": "x"}], "tools": [{"f": %s}]}', "tools[0].f"),
+     (b'{"messages": %s}', "messages"), (b'{"stop": %s}', "stop")],
+)  # fmt: skip
+def test_json_nested_1000_deep_is_a_400(served: Running, body: bytes, param: str) -> None:
+    deep = body.replace(b"%s", b"[" * 1000 + b"]" * 1000)
+    found = error(raw(served, deep), 400)
+    assert str(found["param"]).startswith(param)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64, 10**30, -(2**70)])
+def test_seed_out_of_range_is_a_400_without_binding_text(served: Running, seed: int) -> None:
+    body = error(post(served, CHAT, json={"messages": OK_MESSAGES, "seed": seed}), 400)
+    assert body["param"] == "seed" and "2**64" in str(body["message"])
+    assert "incompatible" not in str(body["message"]) and "key(" not in str(body["message"])
+
+
+def test_largest_seed_is_accepted(served: Running) -> None:
+    body = {"messages": OK_MESSAGES, "seed": 2**64 - 1, "max_tokens": 2, "temperature": 0.7}
+    assert post(served, CHAT, json=body).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("max_tokens", "many"), ("temperature", [1]), ("messages", {"role": "user"}),
+     ("stream_options", {"include_usage": "yes"})],
+)  # fmt: skip
+def test_wrong_types_name_their_field(served: Running, field: str, value: object) -> None:
+    body = {"messages": OK_MESSAGES, field: value}
+    assert str(error(post(served, CHAT, json=body), 400)["param"]).startswith(field)
+
+
+def test_no_filesystem_paths_in_capabilities(served: Running) -> None:
+    from pathlib import Path
+
+    from mach.default_model import default_model_path
+
+    text = httpx.get(f"{served.url}/v1/capabilities").text
+    for path in (default_model_path(), default_model_path().parent, Path.home()):
+        assert json.dumps(str(path))[1:-1] not in text
+    assert json.loads(text)["checkpoint"]["path"] == default_model_path().name
 
 
 def test_server_still_healthy(served: Running) -> None:

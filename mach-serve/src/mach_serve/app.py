@@ -5,23 +5,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, TypeVar
 
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from mach.capabilities import available
 from mach.decode.events import GenerationStats, TokenEvent
-from mach.decode.params import SamplingParams
 from mach.registry import arch_summary
-from mach_serve import requests as parse
-from mach_serve.errors import APIError
+from mach_serve.delivery import first_event, record_stats, rest, run_to_end, sse
+from mach_serve.errors import APIError, internal_error
+from mach_serve.guards import HostAllowList, require_json
+from mach_serve.memory import LARGE_REQUEST_BYTES, release_freed_memory
 from mach_serve.output import Delta, chat_output
+from mach_serve.requests import Prepared, prepare_chat, prepare_completion
 from mach_serve.responses import (
     chat_logprobs,
     chunk,
@@ -32,81 +37,65 @@ from mach_serve.responses import (
     usage,
     usage_chunk,
 )
-from mach_serve.schemas import ChatCompletionRequest, CompletionRequest
 from mach_serve.state import ServerState
-from mach_serve.worker import Job, QueueFullError, ShuttingDownError
+from mach_serve.worker import ClientGoneError, Job
 
 Handler = Callable[[Request], Any]
+R = TypeVar("R")
+logger = logging.getLogger("mach_serve")
+CLIENT_CLOSED = 499
+"""The status nginx logs for a client that left first; nobody receives it."""
+ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/capabilities",
+             "/health", "/metrics"]  # fmt: skip
 
 
 async def read_body(request: Request, state: ServerState) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > state.max_body_bytes:
         raise APIError(413, f"request body over {state.max_body_bytes} bytes", code="too_large")
-    body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > state.max_body_bytes:
-            raise APIError(413, f"request body over {state.max_body_bytes} bytes", code="too_large")
-    return bytes(body)
 
+    async def read() -> bytes:
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > state.max_body_bytes:
+                raise APIError(413, f"request body over {state.max_body_bytes} bytes",
+                               code="too_large")  # fmt: skip
+        return bytes(body)
 
-def start_job(state: ServerState, prompt: list[int], params: SamplingParams) -> Job:
-    job = Job(prompt, params, asyncio.get_running_loop())
     try:
-        state.worker.submit(job)
-    except QueueFullError as exc:
-        raise APIError(503, f"server busy: {exc}; retry shortly", kind="server_error",
-                       code="overloaded", headers={"Retry-After": "1"}) from None  # fmt: skip
-    except ShuttingDownError as exc:
-        raise APIError(503, str(exc), kind="server_error", code="shutting_down") from None
-    state.metrics.prompt_tokens += len(prompt)
-    return job
+        body = await asyncio.wait_for(read(), state.body_timeout)
+    except ClientDisconnect:
+        state.metrics.outcomes["cancelled"] += 1
+        raise ClientGoneError("the client disconnected while sending its request") from None
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {state.body_timeout:g} s",
+                       code="timeout", headers={"Connection": "close"}) from None  # fmt: skip
+    request.state.body_bytes = len(body)
+    return body
 
 
-async def collect(state: ServerState, job: Job) -> tuple[str, list[TokenEvent], TokenEvent]:
-    events, text = [], []
-    async for event in job.stream():
-        events.append(event)
-        text.append(event.text)
-        if event.finish_reason is not None:
-            record(state, event.stats)
-            return "".join(text), events, event
-    raise APIError(500, "generation ended without finishing", kind="server_error")
+async def prepare(
+    request: Request, state: ServerState, parse: Callable[[ServerState, bytes], R]
+) -> R:
+    """Read the body, then parse, template and tokenize it on the preparation threads."""
+    body = await read_body(request, state)
+    return await asyncio.get_running_loop().run_in_executor(state.prepare_pool, parse, state, body)
 
 
-def record(state: ServerState, stats: GenerationStats | None) -> None:
-    if stats is not None:
-        state.metrics.generated_tokens += stats.generation_tokens
-        state.metrics.last_generation_tps = stats.generation_tps
+def create_app(
+    state: ServerState,
+    cors_origins: list[str] | None = None,
+    allowed_hosts: Sequence[str] | None = None,
+) -> Starlette:
+    """The application serving ``state``'s model.
 
-
-async def sse(state: ServerState, job: Job, make: Callable[..., AsyncIterator[str]]) -> Response:
-    async def body() -> AsyncIterator[str]:
-        finished = False
-        try:
-            async for piece in make():
-                yield piece
-            finished = True
-        except Exception as exc:  # the stream has started: report in-band, then end
-            error = {"error": {"message": str(exc), "type": "server_error"}}
-            yield f"data: {json.dumps(error)}\n\n"
-        finally:
-            if not finished:
-                state.metrics.cancelled += 1
-            job.cancelled.set()
-        yield "data: [DONE]\n\n"
-
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
-
-
-def create_app(state: ServerState, cors_origins: list[str] | None = None) -> Starlette:
-    """The application serving ``state``'s model."""
+    ``allowed_hosts``: the ``Host`` names answered (see :func:`mach_serve.guards.allowed_hosts`);
+    ``None`` answers any.
+    """
 
     def route(endpoint: str, handler: Handler, methods: list[str]) -> Route:
-        async def wrapped(request: Request) -> Response:
-            status = 500
+        async def answer(request: Request) -> Response:
             try:
                 if state.api_key is not None and endpoint != "health":
                     expected = f"Bearer {state.api_key}"
@@ -114,35 +103,41 @@ def create_app(state: ServerState, cors_origins: list[str] | None = None) -> Sta
                         raise APIError(401, "missing or wrong API key: send Authorization: "
                                        "Bearer <key>", kind="authentication_error",
                                        code="invalid_api_key")  # fmt: skip
+                if request.method == "POST":
+                    require_json(request)
                 response: Response = await handler(request)
-                status = response.status_code
                 return response
             except APIError as exc:
-                status = exc.status
                 return exc.response()
+            except ClientGoneError:
+                return Response(status_code=CLIENT_CLOSED)
             except Exception as exc:  # nothing a client sends may take the server down
-                return APIError(500, f"internal error: {exc}", kind="server_error").response()
-            finally:
-                state.metrics.requests[(endpoint, status)] += 1
+                logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+                return internal_error().response()
+
+        async def wrapped(request: Request) -> Response:
+            response = await answer(request)
+            state.metrics.requests[(endpoint, response.status_code)] += 1
+            if getattr(request.state, "body_bytes", 0) >= LARGE_REQUEST_BYTES:
+                # After the response is sent, when nothing of the request is left alive.
+                response.background = BackgroundTask(release_freed_memory)
+            return response
 
         return Route(f"/{endpoint}" if endpoint == "health" else f"/v1/{endpoint}",
                      wrapped, methods=methods)  # fmt: skip
 
+    def new_job(prepared: Prepared) -> Job:
+        return Job(prepared.prompt, prepared.params, asyncio.get_running_loop())
+
     async def chat(request: Request) -> Response:
-        req = parse.decode_body(await read_body(request, state), ChatCompletionRequest)
-        parse.check_model(state, req.model)
-        prompt, prompt_text = parse.chat_prompt(state, req)
-        top = req.top_logprobs if req.logprobs else None
-        if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
-            raise APIError(400, "top_logprobs must be between 0 and 20", param="top_logprobs")
-        wanted = (top or 0) if req.logprobs else None
-        max_tokens = req.max_completion_tokens or req.max_tokens
-        params = parse.sampling(state, req, prompt, max_tokens, wanted)
-        job = start_job(state, prompt, params)
+        req, prepared = await prepare(request, state, prepare_chat)
+        params, prompt_text = prepared.params, prepared.text
+        job = new_job(prepared)
         cid, created, model = new_id("chatcmpl"), now(), state.model_id
         tools = bool(req.tools) and req.tool_choice != "none"
         if not req.stream:
-            _, events, last = await collect(state, job)
+            events = await run_to_end(state, request, job)
+            last = events[-1]
             output = chat_output(state.adapter, state.tokenizer, prompt_text, tools, params.stop)
             parts = [output.feed(e) for e in events] + [output.finish()]
             reasoning = "".join(p.reasoning for p in parts)
@@ -160,12 +155,13 @@ def create_app(state: ServerState, cors_origins: list[str] | None = None) -> Sta
                                  if req.logprobs else None}],
                     "usage": usage(last.stats or GenerationStats())}  # fmt: skip
             return JSONResponse(body)
+        first = await first_event(state, request, job)
         include_usage = req.stream_options is not None and req.stream_options.include_usage
 
         async def pieces() -> AsyncIterator[str]:
             yield chunk(cid, model, created, {"role": "assistant", "content": ""}, None)
             output = chat_output(state.adapter, state.tokenizer, prompt_text, tools, params.stop)
-            async for event in job.stream():
+            async for event in rest(first, job):
                 delta = output.feed(event)
                 if event.finish_reason is not None:
                     tail = output.finish()
@@ -177,7 +173,7 @@ def create_app(state: ServerState, cors_origins: list[str] | None = None) -> Sta
                     yield chunk(cid, model, created, {"content": delta.content}, None, logprobs)
                 if event.finish_reason is None:
                     continue
-                record(state, event.stats)
+                record_stats(state, event)
                 finish: str = event.finish_reason
                 if output.calls:
                     calls_delta = {"tool_calls": tool_calls_json(output.calls)}
@@ -187,18 +183,13 @@ def create_app(state: ServerState, cors_origins: list[str] | None = None) -> Sta
                 if include_usage and event.stats is not None:
                     yield usage_chunk(cid, "chat.completion.chunk", created, model, event.stats)
 
-        return await sse(state, job, pieces)
+        return sse(state, job, pieces())
 
     async def completions(request: Request) -> Response:
-        req = parse.decode_body(await read_body(request, state), CompletionRequest)
-        parse.check_model(state, req.model)
-        prompt = parse.completion_prompt(state, req)
-        if req.logprobs is not None and not 0 <= req.logprobs <= 5:
-            raise APIError(400, "logprobs must be between 0 and 5", param="logprobs")
-        params = parse.sampling(state, req, prompt, req.max_tokens or 16, req.logprobs)
-        job = start_job(state, prompt, params)
+        req, prepared = await prepare(request, state, prepare_completion)
+        job = new_job(prepared)
         cid, created, model = new_id("cmpl"), now(), state.model_id
-        echo = state.tokenizer.decode(prompt) if req.echo else ""
+        echo = prepared.text
 
         def body(text: str, finish: str | None, events: list[TokenEvent]) -> dict[str, Any]:
             logprobs = completion_logprobs(state.tokenizer, events) if req.logprobs is not None \
@@ -208,24 +199,27 @@ def create_app(state: ServerState, cors_origins: list[str] | None = None) -> Sta
                                  "logprobs": logprobs}]}  # fmt: skip
 
         if not req.stream:
-            text, events, last = await collect(state, job)
+            events = await run_to_end(state, request, job)
+            last = events[-1]
+            text = "".join(e.text for e in events)
             result = body(echo + text, last.finish_reason, events)
             result["usage"] = usage(last.stats or GenerationStats())
             return JSONResponse(result)
+        first = await first_event(state, request, job)
         include_usage = req.stream_options is not None and req.stream_options.include_usage
 
         async def pieces() -> AsyncIterator[str]:
             if echo:
                 yield f"data: {json.dumps(body(echo, None, []))}\n\n"
-            async for event in job.stream():
+            async for event in rest(first, job):
                 if event.text or event.finish_reason is not None:
                     yield f"data: {json.dumps(body(event.text, event.finish_reason, [event]))}\n\n"
                 if event.finish_reason is not None:
-                    record(state, event.stats)
+                    record_stats(state, event)
                     if include_usage and event.stats is not None:
                         yield usage_chunk(cid, "text_completion", created, model, event.stats)
 
-        return await sse(state, job, pieces)
+        return sse(state, job, pieces())
 
     async def models(request: Request) -> Response:
         entry = {"id": state.model_id, "object": "model", "created": state.created,
@@ -233,11 +227,13 @@ def create_app(state: ServerState, cors_origins: list[str] | None = None) -> Sta
         return JSONResponse({"object": "list", "data": [entry]})
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model": state.model_id,
-                             "queue_depth": state.worker.depth})  # fmt: skip
+        draining = state.worker.draining
+        return JSONResponse({"status": "shutting_down" if draining else "ok",
+                             "model": state.model_id, "queue_depth": state.worker.depth},
+                            status_code=503 if draining else 200)  # fmt: skip
 
     async def metrics(request: Request) -> Response:
-        text = state.metrics.render(state.worker.depth, state.store_stats())
+        text = state.metrics.render(state.worker.depth, state.worker.generated, state.store_stats())
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     async def capabilities(request: Request) -> Response:
@@ -245,8 +241,7 @@ def create_app(state: ServerState, cors_origins: list[str] | None = None) -> Sta
             "object": "capabilities",
             "model": state.model_id,
             "server": {
-                "endpoints": ["/v1/chat/completions", "/v1/completions", "/v1/models",
-                              "/v1/capabilities", "/health", "/metrics"],
+                "endpoints": ENDPOINTS,
                 "streaming": True, "tools": True, "logprobs": True,
                 "response_format": ["text", "json_object (best effort)"],
                 "context_length": state.context_length,
@@ -259,6 +254,23 @@ def create_app(state: ServerState, cors_origins: list[str] | None = None) -> Sta
             "checkpoint": state.checkpoint,
         })  # fmt: skip
 
+    async def unrouted(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        path, status = request.url.path, exc.status_code
+        headers = dict(exc.headers) if exc.headers else None
+        if status == 405:
+            allowed = (headers or {}).get("Allow", "")
+            error = APIError(405, f"{request.method} is not allowed on {path}; use {allowed}",
+                             code="method_not_allowed", headers=headers)  # fmt: skip
+        elif status == 404:
+            error = APIError(404, f"no endpoint at {path}; this server has {', '.join(ENDPOINTS)}",
+                             code="not_found")  # fmt: skip
+        else:
+            error = APIError(status, str(exc.detail), headers=headers)
+        endpoint = path.removeprefix("/v1/").lstrip("/") if path in ENDPOINTS else "unrouted"
+        state.metrics.requests[(endpoint, status)] += 1
+        return error.response()
+
     routes = [
         route("chat/completions", chat, ["POST"]),
         route("completions", completions, ["POST"]),
@@ -268,6 +280,8 @@ def create_app(state: ServerState, cors_origins: list[str] | None = None) -> Sta
         Route("/metrics", metrics, methods=["GET"]),
     ]
     middleware = []
+    if allowed_hosts is not None:
+        middleware.append(Middleware(HostAllowList, hosts=allowed_hosts))
     if cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=cors_origins,
                                      allow_methods=["*"], allow_headers=["*"]))  # fmt: skip
@@ -276,5 +290,7 @@ def create_app(state: ServerState, cors_origins: list[str] | None = None) -> Sta
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
         await asyncio.to_thread(state.worker.shutdown)
+        state.prepare_pool.shutdown(wait=False, cancel_futures=True)
 
-    return Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
+    return Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
+                     exception_handlers={HTTPException: unrouted})  # fmt: skip

@@ -16,6 +16,9 @@ from mach.cli.residency import (
     DraftTokens,
     takes_load_options,
 )
+from mach_serve.limits import HTTPLimits
+
+LIMITS = HTTPLimits()
 
 
 @reports_errors
@@ -39,8 +42,42 @@ def serve_command(
         Optional[list[str]],  # noqa: UP045
         typer.Option(help="Allow browser requests from this origin (repeatable)."),
     ] = None,
+    allowed_host: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(
+            help="Also answer requests whose Host header names this (repeatable; '*' answers "
+            "any). On loopback only localhost, 127.0.0.1 and [::1] are answered by default."
+        ),
+    ] = None,
     max_queue: Annotated[int, typer.Option(min=1, help="Requests that may wait.")] = 32,
-    max_body_bytes: Annotated[int, typer.Option(min=1024)] = 4 * 2**20,
+    max_body_bytes: Annotated[
+        int, typer.Option(min=1024, help="Largest request body in bytes.")
+    ] = 4 * 2**20,
+    max_prompt_bytes: Annotated[
+        int, typer.Option(min=1, help="Largest prompt text in UTF-8 bytes, before templating.")
+    ] = 2**20,
+    max_prompt_tokens: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(min=1, help="Most prompt tokens (default: what the context allows)."),
+    ] = None,
+    keep_alive_timeout: Annotated[
+        int, typer.Option(min=1, help="Seconds an idle keep-alive connection stays open.")
+    ] = LIMITS.keep_alive,
+    header_timeout: Annotated[
+        float, typer.Option(min=0.1, help="Seconds a request's headers may take to arrive.")
+    ] = LIMITS.header_timeout,
+    body_timeout: Annotated[
+        float, typer.Option(min=0.1, help="Seconds a request's body may take to arrive.")
+    ] = 30.0,
+    max_header_bytes: Annotated[
+        int, typer.Option(min=1024, help="Largest request head (request line and headers).")
+    ] = LIMITS.max_header_bytes,
+    limit_concurrency: Annotated[
+        int, typer.Option(min=1, help="Open connections at once; beyond them, 503.")
+    ] = LIMITS.limit_concurrency,
+    shutdown_grace: Annotated[
+        float, typer.Option(min=0, help="Seconds the running request gets after SIGTERM.")
+    ] = LIMITS.shutdown_grace,
     draft: Draft = None,
     draft_tokens: DraftTokens = 2,
     *,
@@ -55,12 +92,22 @@ def serve_command(
         api_key=api_key,
         max_queue=max_queue,
         max_body_bytes=max_body_bytes,
+        body_timeout=body_timeout,
+        max_prompt_bytes=max_prompt_bytes,
+        max_prompt_tokens=max_prompt_tokens,
         options=options,
         draft=draft,
         draft_tokens=draft_tokens,
     )
+    limits = HTTPLimits(
+        keep_alive=keep_alive_timeout,
+        header_timeout=header_timeout,
+        max_header_bytes=max_header_bytes,
+        limit_concurrency=limit_concurrency,
+        shutdown_grace=shutdown_grace,
+    )
     typer.echo(f"mach: serving {state.model_id} on http://{host}:{port}/v1", err=True)
-    run(state, host, port, cors_origin)
+    run(state, host, port, cors_origin, limits=limits, allowed_hosts=allowed_host)
 
 
 def register(app: typer.Typer) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.responses import JSONResponse
 
 
@@ -21,7 +23,15 @@ class APIError(Exception):
         self.status, self.message, self.kind = status, message, kind
         self.param, self.code, self.headers = param, code, headers
 
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param,
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
                           "code": self.code}}  # fmt: skip
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def internal_error() -> APIError:
+    """The 500 for an unexpected failure; its details (paths, tracebacks) stay in the log."""
+    return APIError(500, "internal server error; the server log has the details",
+                    kind="server_error", code="internal_error")  # fmt: skip

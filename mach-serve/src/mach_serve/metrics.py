@@ -4,18 +4,29 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+Outcome = Literal["completed", "cancelled", "failed", "rejected"]
+OUTCOMES: dict[Outcome, str] = {
+    "completed": "Generations that ran to their end and were delivered.",
+    "cancelled": "Generations stopped, or never started, because the client disconnected.",
+    "failed": "Generations ended by an error, the shutdown grace period included.",
+    "rejected": "Requests refused before generating: queue full or shutting down.",
+}
 
 
 @dataclass
 class Metrics:
     requests: Counter[tuple[str, int]] = field(default_factory=Counter)
+    outcomes: Counter[Outcome] = field(default_factory=Counter)
     prompt_tokens: int = 0
-    generated_tokens: int = 0
     last_generation_tps: float = 0.0
-    cancelled: int = 0
 
-    def render(self, queue_depth: int, store: dict[str, Any]) -> str:
+    @property
+    def cancelled(self) -> int:
+        return self.outcomes["cancelled"]
+
+    def render(self, queue_depth: int, generated: int, store: dict[str, Any]) -> str:
         lines = [
             "# HELP mach_requests_total Requests by endpoint and status.",
             "# TYPE mach_requests_total counter",
@@ -23,12 +34,16 @@ class Metrics:
         for (endpoint, status), count in sorted(self.requests.items()):
             lines.append(f'mach_requests_total{{endpoint="{endpoint}",status="{status}"}} {count}')
         rows = [
-            ("mach_prompt_tokens_total", "counter", "Prompt tokens processed.", self.prompt_tokens),
-            ("mach_generated_tokens_total", "counter", "Tokens generated.", self.generated_tokens),
+            ("mach_prompt_tokens_total", "counter", "Prompt tokens queued for generation.",
+             self.prompt_tokens),
+            ("mach_generated_tokens_total", "counter", "Tokens generated, cancelled work included.",
+             generated),
             ("mach_generation_tokens_per_second", "gauge", "Decode rate of the last request.",
              self.last_generation_tps),
-            ("mach_cancelled_requests_total", "counter", "Generations stopped by a disconnect.",
-             self.cancelled),
+        ]  # fmt: skip
+        rows += [(f"mach_{kind}_requests_total", "counter", text, self.outcomes[kind])
+                 for kind, text in OUTCOMES.items()]  # fmt: skip
+        rows += [
             ("mach_queue_depth", "gauge", "Requests waiting or running.", queue_depth),
             ("mach_expert_hit_rate", "gauge", "Expert bank hit rate (streaming stores).",
              store.get("hit_rate", 1.0)),

@@ -1,31 +1,70 @@
-"""Turning OpenAI request bodies into a prompt and sampling parameters, with clear errors."""
+"""Turning OpenAI request bodies into a prompt and sampling parameters, with clear errors.
+
+Everything here runs on a preparation thread, never on the event loop: templating and
+tokenizing a long prompt take long enough to stall every connection.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import msgspec
 
 from mach.decode.params import SamplingParams
 from mach.tokenizer.tokenizer import ChatTemplateError
+from mach_serve.decoding import decode_body
 from mach_serve.errors import APIError
 from mach_serve.schemas import ChatCompletionRequest, CompletionRequest, Message, SamplingFields
 from mach_serve.state import ServerState
 
-T = TypeVar("T")
+Request = TypeVar("Request", bound=SamplingFields)
 JSON_HINT = "Respond with one valid JSON object and nothing else."
+MAX_SEED = 2**64 - 1
+PIECE_CHARS = 2**15
+CUT_ALLOWANCE = 8
 
 
-def decode_body(body: bytes, kind: type[T]) -> T:
-    if not body.strip():
-        raise APIError(400, "the request body is empty; send a JSON object")
-    try:
-        return msgspec.json.decode(body, type=kind)
-    except msgspec.ValidationError as exc:
-        raise APIError(400, f"invalid request: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise APIError(400, f"the request body is not valid JSON: {exc}") from None
+@dataclass
+class Prepared:
+    """What a request asks the worker for."""
+
+    prompt: list[int]
+    params: SamplingParams
+    text: str
+    """Chat: the rendered prompt, which output parsing reads. Completions: the echo, or ''."""
+
+
+def decode_request(state: ServerState, body: bytes, kind: type[Request]) -> Request:
+    """The body as ``kind``, with every check that needs no prompt made."""
+    req = decode_body(body, kind)
+    check_model(state, req.model)
+    check_fields(req)
+    return req
+
+
+def prepare_chat(state: ServerState, body: bytes) -> tuple[ChatCompletionRequest, Prepared]:
+    req = decode_request(state, body, ChatCompletionRequest)
+    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
+        raise APIError(400, "top_logprobs must be between 0 and 20", param="top_logprobs")
+    prompt, text = chat_prompt(state, req)
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    limit: int | None = req.max_completion_tokens
+    field = "max_completion_tokens"
+    if limit is None:
+        limit, field = req.max_tokens, "max_tokens"
+    return req, Prepared(prompt, sampling(state, req, prompt, limit, logprobs, field), text)
+
+
+def prepare_completion(state: ServerState, body: bytes) -> tuple[CompletionRequest, Prepared]:
+    req = decode_request(state, body, CompletionRequest)
+    if req.logprobs is not None and not 0 <= req.logprobs <= 5:
+        raise APIError(400, "logprobs must be between 0 and 5", param="logprobs")
+    prompt = completion_prompt(state, req)
+    params = sampling(state, req, prompt, req.max_tokens or 16, req.logprobs)
+    echo = state.tokenizer.decode(prompt) if req.echo else ""
+    return req, Prepared(prompt, params, echo)
 
 
 def check_model(state: ServerState, model: str | None) -> None:
@@ -38,7 +77,60 @@ def check_model(state: ServerState, model: str | None) -> None:
         )
 
 
-def _message_dict(message: Message) -> dict[str, Any]:
+def check_fields(req: SamplingFields) -> None:
+    """Field checks that come before any templating or tokenizing."""
+    if req.n != 1:
+        raise APIError(400, "only n=1 is supported", param="n")
+    if req.seed is not None and not 0 <= req.seed <= MAX_SEED:
+        raise APIError(400, f"seed must be between 0 and {MAX_SEED} (2**64 - 1), got {req.seed}",
+                       param="seed")  # fmt: skip
+    stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
+    if len(stop) > 4:
+        raise APIError(400, "at most 4 stop sequences", param="stop")
+
+
+def check_prompt_bytes(state: ServerState, size: int, param: str) -> None:
+    if size > state.max_prompt_bytes:
+        raise APIError(400, f"the prompt is {size} bytes; this server takes at most "
+                       f"{state.max_prompt_bytes} (--max-prompt-bytes)", param=param,
+                       code="prompt_too_long")  # fmt: skip
+
+
+def token_limit(state: ServerState) -> tuple[int, str, str]:
+    """The most prompt tokens a request may have, why, and the error code for more."""
+    room = state.context_length - 1
+    if state.max_prompt_tokens is not None and state.max_prompt_tokens < room:
+        return state.max_prompt_tokens, "--max-prompt-tokens", "prompt_too_long"
+    return room, f"this model's context is {state.context_length} tokens", "context_length_exceeded"
+
+
+def check_prompt_tokens(state: ServerState, count: int, param: str, at_least: bool = False) -> None:
+    limit, why, code = token_limit(state)
+    if count > limit:
+        size = f"more than {limit}" if at_least else str(count)
+        raise APIError(400, f"the prompt is {size} tokens; the limit is {limit} ({why})",
+                       param=param, code=code)  # fmt: skip
+
+
+def encode_prompt(state: ServerState, text: str, param: str, special: bool) -> list[int]:
+    """``text``'s tokens; a text far over the limit is refused before it is tokenized whole.
+
+    Tokenizing megabytes takes seconds and hundreds of megabytes, so a text long for its limit
+    is first counted in pieces, stopping as soon as the count is certainly over. A cut can
+    split a token in two; the allowance per piece keeps that from refusing a prompt that fits.
+    """
+    limit = token_limit(state)[0]
+    if len(text) > PIECE_CHARS and len(text) > 4 * limit:
+        count = 0
+        for pieces, start in enumerate(range(0, len(text), PIECE_CHARS), 1):
+            piece = text[start : start + PIECE_CHARS]
+            count += len(state.tokenizer.encode(piece, add_special_tokens=False))
+            if count > limit + CUT_ALLOWANCE * pieces:
+                check_prompt_tokens(state, count, param, at_least=True)
+    return state.tokenizer.encode(text, add_special_tokens=special)
+
+
+def _message_dict(message: Message, index: int) -> dict[str, Any]:
     out: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role,
                            "content": message.text()}  # fmt: skip
     if message.name:
@@ -52,9 +144,9 @@ def _message_dict(message: Message) -> dict[str, Any]:
             if isinstance(arguments, str):
                 try:
                     arguments = json.loads(arguments) if arguments.strip() else {}
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, RecursionError):
                     raise APIError(400, "tool call arguments must be a JSON object",
-                                   param="messages") from None  # fmt: skip
+                                   param=f"messages[{index}].tool_calls") from None  # fmt: skip
             calls.append(
                 {
                     "id": call.id,
@@ -69,24 +161,28 @@ def _message_dict(message: Message) -> dict[str, Any]:
 def chat_prompt(state: ServerState, req: ChatCompletionRequest) -> tuple[list[int], str]:
     if not req.messages:
         raise APIError(400, "messages must not be empty", param="messages")
-    messages = [_message_dict(m) for m in req.messages]
+    messages = [_message_dict(m, i) for i, m in enumerate(req.messages)]
+    tools = req.tools if req.tool_choice != "none" else None
+    size = sum(len(m["content"].encode()) for m in messages)
+    check_prompt_bytes(state, size + len(msgspec.json.encode(tools)) if tools else size,
+                       "messages")  # fmt: skip
     if req.response_format is not None and req.response_format.type != "text":
         # Best effort: ask for JSON in words; output is not constrained.
         if messages[0]["role"] == "system":
             messages[0]["content"] = f"{messages[0]['content']}\n\n{JSON_HINT}".strip()
         else:
             messages.insert(0, {"role": "system", "content": JSON_HINT})
-    tools = req.tools if req.tool_choice != "none" else None
     try:
         text = state.tokenizer.apply_chat_template(messages, tools=tools)
     except ChatTemplateError as exc:
         raise APIError(400, str(exc), param="messages") from None
-    return state.tokenizer.encode(text, add_special_tokens=False), text
+    return encode_prompt(state, text, "messages", special=False), text
 
 
 def completion_prompt(state: ServerState, req: CompletionRequest) -> list[int]:
     prompt = req.prompt
     if isinstance(prompt, list) and prompt and all(type(p) is int for p in prompt):
+        check_prompt_tokens(state, len(prompt), "prompt")
         ids = [int(p) for p in prompt]
         if any(not 0 <= p < state.tokenizer.vocab_size for p in ids):
             raise APIError(400, "prompt token ids are out of the vocabulary", param="prompt")
@@ -100,7 +196,8 @@ def completion_prompt(state: ServerState, req: CompletionRequest) -> list[int]:
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
         raise APIError(400, "prompt must be a non-empty string", param="prompt")
-    return state.tokenizer.encode(prompt)
+    check_prompt_bytes(state, len(prompt.encode()), "prompt")
+    return encode_prompt(state, prompt, "prompt", special=True)
 
 
 def sampling(
@@ -109,29 +206,20 @@ def sampling(
     prompt: list[int],
     max_tokens: int | None,
     logprobs: int | None,
+    max_tokens_field: str = "max_tokens",
 ) -> SamplingParams:
-    if req.n != 1:
-        raise APIError(400, "only n=1 is supported", param="n")
+    prompt_field = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
+    check_prompt_tokens(state, len(prompt), prompt_field)
     room = state.context_length - len(prompt)
-    if room <= 0:
-        raise APIError(
-            400,
-            f"the prompt is {len(prompt)} tokens; this model's context is "
-            f"{state.context_length} tokens",
-            param="messages",
-            code="context_length_exceeded",
-        )
     limit = room if max_tokens is None else max_tokens
     if not 1 <= limit <= room:
         raise APIError(
             400,
-            f"max_tokens must be between 1 and {room} (context {state.context_length} minus the "
-            f"{len(prompt)}-token prompt), got {max_tokens}",
-            param="max_tokens",
+            f"{max_tokens_field} must be between 1 and {room} (context {state.context_length} "
+            f"minus the {len(prompt)}-token prompt), got {max_tokens}",
+            param=max_tokens_field,
         )
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stop) > 4:
-        raise APIError(400, "at most 4 stop sequences", param="stop")
     try:
         return SamplingParams(
             max_tokens=limit,
@@ -145,4 +233,5 @@ def sampling(
             logprobs=logprobs,
         )
     except ValueError as exc:
-        raise APIError(400, str(exc)) from None
+        # SamplingParams names the field first in each problem it reports.
+        raise APIError(400, str(exc), param=str(exc).split()[0]) from None

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import math
 import os
+import socket
 from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import uvicorn
 
 from mach.check import CheckReport, fill_report
 from mach.decode.select import build_engine
@@ -11,11 +19,16 @@ from mach.errors import MachError
 from mach.io.load import load_moe
 from mach.io.options import LoadOptions
 from mach.io.paths import resolve_model_path
+from mach_serve.guards import allowed_hosts as hosts_for
+from mach_serve.limits import HTTPLimits
+from mach_serve.protocol import with_header_timeout
 from mach_serve.state import ServerState
 from mach_serve.worker import ModelWorker
 
 API_KEY_ENV = "MACH_API_KEY"
 DEFAULT_CONTEXT = 4096
+SHUTDOWN_BACKSTOP = 5
+"""Seconds uvicorn waits past the grace period before cancelling what is left."""
 
 
 def build_state(
@@ -25,6 +38,9 @@ def build_state(
     api_key: str | None = None,
     max_queue: int = 32,
     max_body_bytes: int = 4 * 2**20,
+    body_timeout: float = 30.0,
+    max_prompt_bytes: int = 2**20,
+    max_prompt_tokens: int | None = None,
     options: LoadOptions | None = None,
     draft: bool | None = None,
     draft_tokens: int = 2,
@@ -52,7 +68,7 @@ def build_state(
     report = CheckReport(str(path))
     fill_report(report, loaded.plan)
     return ServerState(
-        checkpoint=report.to_dict(),
+        checkpoint=without_paths(report.to_dict(), path),
         model_id=name,
         tokenizer=loaded.tokenizer,
         adapter=loaded.adapter,
@@ -61,14 +77,88 @@ def build_state(
         context_length=loaded.checkpoint.context_length or DEFAULT_CONTEXT,
         api_key=api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None,
         max_body_bytes=max_body_bytes,
+        body_timeout=body_timeout,
+        max_prompt_bytes=max_prompt_bytes,
+        max_prompt_tokens=max_prompt_tokens,
     )
 
 
-def run(state: ServerState, host: str, port: int, cors_origins: list[str] | None = None) -> None:
-    """Serve until interrupted; in-flight requests get up to 30 s to finish on shutdown."""
-    import uvicorn
+def without_paths(report: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``report`` with the checkpoint's folder named only by its last part.
 
+    Clients see this at ``/v1/capabilities``; where the files live (and the user's name in a
+    home folder) is the server's business.
+    """
+    text = json.dumps(report)
+    for prefix, shown in ((str(path.resolve()), path.name), (str(path), path.name),
+                          (str(Path.home()), "~")):  # fmt: skip
+        text = text.replace(json.dumps(prefix)[1:-1], json.dumps(shown)[1:-1])
+    result: dict[str, Any] = json.loads(text)
+    return result
+
+
+class MachServer(uvicorn.Server):
+    """uvicorn's server, which also drains the model worker the moment shutdown begins.
+
+    uvicorn alone would let queued requests start during its grace period and then cut them
+    off; draining answers them 503 at once and gives the running one the grace period.
+    """
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, grace: float) -> None:
+        super().__init__(config)
+        self.state, self.grace = state, grace
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # A signal handler may interrupt the loop thread inside the worker's lock; the drain
+        # runs as a loop callback instead.
+        if self._loop is not None and not self.should_exit:
+            self._loop.call_soon_threadsafe(self.state.worker.drain, self.grace)
+        super().handle_exit(sig, frame)
+
+
+def make_server(
+    state: ServerState,
+    host: str,
+    port: int,
+    *,
+    limits: HTTPLimits | None = None,
+    cors_origins: list[str] | None = None,
+    allowed_hosts: list[str] | None = None,
+    log_level: str = "info",
+) -> MachServer:
+    """The uvicorn server for ``state``; ``allowed_hosts`` adds to the loopback names."""
     from mach_serve.app import create_app
 
-    app = create_app(state, cors_origins)
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)
+    limits = limits or HTTPLimits()
+    app = create_app(state, cors_origins, hosts_for(host, allowed_hosts or []))
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        http=with_header_timeout(limits.header_timeout),
+        timeout_keep_alive=limits.keep_alive,
+        h11_max_incomplete_event_size=limits.max_header_bytes,
+        limit_concurrency=limits.limit_concurrency,
+        timeout_graceful_shutdown=math.ceil(limits.shutdown_grace) + SHUTDOWN_BACKSTOP,
+    )
+    return MachServer(config, state, limits.shutdown_grace)
+
+
+def run(
+    state: ServerState,
+    host: str,
+    port: int,
+    cors_origins: list[str] | None = None,
+    *,
+    limits: HTTPLimits | None = None,
+    allowed_hosts: list[str] | None = None,
+) -> None:
+    """Serve until SIGINT or SIGTERM, then shut down gracefully (see :class:`MachServer`)."""
+    make_server(state, host, port, limits=limits, cors_origins=cors_origins,
+                allowed_hosts=allowed_hosts).run()  # fmt: skip

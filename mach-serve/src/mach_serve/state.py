@@ -1,8 +1,9 @@
-"""What the server holds: the loaded model, its worker and its counters."""
+"""What the server holds: the loaded model, its worker, its limits and its counters."""
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +12,8 @@ from mach.experts.store import ExpertStore
 from mach.tokenizer.tokenizer import Tokenizer
 from mach_serve.metrics import Metrics
 from mach_serve.worker import ModelWorker
+
+PREPARE_THREADS = 2
 
 
 @dataclass
@@ -22,11 +25,21 @@ class ServerState:
     worker: ModelWorker
     context_length: int
     checkpoint: dict[str, Any] = field(default_factory=dict)
-    """``mach check``'s report for the served checkpoint."""
+    """``mach check``'s report for the served checkpoint, without filesystem paths."""
     api_key: str | None = None
     max_body_bytes: int = 4 * 2**20
+    body_timeout: float = 30.0
+    """Seconds a request body may take to arrive in full."""
+    max_prompt_bytes: int = 2**20
+    """UTF-8 bytes of prompt text (messages and tools), checked before templating."""
+    max_prompt_tokens: int | None = None
+    """Prompt tokens, checked before a request is queued; ``None``: the context decides."""
     created: int = field(default_factory=lambda: int(time.time()))
     metrics: Metrics = field(default_factory=Metrics)
+    prepare_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(PREPARE_THREADS, "mach-prepare")
+    )
+    """Where templating and tokenizing run, off the event loop and beside the model worker."""
 
     def store_stats(self) -> dict[str, Any]:
         return self.store.stats()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import queue
+import logging
 import threading
+import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -12,16 +14,26 @@ from mach.decode.engine import DecodeEngine
 from mach.decode.events import TokenEvent
 from mach.decode.params import SamplingParams
 
+logger = logging.getLogger("mach_serve")
+
 
 class QueueFullError(RuntimeError):
     """The bounded request queue is full."""
 
 
 class ShuttingDownError(RuntimeError):
-    """The server is stopping and takes no new work."""
+    """The server is stopping: the job was refused, or dropped from the queue unstarted."""
 
 
-@dataclass
+class GraceExpiredError(RuntimeError):
+    """The server stopped a running job because the shutdown grace period ran out."""
+
+
+class ClientGoneError(Exception):
+    """The client disconnected; nothing more will be delivered to it."""
+
+
+@dataclass(eq=False)
 class Job:
     prompt: list[int]
     params: SamplingParams
@@ -30,17 +42,30 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def push(self, item: TokenEvent | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        """Hand an event (or the error that ended the job) to the request; any thread."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # the loop has closed: nobody is listening any more
+            self.cancelled.set()
+
+    def abandon(self) -> None:
+        """The client left: stop at the next token (or never start) and wake the handler."""
+        self.cancelled.set()
+        self.events.put_nowait(ClientGoneError("the client disconnected"))
+
+    async def next(self) -> TokenEvent:
+        item = await self.events.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
     async def stream(self) -> AsyncIterator[TokenEvent]:
         """Events as the worker produces them; cancels the job if the consumer goes away."""
         try:
             while True:
-                item = await self.events.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
+                event = await self.next()
+                yield event
+                if event.finish_reason is not None:
                     return
         finally:
             self.cancelled.set()
@@ -50,59 +75,101 @@ class ModelWorker:
     """Runs one generation at a time on its own thread; the event loop never waits on MLX.
 
     Jobs are served first come, first served from a queue of at most ``max_queue`` waiting jobs.
-    A cancelled job stops at its next token.
+    A cancelled job stops at its next token; a cancelled waiting job never starts.
     """
 
     def __init__(self, engine: DecodeEngine, max_queue: int = 32) -> None:
         self.engine = engine
         self.max_queue = max_queue
-        self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
-        self._busy = False
-        self._closing = False
+        self.started = 0
+        """Jobs that began generating (a skipped or drained job never counts)."""
+        self.generated = 0
+        """Tokens generated, cancelled and failed jobs included."""
+        self._waiting: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._running: Job | None = None
+        self._deadline: float | None = None
+        self._stopped = False
         self._thread = threading.Thread(target=self._run, name="mach-model-worker", daemon=True)
         self._thread.start()
 
     @property
     def depth(self) -> int:
         """Jobs waiting plus the one running."""
-        return self._jobs.qsize() + int(self._busy)
+        return len(self._waiting) + int(self._running is not None)
+
+    @property
+    def draining(self) -> bool:
+        """Shutdown has begun: no new jobs are taken."""
+        return self._deadline is not None
 
     def submit(self, job: Job) -> None:
-        if self._closing:
-            raise ShuttingDownError("the server is shutting down")
-        try:
-            self._jobs.put_nowait(job)
-        except queue.Full:
-            raise QueueFullError(f"{self.max_queue} requests are already waiting") from None
+        with self._cond:
+            if self._deadline is not None:
+                raise ShuttingDownError("the server is shutting down and takes no new requests")
+            if len(self._waiting) >= self.max_queue:
+                # Jobs whose clients left hold places until popped; free them first.
+                self._waiting = deque(j for j in self._waiting if not j.cancelled.is_set())
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(f"{self.max_queue} requests are already waiting")
+            self._waiting.append(job)
+            self._cond.notify()
 
-    def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            if job.cancelled.is_set():
-                continue
-            self._busy = True
-            try:
-                for event in self.engine.stream(job.prompt, job.params):
-                    job.push(event)
-                    if job.cancelled.is_set():
-                        break
-            except Exception as exc:  # reported to the request that caused it
-                job.push(exc)
-            finally:
-                self._busy = False
+    def drain(self, grace: float) -> None:
+        """Stop taking jobs, answer the waiting ones, give the running one ``grace`` seconds."""
+        with self._cond:
+            deadline = time.monotonic() + grace
+            self._deadline = deadline if self._deadline is None else min(self._deadline, deadline)
+            waiting, self._waiting = list(self._waiting), deque()
+        for job in waiting:
+            job.cancelled.set()
+            job.push(ShuttingDownError("the server is shutting down; this request never started"))
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Refuse new jobs, cancel the waiting ones, let the running one finish."""
-        self._closing = True
-        while True:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.cancelled.set()
-                job.push(ShuttingDownError("the server is shutting down"))
-        self._jobs.put(None)
+        """Drain with no grace left, then stop the thread (waiting up to ``timeout`` s)."""
+        self.drain(0.0)
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
         self._thread.join(timeout)
+
+    def _next_job(self) -> Job | None:
+        with self._cond:
+            while True:
+                while self._waiting:
+                    job = self._waiting.popleft()
+                    if not job.cancelled.is_set():
+                        self._running = job
+                        self.started += 1
+                        return job
+                if self._stopped:
+                    return None
+                self._cond.wait()
+
+    def _run(self) -> None:
+        while (job := self._next_job()) is not None:
+            try:
+                self._generate(job)
+            finally:
+                with self._cond:
+                    self._running = None
+
+    def _generate(self, job: Job) -> None:
+        events = self.engine.stream(job.prompt, job.params)
+        try:
+            for event in events:
+                if event.token is not None:
+                    self.generated += 1
+                job.push(event)
+                if event.finish_reason is not None or job.cancelled.is_set():
+                    return
+                if self._deadline is not None and time.monotonic() >= self._deadline:
+                    job.push(GraceExpiredError("the server shut down before this request finished"))
+                    return
+        except Exception as exc:  # reported to the request that caused it
+            logger.error("generation failed", exc_info=exc)
+            job.push(exc)
+        finally:
+            close = getattr(events, "close", None)
+            if close is not None:  # a generator: release its cache now, not at collection
+                close()

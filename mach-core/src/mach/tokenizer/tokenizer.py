@@ -12,6 +12,8 @@ from mach.errors import CheckpointError, CorruptCheckpointError
 from mach.tokenizer.detokenizer import StreamingDetokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
+LONG_TEXT = 2**14
+"""Characters from which encoding releases the GIL (see :meth:`Tokenizer.encode`)."""
 
 
 class ChatTemplateError(CheckpointError):
@@ -60,7 +62,15 @@ class Tokenizer:
         return None if tid is None else int(tid)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
+        """Token ids of ``text``; other Python threads keep running while a long text is encoded.
+
+        The backend's ``encode`` holds the GIL throughout (seconds for megabytes of text);
+        ``encode_batch`` gives it up, so long texts go through a batch of one.
+        """
+        if len(text) < LONG_TEXT:
+            return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
+        [encoding] = self.backend.encode_batch([text], add_special_tokens=add_special_tokens)
+        return list(encoding.ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return str(self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens))

@@ -1,0 +1,130 @@
+"""One request's job, from the queue to the client: disconnects, shutdown and outcomes.
+
+Every job ends with exactly one outcome in the metrics: completed, cancelled (the client left,
+while queued or running), failed (an error, or the shutdown grace period ran out) or rejected
+(refused before it started: queue full, or the server stopping).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+
+from mach.decode.events import TokenEvent
+from mach_serve.errors import APIError, internal_error
+from mach_serve.metrics import Outcome
+from mach_serve.state import ServerState
+from mach_serve.worker import (
+    ClientGoneError,
+    GraceExpiredError,
+    Job,
+    QueueFullError,
+    ShuttingDownError,
+)
+
+
+def outcome_of(exc: BaseException) -> Outcome:
+    if isinstance(exc, ClientGoneError | asyncio.CancelledError):
+        return "cancelled"
+    if isinstance(exc, QueueFullError | ShuttingDownError):
+        return "rejected"
+    return "failed"
+
+
+def api_error(exc: BaseException) -> APIError:
+    """What the client is told about a job that did not complete."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, QueueFullError):
+        return APIError(503, f"server busy: {exc}; retry shortly", kind="server_error",
+                        code="overloaded", headers={"Retry-After": "1"})  # fmt: skip
+    if isinstance(exc, ShuttingDownError | GraceExpiredError):
+        return APIError(503, str(exc), kind="server_error", code="shutting_down")
+    return internal_error()
+
+
+async def _watch(request: Request, job: Job) -> None:
+    # Once the body is read, uvicorn's receive() returns only when the client disconnects.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.abandon()
+
+
+@contextlib.asynccontextmanager
+async def submitted(state: ServerState, request: Request, job: Job) -> AsyncIterator[Job]:
+    """Queue ``job`` while watching for its client to leave; counts its outcome if it ends here.
+
+    The watch stops when the block exits, before a response is sent: a completed response
+    also wakes ``receive()``.
+    """
+    watch = asyncio.create_task(_watch(request, job))
+    try:
+        await asyncio.sleep(0)  # let the watch see a client that left during preparation
+        if not job.cancelled.is_set():
+            state.worker.submit(job)
+            state.metrics.prompt_tokens += len(job.prompt)
+        yield job
+    except BaseException as exc:
+        job.cancelled.set()  # nobody will read the rest
+        state.metrics.outcomes[outcome_of(exc)] += 1
+        if isinstance(exc, ClientGoneError | asyncio.CancelledError):
+            raise
+        raise api_error(exc) from None
+    finally:
+        watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watch
+
+
+async def run_to_end(state: ServerState, request: Request, job: Job) -> list[TokenEvent]:
+    """Every event of a non-streaming job; the last one has the finish reason and stats."""
+    async with submitted(state, request, job):
+        events = [event async for event in job.stream()]
+    state.metrics.outcomes["completed"] += 1
+    record_stats(state, events[-1])
+    return events
+
+
+async def first_event(state: ServerState, request: Request, job: Job) -> TokenEvent:
+    """The first event of a streaming job: until it comes, errors are still HTTP statuses."""
+    async with submitted(state, request, job):
+        return await job.next()
+
+
+async def rest(first: TokenEvent, job: Job) -> AsyncIterator[TokenEvent]:
+    """``first`` and the job's events after it."""
+    yield first
+    if first.finish_reason is None:
+        async for event in job.stream():
+            yield event
+
+
+def record_stats(state: ServerState, last: TokenEvent) -> None:
+    if last.stats is not None:
+        state.metrics.last_generation_tps = last.stats.generation_tps
+
+
+def sse(state: ServerState, job: Job, pieces: AsyncIterator[str]) -> StreamingResponse:
+    """Server-sent events from ``pieces``, always closed by ``[DONE]`` unless the client left."""
+
+    async def body() -> AsyncIterator[str]:
+        outcome: Outcome = "cancelled"
+        try:
+            async for piece in pieces:
+                yield piece
+            outcome = "completed"
+        except Exception as exc:  # the stream has started: report in-band, then end
+            outcome = outcome_of(exc)
+            yield f"data: {json.dumps(api_error(exc).body())}\n\n"
+        finally:
+            state.metrics.outcomes[outcome] += 1
+            job.cancelled.set()
+        yield "data: [DONE]\n\n"
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
