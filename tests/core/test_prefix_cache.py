@@ -63,10 +63,18 @@ def test_lookup_finds_the_longest_stored_prefix(loaded: LoadedModel) -> None:
     hit = cache.lookup(tokens)
     assert hit is not None and len(hit.tokens) == 48
     hit = cache.lookup(tokens, limit=47)
+    # No snapshot ends at 32, but the one at 48 holds its rows: KV state is cut, not recomputed.
+    assert hit is not None and len(hit.tokens) == 32
+    exact = state_after(loaded, tokens[:32])
+    for cut, full in zip(hit.layers, exact, strict=True):
+        assert cut.meta["offset"] == full.meta["offset"] == 32
+        for name in full.arrays:
+            assert mx.array_equal(cut.arrays[name], full.arrays[name]).item()
+    hit = cache.lookup(tokens, limit=31)
     assert hit is not None and len(hit.tokens) == 16
     assert cache.lookup(prompt(4, 80)) is None
     stats = cache.stats()
-    assert (stats["hits"], stats["misses"], stats["tokens_reused"]) == (2, 1, 64)
+    assert (stats["hits"], stats["misses"], stats["tokens_reused"]) == (3, 1, 96)
     with pytest.raises(ValueError, match="block boundaries"):
         cache.store(tokens[:20], state_after(loaded, tokens[:20]))
 

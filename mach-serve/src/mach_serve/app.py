@@ -233,7 +233,8 @@ def create_app(
                             status_code=503 if draining else 200)  # fmt: skip
 
     async def metrics(request: Request) -> Response:
-        text = state.metrics.render(state.worker.depth, state.worker.generated, state.store_stats())
+        text = state.metrics.render(state.worker.depth, state.worker.generated,
+                                    state.store_stats(), state.prefix_stats())  # fmt: skip
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     async def capabilities(request: Request) -> Response:
@@ -248,7 +249,10 @@ def create_app(
                 "max_queue": state.worker.max_queue,
                 "continuous_batching": available("continuous_batching"),
                 "speculative_decoding": type(state.worker.engine).__name__ == "SpecDecEngine",
-                "prefix_cache": available("prefix_reuse"), "expert_store": state.store.kind,
+                "prefix_cache": state.prefix_cache is not None and available("prefix_reuse"),
+                "prefix_cache_disk": state.prefix_cache is not None
+                and state.prefix_cache.disk is not None,
+                "expert_store": state.store.kind,
             },
             "arch": arch_summary(state.adapter),
             "checkpoint": state.checkpoint,

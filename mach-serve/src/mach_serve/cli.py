@@ -80,11 +80,32 @@ def serve_command(
     ] = LIMITS.shutdown_grace,
     draft: Draft = None,
     draft_tokens: DraftTokens = 2,
+    prompt_cache: Annotated[
+        bool,
+        typer.Option(
+            "--prompt-cache/--no-prompt-cache",
+            help="Reuse the longest cached prefix of each prompt instead of prefilling it.",
+        ),
+    ] = True,
+    prompt_cache_bytes: Annotated[
+        str, typer.Option(help="Memory for cached prompt prefixes, e.g. 2GB.")
+    ] = "2GiB",
+    prompt_cache_dir: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Also keep prefixes in this folder, across restarts and processes."),
+    ] = None,
+    prompt_cache_disk_bytes: Annotated[
+        str, typer.Option(help="Disk space for cached prefixes in --prompt-cache-dir.")
+    ] = "16GiB",
     *,
     options: LoadOptions,
 ) -> None:
     """Serve a model over HTTP with the OpenAI API."""
+    from mach.experts.bank import parse_size
     from mach_serve.server import build_state, run
+
+    memory = parse_size(prompt_cache_bytes, "--prompt-cache-bytes") if prompt_cache else None
+    disk = parse_size(prompt_cache_disk_bytes, "--prompt-cache-disk-bytes")
 
     state = build_state(
         model,
@@ -98,6 +119,9 @@ def serve_command(
         options=options,
         draft=draft,
         draft_tokens=draft_tokens,
+        prompt_cache_bytes=memory,
+        prompt_cache_dir=prompt_cache_dir if prompt_cache else None,
+        prompt_cache_disk_bytes=disk,
     )
     limits = HTTPLimits(
         keep_alive=keep_alive_timeout,

@@ -26,7 +26,13 @@ class Metrics:
     def cancelled(self) -> int:
         return self.outcomes["cancelled"]
 
-    def render(self, queue_depth: int, generated: int, store: dict[str, Any]) -> str:
+    def render(
+        self,
+        queue_depth: int,
+        generated: int,
+        store: dict[str, Any],
+        prefix: dict[str, Any] | None = None,
+    ) -> str:
         lines = [
             "# HELP mach_requests_total Requests by endpoint and status.",
             "# TYPE mach_requests_total counter",
@@ -50,6 +56,23 @@ class Metrics:
             ("mach_expert_bytes_read_total", "counter", "Expert bytes read from disk.",
              store.get("bytes_read", 0)),
         ]  # fmt: skip
+        if prefix:
+            rows += [
+                ("mach_prefix_cache_hits_total", "counter",
+                 "Requests that resumed a cached prefix.", prefix["hits"]),
+                ("mach_prefix_cache_disk_hits_total", "counter",
+                 "Cached prefixes found on disk (then kept in memory too).", prefix["l2_hits"]),
+                ("mach_prefix_cache_misses_total", "counter", "Requests with no cached prefix.",
+                 prefix["misses"]),
+                ("mach_prefix_cache_tokens_reused_total", "counter",
+                 "Prompt tokens restored instead of prefilled.", prefix["tokens_reused"]),
+                ("mach_prefix_cache_memory_bytes", "gauge", "Bytes of snapshots in memory.",
+                 prefix["l1_bytes"]),
+                ("mach_prefix_cache_disk_bytes", "gauge", "Bytes of snapshots on disk.",
+                 prefix["l2_bytes"]),
+                ("mach_prefix_cache_evictions_total", "counter",
+                 "Snapshots dropped to stay within a byte budget.", prefix["evictions"]),
+            ]  # fmt: skip
         for name, kind, help_text, value in rows:
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
         return "\n".join(lines) + "\n"

@@ -16,9 +16,11 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(stats: GenerationStats) -> dict[str, int]:
+def usage(stats: GenerationStats) -> dict[str, Any]:
+    """OpenAI's usage block; ``cached_tokens`` counts prompt tokens restored from the cache."""
     return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generation_tokens,
-            "total_tokens": stats.prompt_tokens + stats.generation_tokens}  # fmt: skip
+            "total_tokens": stats.prompt_tokens + stats.generation_tokens,
+            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}  # fmt: skip
 
 
 def tool_calls_json(calls: list[ParsedToolCall]) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import uvicorn
 
+from mach.cache.prefix import PrefixCache
 from mach.check import CheckReport, fill_report
 from mach.decode.select import build_engine
 from mach.errors import MachError
@@ -27,6 +28,8 @@ from mach_serve.worker import ModelWorker
 
 API_KEY_ENV = "MACH_API_KEY"
 DEFAULT_CONTEXT = 4096
+DEFAULT_PROMPT_CACHE_BYTES = 2 * 2**30
+DEFAULT_PROMPT_CACHE_DISK_BYTES = 16 * 2**30
 SHUTDOWN_BACKSTOP = 5
 """Seconds uvicorn waits past the grace period before cancelling what is left."""
 
@@ -44,11 +47,17 @@ def build_state(
     options: LoadOptions | None = None,
     draft: bool | None = None,
     draft_tokens: int = 2,
+    prompt_cache_bytes: int | None = DEFAULT_PROMPT_CACHE_BYTES,
+    prompt_cache_dir: str | os.PathLike[str] | None = None,
+    prompt_cache_disk_bytes: int = DEFAULT_PROMPT_CACHE_DISK_BYTES,
 ) -> ServerState:
     """Load ``model`` (the embedded default when ``None``) with ``options`` and wrap it.
 
     ``draft`` picks speculative decoding: ``None`` uses the family's draft when the checkpoint
-    ships one, ``False`` never, ``True`` requires it.
+    ships one, ``False`` never, ``True`` requires it. Prompt prefixes are reused across requests
+    from ``prompt_cache_bytes`` of memory (``None`` turns reuse off) and, with
+    ``prompt_cache_dir``, from a disk tier of ``prompt_cache_disk_bytes`` that outlives the
+    process.
     """
     options = options or LoadOptions()
     if model is None:
@@ -64,7 +73,11 @@ def build_state(
     loaded = load_moe(path, options=options)
     if loaded.tokenizer is None:
         raise MachError(f"{path}: tokenizer.json is missing; the server needs it to read text")
-    engine = build_engine(loaded, draft, draft_tokens)
+    prefix_cache = None
+    if prompt_cache_bytes is not None:
+        prefix_cache = PrefixCache.for_model(loaded, prompt_cache_bytes, prompt_cache_dir,
+                                             prompt_cache_disk_bytes)  # fmt: skip
+    engine = build_engine(loaded, draft, draft_tokens, prefix_cache)
     report = CheckReport(str(path))
     fill_report(report, loaded.plan)
     return ServerState(
@@ -80,6 +93,7 @@ def build_state(
         body_timeout=body_timeout,
         max_prompt_bytes=max_prompt_bytes,
         max_prompt_tokens=max_prompt_tokens,
+        prefix_cache=prefix_cache,
     )
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mach.adapter import MoeArchAdapter
+from mach.cache.prefix import PrefixCache
 from mach.experts.store import ExpertStore
 from mach.tokenizer.tokenizer import Tokenizer
 from mach_serve.metrics import Metrics
@@ -34,6 +35,8 @@ class ServerState:
     """UTF-8 bytes of prompt text (messages and tools), checked before templating."""
     max_prompt_tokens: int | None = None
     """Prompt tokens, checked before a request is queued; ``None``: the context decides."""
+    prefix_cache: PrefixCache | None = None
+    """Reused prompt prefixes (memory, and disk when a directory was given); ``None``: off."""
     created: int = field(default_factory=lambda: int(time.time()))
     metrics: Metrics = field(default_factory=Metrics)
     prepare_pool: ThreadPoolExecutor = field(
@@ -43,3 +46,6 @@ class ServerState:
 
     def store_stats(self) -> dict[str, Any]:
         return self.store.stats()
+
+    def prefix_stats(self) -> dict[str, Any]:
+        return self.prefix_cache.stats() if self.prefix_cache is not None else {}

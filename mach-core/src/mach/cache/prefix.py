@@ -64,6 +64,9 @@ class PrefixCache:
         self.disk = disk
         self.block_size = block_size
         self._memory: OrderedDict[str, CacheSnapshot] = OrderedDict()
+        # Every shorter prefix of a sliceable snapshot, so prompts that share only their start
+        # (one system prompt, many conversations) still meet: prefix key -> snapshot key.
+        self._within: dict[str, str] = {}
         self._memory_used = 0
         self._counts = dict.fromkeys(
             ("l1_hits", "l2_hits", "misses", "tokens_reused", "stores", "l1_evictions"), 0
@@ -101,6 +104,14 @@ class PrefixCache:
                 found, tier = self.disk.get(key), "l2_hits"
                 if found is not None:
                     self._remember(key, found)
+            if found is None and key in self._within:
+                longer = self._memory.get(self._within[key])
+                if longer is not None and longer.tokens[:n] == list(tokens[:n]):
+                    self._memory.move_to_end(self._within[key])
+                    found, tier = longer.truncated(n), "l1_hits"
+                    self._counts[tier] += 1
+                    self._counts["tokens_reused"] += n
+                    return found
             if found is None or found.tokens != list(tokens[:n]):
                 continue
             self._memory.move_to_end(key)
@@ -146,14 +157,19 @@ class PrefixCache:
             return
         self._memory[key] = snapshot
         self._memory_used += snapshot.nbytes
+        if snapshot.sliceable:
+            for shorter in block_keys(self.fingerprint, snapshot.tokens, self.block_size)[:-1]:
+                self._within[shorter] = key
         while self._memory_used > self.memory_bytes:
-            _, old = self._memory.popitem(last=False)
+            old_key, old = self._memory.popitem(last=False)
             self._memory_used -= old.nbytes
             self._counts["l1_evictions"] += 1
+            self._within = {k: v for k, v in self._within.items() if v != old_key}
 
     def clear(self) -> None:
         """Forget the in-memory tier (the disk tier stays)."""
         self._memory.clear()
+        self._within.clear()
         self._memory_used = 0
 
     def stats(self) -> dict[str, Any]:

@@ -57,6 +57,22 @@ class CacheSnapshot:
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers) + 4 * len(self.tokens)
 
+    @property
+    def sliceable(self) -> bool:
+        """Whether every layer holds plain per-position rows, so a shorter prefix is a slice."""
+        return all(layer.kind == "kv" for layer in self.layers)
+
+    def truncated(self, n: int) -> CacheSnapshot:
+        """The state after the first ``n`` tokens, cut from a sliceable snapshot."""
+        if not self.sliceable or not 0 < n <= len(self.tokens):
+            raise ValueError(f"cannot cut this snapshot to {n} tokens")
+        layers = [
+            LayerState(layer.kind, {k: a[..., :n, :] for k, a in layer.arrays.items()},
+                       {**layer.meta, "offset": n})
+            for layer in self.layers
+        ]  # fmt: skip
+        return CacheSnapshot(self.tokens[:n], layers)
+
     def flatten(self) -> tuple[dict[str, mx.array], dict[str, Any]]:
         """Arrays named ``<layer>.<name>`` (and ``tokens``), and the layers' kinds and meta."""
         arrays = {f"{i}.{name}": a for i, layer in enumerate(self.layers)
