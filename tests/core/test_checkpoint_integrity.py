@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,7 @@ from mach.errors import CorruptCheckpointError, MissingFileError
 from mach.experts.reader import ExpertReadError
 from mach.io.checkpoint import open_checkpoint
 from mach.io.convert import convert
-
-Header = dict[str, Any]
+from tests.checkpoint_edits import Header, rewrite_header
 
 
 @pytest.fixture(scope="module")
@@ -31,16 +29,6 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def sidecar(tmp_path: Path, converted: Path) -> Path:
     return Path(shutil.copytree(converted, tmp_path / "sidecar"))
-
-
-def rewrite_header(path: Path, edit: Callable[[Header], None]) -> None:
-    """Replace a safetensors file's header with an edited copy; the tensor data stays as it was."""
-    data = path.read_bytes()
-    (length,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + length])
-    edit(header)
-    raw = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + length :])
 
 
 def by_offset(header: Header) -> list[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typer.testing import CliRunner
 from mach.check import check_checkpoint
 from mach.cli import _register_commands, app
 from mach.io.convert import convert
+from tests.checkpoint_edits import rewrite_header
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 
@@ -34,16 +34,6 @@ def _tensors(root: Path, edit: Callable[[dict[str, mx.array]], None]) -> None:
     weights = dict(loaded)
     edit(weights)
     mx.save_safetensors(str(path), weights)
-
-
-def _header(root: Path, edit: Callable[[dict[str, Any]], None]) -> None:
-    path = root / "model.safetensors"
-    data = path.read_bytes()
-    (length,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + length])
-    edit(header)
-    raw = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + length :])
 
 
 def _overlap(header: dict[str, Any]) -> None:
@@ -110,7 +100,7 @@ FAULTS: dict[str, tuple[str, Callable[[Path], None], str]] = {
     ),
     "overlapping data_offsets": (
         "hf-per-expert",
-        lambda r: _header(r, _overlap),
+        lambda r: rewrite_header(r / "model.safetensors", _overlap),
         "overlap; the header is corrupt",
     ),
     "a weights path is a folder": (
