@@ -136,3 +136,23 @@ def test_draft_options_are_validated() -> None:
     # The qwen3_moe fixture has no draft family: asking for one is an error, not a silent no.
     forced = mach("generate", str(FIXTURE), "-p", "x", "-n", "2", "--draft")
     assert forced.returncode == 1 and "no draft here" in forced.stderr
+
+
+def test_version_and_short_help() -> None:
+    from mach import __version__
+
+    version = mach("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"mach {__version__}"
+    for args in (["-h"], ["generate", "-h"], ["check", "-h"]):
+        result = mach(*args)
+        assert result.returncode == 0 and "Usage: mach" in result.stdout, args
+
+
+def test_prompt_from_stdin_equals_the_same_prompt_given_inline() -> None:
+    text = "def add(a, b):\n"
+    piped = subprocess.run([sys.executable, "-m", "mach", "generate", "-p", "-", "-n", "6",
+                            "--json"], input=text, capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    inline = mach("generate", "-p", text, "-n", "6", "--json")
+    assert piped.returncode == 0 and inline.returncode == 0, piped.stderr
+    assert json.loads(piped.stdout)["tokens"] == json.loads(inline.stdout)["tokens"]

@@ -53,11 +53,12 @@ def generate_command(
         ),
     ] = None,
     prompt: Annotated[
-        Optional[str], typer.Option("--prompt", "-p", help="Raw prompt text.")  # noqa: UP045
+        Optional[str],  # noqa: UP045 - typer reads the annotation at run time
+        typer.Option("--prompt", "-p", help="Raw prompt text; - reads it from stdin."),
     ] = None,
     chat: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option("--chat", "-c", help="A user message, rendered with the chat template."),
+        typer.Option("--chat", "-c", help="A user message for the chat template; - reads stdin."),
     ] = None,
     system: Annotated[
         Optional[str], typer.Option(help="System message for --chat.")  # noqa: UP045
@@ -92,6 +93,11 @@ def generate_command(
     from mach.decode.params import SamplingParams
     from mach.decode.select import build_engine
 
+    # "-" reads the text from standard input, so prompts can be piped in.
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if chat == "-":
+        chat = sys.stdin.read()
     if prompt is not None and chat is not None:
         raise ValueError("give either --prompt or --chat, not both")
     params = SamplingParams(
