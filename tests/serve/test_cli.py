@@ -66,3 +66,17 @@ def test_serve_answers_and_stops_gracefully() -> None:
     # uvicorn re-raises the signal after its graceful shutdown, so the status reports SIGTERM.
     assert proc.returncode in (0, -signal.SIGTERM)
     assert "Application shutdown complete" in err
+
+
+def test_busy_port_fails_before_loading() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "mach", "serve", "--port", str(port)],
+                                capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "serving" not in result.stderr and "Traceback" not in result.stderr

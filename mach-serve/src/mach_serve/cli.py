@@ -102,11 +102,12 @@ def serve_command(
 ) -> None:
     """Serve a model over HTTP with the OpenAI API."""
     from mach.experts.bank import parse_size
-    from mach_serve.server import build_state, run
+    from mach_serve.server import bind, build_state, run
 
     memory = parse_size(prompt_cache_bytes, "--prompt-cache-bytes") if prompt_cache else None
     disk = parse_size(prompt_cache_disk_bytes, "--prompt-cache-disk-bytes")
 
+    sock = bind(host, port)
     state = build_state(
         model,
         model_name=model_name,
@@ -131,7 +132,7 @@ def serve_command(
         shutdown_grace=shutdown_grace,
     )
     typer.echo(f"mach: serving {state.model_id} on http://{host}:{port}/v1", err=True)
-    run(state, host, port, cors_origin, limits=limits, allowed_hosts=allowed_host)
+    run(state, host, port, cors_origin, limits=limits, allowed_hosts=allowed_host, sock=sock)
 
 
 def register(app: typer.Typer) -> None:

@@ -164,6 +164,23 @@ def make_server(
     return MachServer(config, state, limits.shutdown_grace)
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, taken before the model loads so a busy port fails at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise MachError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick another --port or "
+            "stop what is using it"
+        ) from exc
+    sock.listen(2048)
+    return sock
+
+
 def run(
     state: ServerState,
     host: str,
@@ -172,7 +189,12 @@ def run(
     *,
     limits: HTTPLimits | None = None,
     allowed_hosts: list[str] | None = None,
+    sock: socket.socket | None = None,
 ) -> None:
-    """Serve until SIGINT or SIGTERM, then shut down gracefully (see :class:`MachServer`)."""
-    make_server(state, host, port, limits=limits, cors_origins=cors_origins,
-                allowed_hosts=allowed_hosts).run()  # fmt: skip
+    """Serve until SIGINT or SIGTERM, then shut down gracefully (see :class:`MachServer`).
+
+    ``sock`` is a socket from :func:`bind`; without one, uvicorn binds ``host:port`` itself.
+    """
+    server = make_server(state, host, port, limits=limits, cors_origins=cors_origins,
+                         allowed_hosts=allowed_hosts)  # fmt: skip
+    server.run(sockets=[sock] if sock is not None else None)
