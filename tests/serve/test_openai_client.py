@@ -145,3 +145,29 @@ def test_chat_stop_sequence_is_not_returned(client: OpenAI, served: Running) -> 
     streamed = "".join(e.choices[0].delta.content or "" for e in client.chat.completions.create(
         **args, stop=[stop], stream=True) if e.choices)  # fmt: skip
     assert stop not in streamed and streamed == (cut.message.content or "")
+
+
+def test_models_retrieve(client: OpenAI, served: Running) -> None:
+    import openai
+
+    assert client.models.retrieve(served.state.model_id).id == served.state.model_id
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("someone-else")
+    assert "someone-else" in str(missing.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("temperature", 9.0), ("temperature", -0.5), ("top_p", 1.5), ("presence_penalty", 3.0),
+     ("frequency_penalty", -2.5)],
+)  # fmt: skip
+def test_sampling_ranges_match_openai(
+    client: OpenAI, served: Running, field: str, value: float
+) -> None:
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(
+            model=served.state.model_id, messages=PROMPT, max_tokens=4, **{field: value}
+        )  # type: ignore[call-overload]
+    assert bad.value.body is not None and bad.value.body["param"] == field  # type: ignore[index]

@@ -221,10 +221,19 @@ def create_app(
 
         return sse(state, job, pieces())
 
+    def model_entry() -> dict[str, Any]:
+        return {"id": state.model_id, "object": "model", "created": state.created,
+                "owned_by": "mach"}  # fmt: skip
+
     async def models(request: Request) -> Response:
-        entry = {"id": state.model_id, "object": "model", "created": state.created,
-                 "owned_by": "mach"}  # fmt: skip
-        return JSONResponse({"object": "list", "data": [entry]})
+        return JSONResponse({"object": "list", "data": [model_entry()]})
+
+    async def model(request: Request) -> Response:
+        asked = request.path_params["model_id"]
+        if asked != state.model_id:
+            message = f"model {asked!r} is not served here; this server serves {state.model_id!r}"
+            raise APIError(404, message, param="model", code="model_not_found")
+        return JSONResponse(model_entry())
 
     async def health(request: Request) -> Response:
         draining = state.worker.draining
@@ -279,6 +288,7 @@ def create_app(
         route("chat/completions", chat, ["POST"]),
         route("completions", completions, ["POST"]),
         route("models", models, ["GET"]),
+        route("models/{model_id:path}", model, ["GET"]),
         route("capabilities", capabilities, ["GET"]),
         route("health", health, ["GET"]),
         Route("/metrics", metrics, methods=["GET"]),

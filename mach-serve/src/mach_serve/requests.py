@@ -200,6 +200,11 @@ def completion_prompt(state: ServerState, req: CompletionRequest) -> list[int]:
     return encode_prompt(state, prompt, "prompt", special=True)
 
 
+# The ranges OpenAI's API accepts, so a client's mistake is caught the same way here.
+RANGES = (("temperature", 0, 2), ("top_p", 0, 1), ("presence_penalty", -2, 2),
+          ("frequency_penalty", -2, 2))  # fmt: skip
+
+
 def sampling(
     state: ServerState,
     req: SamplingFields,
@@ -219,6 +224,11 @@ def sampling(
             f"minus the {len(prompt)}-token prompt), got {max_tokens}",
             param=max_tokens_field,
         )
+    for name, low, high in RANGES:
+        value = getattr(req, name)
+        if not low <= value <= high:
+            raise APIError(400, f"{name} must be between {low} and {high}, got {value}",
+                           param=name)  # fmt: skip
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     try:
         return SamplingParams(
