@@ -217,3 +217,27 @@ def test_generate_reuses_the_prompt_cache_dir_in_a_new_process(tmp_path: Path) -
             for _ in range(2)]  # fmt: skip
     assert runs[0]["tokens"] == runs[1]["tokens"]
     assert runs[0]["stats"]["cached_tokens"] == 0 and runs[1]["stats"]["cached_tokens"] > 0
+
+
+def test_unusable_cache_folder_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mach.errors import MachError
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(MachError, match="cannot be used as the prompt cache folder"):
+        DiskKVCache(blocker / "cache", 1 << 20, "fingerprint")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert DiskKVCache("~/c", 1 << 20, "f").directory == tmp_path / "c"
+
+
+def test_a_failed_disk_write_costs_only_the_reuse(
+    tmp_path: Path, loaded: LoadedModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    disk = DiskKVCache(tmp_path / "c", 1 << 30, model_fingerprint(loaded))
+    key, entry = snapshot(loaded, 9)
+    # The folder vanishing under a running server (a file in its place fails even for root).
+    (tmp_path / "c").rmdir()
+    (tmp_path / "c").write_text("")
+    with caplog.at_level(logging.WARNING):
+        assert disk.put(key, entry) is False
+    assert "cannot write" in caplog.text

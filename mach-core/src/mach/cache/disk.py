@@ -26,6 +26,7 @@ from typing import Any
 import mlx.core as mx
 
 from mach.cache.snapshot import FORMAT_VERSION, CacheSnapshot, checksum
+from mach.errors import MachError
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,18 @@ class DiskKVCache:
     def __init__(self, directory: str | os.PathLike[str], max_bytes: int, fingerprint: str) -> None:
         if max_bytes <= 0:
             raise ValueError(f"the disk prompt cache needs a positive byte budget, got {max_bytes}")
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory = Path(directory).expanduser()
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise MachError(
+                f"{self.directory}: cannot be used as the prompt cache folder "
+                f"({exc.strerror or exc}); give a folder mach may create and write"
+            ) from exc
+        if not os.access(self.directory, os.W_OK | os.X_OK):
+            raise MachError(
+                f"{self.directory}: the prompt cache folder is not writable; give one that is"
+            )
         self.max_bytes = max_bytes
         self.fingerprint = fingerprint
         self.evictions = 0
@@ -124,8 +135,12 @@ class DiskKVCache:
                 os.replace(temp, self.path(key))
                 self.writes += 1
                 self._evict(keep=key)
+        except (OSError, RuntimeError) as exc:
+            # A full or vanished disk costs the reuse, never the request being served.
+            log.warning("prompt cache: cannot write %s: %s", self.path(key), exc)
+            return False
         finally:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 temp.unlink()
         return True
 
