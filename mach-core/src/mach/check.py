@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mach.errors import MachError, UnknownArchitectureError
 from mach.io.options import LoadOptions
 from mach.registry import KNOWN_FAMILIES, arch_summary, install_hint
+
+if TYPE_CHECKING:
+    from mach.io.plan import LoadPlan
 
 DEFAULT_SSD_GBPS = 5.0
 
@@ -98,7 +101,7 @@ def _model_type(path: str | os.PathLike[str]) -> str:
     return str(config.get("model_type") or "")
 
 
-def _store_figures(plan: Any) -> dict[str, Any]:
+def _store_figures(plan: LoadPlan) -> dict[str, Any]:
     experts = plan.experts
     figures: dict[str, Any] = {
         "available": True,
@@ -121,7 +124,7 @@ def _store_figures(plan: Any) -> dict[str, Any]:
     return figures
 
 
-def _alternatives(path: str | os.PathLike[str], plan: Any) -> dict[str, dict[str, Any]]:
+def _alternatives(path: str | os.PathLike[str], plan: LoadPlan) -> dict[str, dict[str, Any]]:
     """The figures of each residency: the chosen one from ``plan``, the others planned anew."""
     from mach.io.plan import plan_load
     from mach.io.residency import physical_memory
@@ -148,7 +151,7 @@ def _alternatives(path: str | os.PathLike[str], plan: Any) -> dict[str, dict[str
     return out
 
 
-def fill_report(report: CheckReport, plan: Any) -> None:
+def fill_report(report: CheckReport, plan: LoadPlan) -> None:
     """Everything the report says, taken from a load plan (or a loaded model's plan)."""
     ckpt, adapter, experts = plan.checkpoint, plan.adapter, plan.experts
     summary = arch_summary(adapter)
