@@ -69,7 +69,9 @@ def test_lookup_finds_the_longest_stored_prefix(loaded: LoadedModel) -> None:
     for cut, full in zip(hit.layers, exact, strict=True):
         assert cut.meta["offset"] == full.meta["offset"] == 32
         for name in full.arrays:
-            assert mx.array_equal(cut.arrays[name], full.arrays[name]).item()
+            # Equal up to float rounding: a 48-token forward and a 32-token one block their
+            # products differently.
+            assert mx.allclose(cut.arrays[name], full.arrays[name], rtol=0, atol=1e-5).item()
     hit = cache.lookup(tokens, limit=31)
     assert hit is not None and len(hit.tokens) == 16
     assert cache.lookup(prompt(4, 80)) is None

@@ -67,6 +67,7 @@ class PrefixCache:
         # Every shorter prefix of a sliceable snapshot, so prompts that share only their start
         # (one system prompt, many conversations) still meet: prefix key -> snapshot key.
         self._within: dict[str, str] = {}
+        self._unwritten: list[tuple[str, CacheSnapshot]] = []
         self._memory_used = 0
         self._counts = dict.fromkeys(
             ("l1_hits", "l2_hits", "misses", "tokens_reused", "stores", "l1_evictions"), 0
@@ -135,8 +136,12 @@ class PrefixCache:
         cut = self.boundary(prompt_tokens - 1)
         return cut if cut > resumed else None
 
-    def store(self, tokens: Sequence[int], layers: list[LayerState]) -> None:
-        """Keep the state after ``tokens`` (a whole number of blocks) in both tiers."""
+    def store(self, tokens: Sequence[int], layers: list[LayerState], defer: bool = False) -> None:
+        """Keep the state after ``tokens`` (a whole number of blocks) in both tiers.
+
+        ``defer`` keeps it in memory now and writes the disk tier at the next ``flush``, so an
+        engine can hand out its first token before the disk write.
+        """
         if not tokens or len(tokens) % self.block_size:
             raise ValueError(
                 f"snapshots are taken at block boundaries: {len(tokens)} tokens is not a "
@@ -150,7 +155,19 @@ class PrefixCache:
         self._counts["stores"] += 1
         self._remember(key, snapshot)
         if self.disk is not None and key not in self.disk:
-            self.disk.put(key, snapshot)
+            if defer:
+                self._unwritten.append((key, snapshot))
+            else:
+                self.disk.put(key, snapshot)
+
+    def flush(self) -> None:
+        """Write the snapshots ``store(..., defer=True)`` kept back to the disk tier."""
+        pending, self._unwritten = self._unwritten, []
+        if self.disk is None:
+            return
+        for key, snapshot in pending:
+            if key not in self.disk:
+                self.disk.put(key, snapshot)
 
     def _remember(self, key: str, snapshot: CacheSnapshot) -> None:
         if snapshot.nbytes > self.memory_bytes:

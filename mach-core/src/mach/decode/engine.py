@@ -121,7 +121,7 @@ class TargetEngine(DecodeEngine):
             self.model(tokens[None, begin:end], cache=cache)
             mx.eval([getattr(c, "state", None) for c in cache])
             if pc is not None and end == cut:
-                pc.store(prompt[:cut], cache.export_state())
+                pc.store(prompt[:cut], cache.export_state(), defer=True)
         return resumed
 
     def stream(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[TokenEvent]:
@@ -189,4 +189,8 @@ class TargetEngine(DecodeEngine):
             yield event
             if output.stopped:
                 break
-        yield output.final(stats, generated, decode_start)
+        final = output.final(stats, generated, decode_start)
+        if self.prefix_cache is not None:
+            # The disk tier is written once the tokens are out, off the time to first token.
+            self.prefix_cache.flush()
+        yield final

@@ -218,7 +218,7 @@ class SpecDecEngine(DecodeEngine):
                 self.drafter.observe(tokens[begin + 1 : end + 1], hidden)
             mx.eval(logits)
             if pc is not None and end == cut:
-                pc.store(prompt[:cut], cache.export_state())
+                pc.store(prompt[:cut], cache.export_state(), defer=True)
         assert logits is not None
         last = int(_scalar(sampler(logits[-1:])))
         self.drafter.observe(mx.concatenate([tokens[begin + 1 :], mx.array([last], mx.uint32)]),
@@ -261,4 +261,8 @@ class SpecDecEngine(DecodeEngine):
             stats.accepted_tokens += accepted
             stats.verify_passes += 1
             pending = committed
-        yield output.final(stats, generated, decode_start)
+        final = output.final(stats, generated, decode_start)
+        if self.prefix_cache is not None:
+            # The disk tier is written once the tokens are out, off the time to first token.
+            self.prefix_cache.flush()
+        yield final
