@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import fidelity_quantized
 import fixtures_deepseek_v4
 import sweep_configs
 from make_fixtures import perturb_layer_scalars, perturb_unit_params, to_hub_dialect
@@ -133,10 +135,15 @@ def layouts(family: str, kwargs: dict[str, Any], model: torch.nn.Module) -> list
     return ["original"]
 
 
-def make_case(family: str, seed: int, index: int, out: Path) -> dict[str, Any]:
+def make_case(
+    family: str, seed: int, index: int, out: Path, quantized: bool = False
+) -> dict[str, Any]:
     family_index = sorted(sweep_configs.FAMILIES).index(family)
     rng = np.random.default_rng([seed, family_index, index])
     kwargs, length = sweep_configs.FAMILIES[family](rng, index)
+    quantization = fidelity_quantized.setting(index)
+    if quantized:
+        kwargs = fidelity_quantized.quantizable(family, kwargs, quantization["group_size"])
     case: dict[str, Any] = {"case": index, "config": kwargs, "seq_len": length}
     model = build(family, kwargs, int(rng.integers(2**31)))
     ids = rng.integers(3, sweep_configs.VOCAB, size=(2, length))
@@ -144,6 +151,10 @@ def make_case(family: str, seed: int, index: int, out: Path) -> dict[str, Any]:
     case["prefill"] = prefill
     options = layouts(family, kwargs, model)
     case["layout"] = options[int(rng.integers(len(options)))]
+    if quantized:
+        # The layout people quantize from, which both converters read.
+        case["layout"] = "original"
+        case["quantization"] = quantization
     save(family, model, out, case["layout"])
     ref = reference(model, ids, prefill)
     case["index_ties"] = int(ref["index_ties"])
@@ -152,18 +163,23 @@ def make_case(family: str, seed: int, index: int, out: Path) -> dict[str, Any]:
     return case
 
 
-def check(dirs: list[Path]) -> list[dict[str, Any]]:
-    """mach's errors on each case, from mach's own environment."""
+def in_mach(script: str, dirs: list[Path]) -> list[dict[str, Any]]:
+    """Run a tools/ script in mach's own environment; one JSON result per folder."""
     python = ROOT / ".venv" / "bin" / "python"
     cmd = [str(python)] if python.exists() else ["uv", "run", "--project", str(ROOT), "python"]
     env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
-    proc = subprocess.run([*cmd, str(ROOT / "tools" / "fidelity_check.py"), *map(str, dirs)],
+    proc = subprocess.run([*cmd, str(ROOT / "tools" / script), *map(str, dirs)],
                           capture_output=True, text=True, env=env, cwd=ROOT)  # fmt: skip
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode or len(results) != len(dirs):
         sys.stderr.write(proc.stderr)
-        raise SystemExit(f"fidelity_check.py failed (exit {proc.returncode})")
+        raise SystemExit(f"{script} failed (exit {proc.returncode})")
     return results
+
+
+def check(dirs: list[Path]) -> list[dict[str, Any]]:
+    """mach's errors on each case."""
+    return in_mach("fidelity_check.py", dirs)
 
 
 def run_family(family: str, seed: int, cases: list[int], keep: Path | None) -> dict[str, Any]:
@@ -183,15 +199,127 @@ def run_family(family: str, seed: int, cases: list[int], keep: Path | None) -> d
     return {"family": family, "rows": rows}
 
 
-def write_fixture(family: str, seed: int, index: int, name: str) -> None:
-    """A case as a golden fixture, so the suite guards it without torch."""
+def finisher(family: str) -> Any:
+    """What a reloaded reference model needs besides its weights (DeepSeek-V4's tie order)."""
+    if family == "deepseek_v4":
+        return fixtures_deepseek_v4.lowest_index_first_indexer
+    return lambda model: None
+
+
+def run_family_quantized(
+    family: str, seed: int, cases: list[int], keep: Path | None
+) -> dict[str, Any]:
+    """Each case through ``mach convert --bits`` and mlx-lm's converter, against references
+    computed on the same rounded weights (tools/fidelity_quantized.py says how)."""
+    _, model_class = _classes(family)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = (keep / f"{family}-quantized") if keep else Path(tmp)
+        dirs, meta = [], []
+        for index in cases:
+            out = root / f"case{index:03d}"
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            meta.append(make_case(family, seed, index, out, quantized=True))
+            dirs.append(out)
+        prepared = in_mach("quantized_reference.py", dirs)
+        targets: list[tuple[int, str, Path]] = []
+        for i, (case, ready) in enumerate(zip(dirs, prepared, strict=True)):
+            if "failure" in ready:
+                meta[i]["mach_failure"] = ready["failure"]
+                continue
+            ref = fidelity_quantized.transformers_reference(model_class, case, reference,
+                                                            finisher(family))  # fmt: skip
+            np.savez(case / "mach-q" / "reference.npz", **ref)
+            with np.load(case / "reference.npz") as plain:
+                meta[i]["rounding"] = float(np.abs(ref["logits"] - plain["logits"]).max())
+            targets.append((i, "mach", case / "mach-q"))
+            mlx = fidelity_quantized.mlx_lm_reference(case, meta[i]["quantization"], TOLERANCE)
+            if isinstance(mlx, str):
+                meta[i]["mlx_lm_unread"] = mlx
+            else:
+                targets.append((i, "mlx_lm", case / "mlx-lm-q"))
+        results = check([t[2] for t in targets]) if targets else []
+    for (i, kind, _), result in zip(targets, results, strict=True):
+        meta[i][kind] = result
+    return {"family": family, "rows": meta}
+
+
+def _worst(result: dict[str, Any] | None) -> float:
+    if result is None:
+        return np.nan
+    return max(result.get("full", np.inf), result.get("incremental", np.inf))
+
+
+def report_quantized(results: list[dict[str, Any]], seed: int) -> bool:
+    """Print the quantized table; True when a case failed or went over the tolerance."""
+    failed = False
+    lines = []
+    for result in results:
+        rows, family = result["rows"], result["family"]
+        mach = [r for r in rows if "mach" in r]
+        mlx = [r for r in rows if "mlx_lm" in r]
+        bad = [r for r in rows if "mach_failure" in r or not _worst(r.get("mach")) <= TOLERANCE
+               or ("mlx_lm" in r and not _worst(r["mlx_lm"]) <= TOLERANCE)]  # fmt: skip
+        failed = failed or bool(bad)
+        unread: dict[str, int] = {}
+        for r in rows:
+            if "mlx_lm_unread" in r:  # one line per kind of reason, numbers left out
+                key = re.sub(r"\d+(\.\d+)?", "N", r["mlx_lm_unread"])[:100]
+                unread[key] = unread.get(key, 0) + 1
+        print(f"\n{family} (quantized): {len(rows)} configs, {len(bad)} failing")
+        for row in bad:
+            msg = row.get("mach_failure") or (
+                f"mach-q {_worst(row.get('mach')):.3g}, mlx-lm-q {_worst(row.get('mlx_lm')):.3g}"
+            )
+            print(f"  {msg}  {describe(row)}")
+        for reason, count in sorted(unread.items(), key=lambda kv: -kv[1]):
+            print(f"  mlx-lm is no reference for {count}: {reason}")
+        bits = sorted({(r["quantization"]["bits"], r["quantization"]["group_size"]) for r in rows})
+        worst = max(mach, key=lambda r: _worst(r["mach"])) if mach else None
+        lines.append(
+            f"| {family} | {len(mach)} | "
+            + ", ".join(f"{b}-bit/g{g}" for b, g in bits)
+            + f" | {max((r['rounding'] for r in mach), default=np.nan):.2g}"
+            + f" | {max((_worst(r['mach']) for r in mach), default=np.nan):.2e} | {len(mlx)} | "
+            + (f"{max(_worst(r['mlx_lm']) for r in mlx):.2e} | " if mlx else "- | ")
+            + (describe(worst) if worst else "")
+            + " |"
+        )
+    print(f"\nseed {seed}, tolerance {TOLERANCE:g}: quantized checkpoints, float32 logits")
+    print(
+        "| family | mach convert configs | settings | quantization's effect on the "
+        "logits | max error, mach vs transformers on the same rounded weights | mlx-lm "
+        "convert configs | max error, mach vs mlx-lm | worst config |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(lines))
+    return failed
+
+
+def write_fixture(family: str, seed: int, index: int, name: str, quantized: bool) -> None:
+    """A case as a golden fixture, so the suite guards it without torch.
+
+    A quantized fixture keeps the float source and, as ``reference-quantized.npz``,
+    transformers' logits on its dequantized weights; the suite runs ``mach convert`` itself.
+    """
     # Not under tests/fixtures/<family>/, which make_fixtures.py rewrites whole.
-    out = ROOT / "tests" / "fixtures" / "sweep" / family / name
+    folder = "sweep-quantized" if quantized else "sweep"
+    out = ROOT / "tests" / "fixtures" / folder / family / name
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    case = make_case(family, seed, index, out)
+    case = make_case(family, seed, index, out, quantized=quantized)
+    if quantized:
+        (ready,) = in_mach("quantized_reference.py", [out])
+        if "failure" in ready:
+            raise SystemExit(f"mach convert failed: {ready['failure']}")
+        ref = fidelity_quantized.transformers_reference(_classes(family)[1], out, reference,
+                                                        finisher(family))  # fmt: skip
+        np.savez(out / "reference-quantized.npz", **ref)
+        shutil.rmtree(out / "mach-q")
+        shutil.rmtree(out / "dequantized")
     case["command"] = (f"python tools/fidelity_sweep.py --family {family} --seed {seed} "
-                       f"--case {index} --fixture {name}")  # fmt: skip
+                       f"--case {index} --fixture {name}"
+                       + (" --quantized" if quantized else ""))  # fmt: skip
     (out / "case.json").write_text(json.dumps(case, indent=2) + "\n")
     print(f"wrote {out.relative_to(ROOT)}")
 
@@ -210,6 +338,11 @@ def main() -> int:
     parser.add_argument("--case", type=int, action="append", help="run only these case indices")
     parser.add_argument("--keep", type=Path, help="keep each case's checkpoint under this folder")
     parser.add_argument(
+        "--quantized",
+        action="store_true",
+        help="convert each case to 4 or 8 bits",
+    )
+    parser.add_argument(
         "--fixture",
         metavar="NAME",
         help="save the one --family/--case as tests/fixtures/sweep/<family>/NAME",
@@ -226,8 +359,11 @@ def main() -> int:
     if args.fixture:
         if len(families) != 1 or len(cases) != 1:
             parser.error("--fixture takes exactly one --family and one --case")
-        write_fixture(families[0], args.seed, cases[0], args.fixture)
+        write_fixture(families[0], args.seed, cases[0], args.fixture, args.quantized)
         return 0
+    if args.quantized:
+        done = [run_family_quantized(f, args.seed, cases, args.keep) for f in families]
+        return 1 if report_quantized(done, args.seed) else 0
     summary, failed = [], False
     for family in families:
         result = run_family(family, args.seed, cases, args.keep)

@@ -27,9 +27,13 @@ class DeepseekV4Adapter(MoeArchAdapter):
     swiglu_variant = "clamped_swiglu"
     has_expert_bias = False
     layouts = (ExpertLayout.SLICED, ExpertLayout.STACKED)
-    routed_quantization = ("float", "mxfp4")
+    routed_quantization = ("float", "mxfp4", "affine4", "affine8")
     cache_backends = ("compressed",)
     load_path = "mach_adapter_deepseek.load:plan_v4_flash"
+
+    def quantizable(self, path: str) -> bool:
+        """``o_a_proj`` is block-diagonal: the attention reads its weight per head group."""
+        return not path.endswith(".o_a_proj")
 
     def per_expert_name(self, switch: str, expert: int, projection: str, part: str) -> str | None:
         """The release's own names (``layers.N.ffn.experts.E.w1.weight`` / ``.scale``), so its

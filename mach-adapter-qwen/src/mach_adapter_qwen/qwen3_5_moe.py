@@ -240,13 +240,15 @@ _PROJECTIONS = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "do
 
 def _is_raw_hf(weights: dict[str, mx.array]) -> bool:
     """Whether norms are stored zero-centred and conv1d in torch's layout (transformers) rather
-    than as mlx-lm writes them. The conv1d layout says so; a model without linear-attention
-    layers has none, and then the expert names do: mlx-lm always renames experts to switch_mlp.
+    than as mlx-lm and mach write them. The conv1d layout says so; a model without
+    linear-attention layers has none, and then the expert names do: only transformers keeps
+    routed experts under ``experts`` (mlx-lm renames them to ``switch_mlp``, mach's engine format
+    moves them out of the safetensors into its sidecar).
     """
     convs = [v for k, v in weights.items() if k.endswith("conv1d.weight")]
     if convs:
         return any(v.shape[-1] != 1 for v in convs)
-    return not any(".switch_mlp." in k for k in weights)
+    return any(_EXPERTS.match(k) for k in weights)
 
 
 def sanitize(weights: dict[str, mx.array], args: ModelArgs) -> dict[str, mx.array]:

@@ -90,6 +90,14 @@ class MoeArchAdapter(ABC):
         """Map every on-disk naming of the family to engine names (lazy arrays, no reads)."""
         return weights
 
+    def quantizable(self, path: str) -> bool:
+        """Whether ``mach convert --bits`` may quantize the module at engine path ``path``.
+
+        Every linear layer and embedding may by default; a family says no for a module whose
+        weight the model reads as a plain array (a grouped projection, say).
+        """
+        return True
+
     def stacked_names(self, switch: str, projection: str, part: str) -> tuple[str, ...]:
         """On-disk names a layer's stacked ``[experts, ...]`` tensor may have (engine name first).
 

@@ -183,3 +183,29 @@ def test_environment_switch_selects_the_legacy_loop(monkeypatch: pytest.MonkeyPa
     ref = reference("stacked-q4")
     assert np.abs(np.array(model(mx.array(ref["input_ids"]))) - ref["logits"]).max() <= 1e-4
     assert switch.stats()["expert_runs"] > 0
+
+
+def test_convert_names_experts_a_group_size_cannot_split(tmp_path: Path) -> None:
+    # This model's experts have an intermediate size of 16: no MLX group size divides it.
+    source = FAMILY.parent / "sweep" / "qwen3_5_moe" / "all-full-attention"
+    with pytest.raises(ValueError, match=r"layers\.\d+\.mlp\.switch_mlp.*intermediate size 16.*"
+                                         r"convert without --bits"):  # fmt: skip
+        convert(source, tmp_path / "q4", bits=4, group_size=32)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_suggests_a_group_size_that_divides(tmp_path: Path) -> None:
+    expected = "input size 64 is not a multiple of the group size 128, so they cannot be quantized"
+    with pytest.raises(ValueError, match=f"{expected}; use --group-size 64"):
+        convert(FAMILY / "hf-per-expert", tmp_path / "q4", bits=4, group_size=128)
+
+
+def test_convert_refuses_a_format_the_family_does_not_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mach_adapter_qwen.adapters import Qwen3MoeAdapter
+
+    monkeypatch.setattr(Qwen3MoeAdapter, "routed_quantization", ("float",))
+    with pytest.raises(ValueError, match="qwen3_moe does not run 8-bit affine experts"):
+        convert(FAMILY / "hf-per-expert", tmp_path / "q8", bits=8)
+    assert list(tmp_path.iterdir()) == []

@@ -99,6 +99,7 @@ def write_index(root: Path, layers: Mapping[str, Mapping[str, Any]]) -> None:
     ordered = {k: layers[k] for k in sorted(layers, key=lambda k: layers[k]["file"])}
     index = {"format": FORMAT, "version": VERSION, "alignment": ALIGNMENT, "layers": ordered}
     path = root / SIDECAR_DIR / INDEX_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)  # a model whose layers are all dense
     path.write_text(json.dumps(index, indent=1))
 
 

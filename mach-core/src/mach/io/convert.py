@@ -15,6 +15,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from mach.adapter import MoeArchAdapter
 from mach.experts.sidecar import write_index, write_layer
 from mach.experts.sources import PARTS, PROJECTIONS
 from mach.experts.switch import SwitchSpec
@@ -76,7 +77,11 @@ def _expert_parts(
 
 
 def _quantize_rest(
-    model: nn.Module, switches: dict[str, SwitchSpec], bits: int, group: int
+    model: nn.Module,
+    switches: dict[str, SwitchSpec],
+    bits: int,
+    group: int,
+    adapter: MoeArchAdapter,
 ) -> None:
     routers = set()
     for prefix, spec in switches.items():
@@ -87,7 +92,7 @@ def _quantize_rest(
                 routers.add(path)
 
     def predicate(path: str, module: nn.Module) -> bool | dict[str, Any]:
-        if not isinstance(module, (nn.Linear, nn.Embedding)):
+        if not isinstance(module, (nn.Linear, nn.Embedding)) or not adapter.quantizable(path):
             return False
         if module.weight.shape[-1] % group:
             return False
@@ -96,6 +101,27 @@ def _quantize_rest(
         return True
 
     nn.quantize(model, group_size=group, bits=bits, class_predicate=predicate)
+
+
+def _check_quantizable(
+    adapter: MoeArchAdapter, switches: dict[str, SwitchSpec], bits: int, group: int
+) -> None:
+    """Refuse, before writing anything, a conversion the family or the expert shapes rule out."""
+    if f"affine{bits}" not in adapter.routed_quantization:
+        raise ValueError(
+            f"{adapter.name} does not run {bits}-bit affine experts (it runs "
+            f"{', '.join(adapter.routed_quantization)}); convert without --bits"
+        )
+    for prefix, spec in switches.items():
+        for name, size in (("input", spec.input_dims), ("intermediate", spec.hidden_dims)):
+            if size % group:
+                fits = [g for g in (128, 64, 32) if size % g == 0 and spec.input_dims % g == 0
+                        and spec.hidden_dims % g == 0]  # fmt: skip
+                hint = f"use --group-size {fits[0]}" if fits else "convert without --bits"
+                raise ValueError(
+                    f"{prefix}: the experts' {name} size {size} is not a multiple of the group "
+                    f"size {group}, so they cannot be quantized; {hint}"
+                )
 
 
 def _quantization_block(model: nn.Module) -> dict[str, Any] | None:
@@ -139,11 +165,13 @@ def convert(
     ckpt = open_checkpoint(resolve_model_path(source))
     adapter = detect_arch(ckpt.config, ckpt.tensor_names)
     model, switches, weights, _ = read_model(ckpt, adapter)
+    if bits is not None:
+        _check_quantizable(adapter, switches, bits, group_size)
     tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        _write(ckpt, model, weights, switches, tmp, bits, group_size, progress)
+        _write(ckpt, adapter, model, weights, switches, tmp, bits, group_size, progress)
         os.rename(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -153,6 +181,7 @@ def convert(
 
 def _write(
     ckpt: Checkpoint,
+    adapter: MoeArchAdapter,
     model: nn.Module,
     weights: dict[str, mx.array],
     switches: dict[str, SwitchSpec],
@@ -178,7 +207,7 @@ def _write(
     check_shapes(model, weights, ckpt.path, lambda _: str(ckpt.path))
     model.load_weights(list(weights.items()), strict=True)
     if bits is not None:
-        _quantize_rest(model, switches, bits, group)
+        _quantize_rest(model, switches, bits, group, adapter)
     params = dict(tree_flatten(model.parameters()))
     mx.save_safetensors(str(out / "model.safetensors"), params, metadata={"format": "mlx"})
     config = dict(ckpt.config)

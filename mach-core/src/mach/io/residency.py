@@ -204,6 +204,8 @@ def plan_experts(
         expert_bytes = sum(int(weights[n].nbytes) for n in names if n in weights)
     other = sum(int(v.nbytes) for k, v in weights.items() if k not in names)
     residency, budget = choose_residency(options, expert_bytes, other)
+    if not switches:  # no routed experts (every layer dense): nothing to stream
+        residency, budget = "resident", None
     if residency not in adapter.expert_stores:
         raise AdapterError(
             f"{adapter.name} supports the expert stores {', '.join(adapter.expert_stores)}, "
