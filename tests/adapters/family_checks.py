@@ -100,10 +100,12 @@ def prefix_reuse_matches(layout_dir: Path, cache_dir: Path, block: int = 16) -> 
                 for (ta, la), (tb, lb) in zip(a.top_logprobs, b.top_logprobs, strict=True):
                     assert ta == tb and abs(la - lb) < 1e-5
 
+    # A KV-only cache is snapshotted before each prompt's last token; others on block bounds.
+    exact = all(layer.kind == "kv" for layer in cache)
     same(cached, first, 0)
-    same(cached, longer, 64)
+    same(cached, longer, 74 if exact else 64)
     assert cached.prefix_cache is not None and cached.prefix_cache.stats()["l1_hits"] >= 2
     restarted = TargetEngine(model, tokenizer, cache.new, 24, prefix_cache())
-    same(restarted, longer, 96)
+    same(restarted, longer, 104 if exact else 96)
     assert restarted.prefix_cache is not None
     assert restarted.prefix_cache.stats()["l2_hits"] == 1

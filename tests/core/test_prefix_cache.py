@@ -63,22 +63,56 @@ def test_lookup_finds_the_longest_stored_prefix(loaded: LoadedModel) -> None:
     hit = cache.lookup(tokens)
     assert hit is not None and len(hit.tokens) == 48
     hit = cache.lookup(tokens, limit=47)
-    # No snapshot ends at 32, but the one at 48 holds its rows: KV state is cut, not recomputed.
-    assert hit is not None and len(hit.tokens) == 32
-    exact = state_after(loaded, tokens[:32])
+    # No snapshot ends at 47, but the one at 48 holds its rows: KV state is cut, not recomputed.
+    assert hit is not None and len(hit.tokens) == 47
+    exact = state_after(loaded, tokens[:47])
     for cut, full in zip(hit.layers, exact, strict=True):
-        assert cut.meta["offset"] == full.meta["offset"] == 32
+        assert cut.meta["offset"] == full.meta["offset"] == 47
         for name in full.arrays:
             # Equal up to float rounding: a 48-token forward and a 32-token one block their
             # products differently.
             assert mx.allclose(cut.arrays[name], full.arrays[name], rtol=0, atol=1e-5).item()
     hit = cache.lookup(tokens, limit=31)
-    assert hit is not None and len(hit.tokens) == 16
+    assert hit is not None and len(hit.tokens) == 31
     assert cache.lookup(prompt(4, 80)) is None
     stats = cache.stats()
-    assert (stats["hits"], stats["misses"], stats["tokens_reused"]) == (3, 1, 96)
+    assert (stats["hits"], stats["misses"], stats["tokens_reused"]) == (3, 1, 48 + 47 + 31)
+
+
+def test_kv_snapshots_end_anywhere_and_are_used_as_far_as_they_agree(
+    loaded: LoadedModel,
+) -> None:
+    cache = PrefixCache(model_fingerprint(loaded), block_size=BLOCK)
+    tokens = prompt(3, 80)
+    cache.store(tokens[:43], state_after(loaded, tokens[:43]))
+    hit = cache.lookup(tokens)
+    assert hit is not None and len(hit.tokens) == 43
+    # A prompt that leaves this one after 37 tokens reuses exactly those 37.
+    other = tokens[:37] + prompt(4, 30)
+    hit = cache.lookup(other)
+    assert hit is not None and len(hit.tokens) == 37 and hit.layers[0].meta["offset"] == 37
+    exact = state_after(loaded, other[:37])
+    for cut, full in zip(hit.layers, exact, strict=True):
+        for name in full.arrays:
+            assert mx.allclose(cut.arrays[name], full.arrays[name], rtol=0, atol=1e-5).item()
+    # Shorter than one block: no key to file it under.
     with pytest.raises(ValueError, match="block boundaries"):
-        cache.store(tokens[:20], state_after(loaded, tokens[:20]))
+        cache.store(tokens[:10], state_after(loaded, tokens[:10]))
+    # The same full blocks with another tail replace the older snapshot.
+    cache.store(other[:40], state_after(loaded, other[:40]))
+    hit = cache.lookup(tokens)
+    assert hit is not None and len(hit.tokens) == 37
+
+
+def test_a_gdn_snapshot_must_end_on_a_block_boundary() -> None:
+    from mach.cache.gdn import GDNCache
+
+    gdn = GDNCache()
+    gdn.update(mx.ones((1, 3, 8)), mx.ones((1, 2, 4, 4)), tokens=20)
+    state = gdn.export_state()
+    cache = PrefixCache("m", block_size=BLOCK)
+    with pytest.raises(ValueError, match="block boundaries"):
+        cache.store(list(range(20)), [state])
 
 
 def test_loading_state_into_another_cache_kind_is_refused(loaded: LoadedModel) -> None:
@@ -208,7 +242,7 @@ def test_streamed_experts_reuse_prefixes(tmp_path: Path) -> None:
     tokens = prompt(8, 50)
     assert engine.generate(tokens, params).stats.cached_tokens == 0
     result = engine.generate(tokens, params)
-    assert result.stats.cached_tokens == 48
+    assert result.stats.cached_tokens == 49  # all but the last prompt token
     assert result.tokens == plain.generate(tokens, params).tokens
 
 

@@ -41,6 +41,19 @@ def block_keys(seed: str, tokens: Sequence[int], block_size: int = BLOCK_SIZE) -
     return keys
 
 
+def _reach(snapshot: CacheSnapshot, tokens: Sequence[int], n: int, limit: int) -> int:
+    """How many leading ``tokens`` a snapshot can stand for (0: none), given that its block
+    chain matched the first ``n``: a cut-able one as far as it agrees, up to ``limit``."""
+    held = snapshot.tokens
+    if len(held) < n or held[:n] != list(tokens[:n]):
+        return 0
+    if not snapshot.sliceable:
+        return n if len(held) == n else 0
+    stop = min(len(held), limit)
+    ahead = np.asarray(held[n:stop]) != np.asarray(tokens[n:stop])
+    return n + (int(ahead.argmax()) if ahead.any() else stop - n)
+
+
 class PrefixCache:
     """Snapshots of prompt prefixes for one model, shared by every request of an engine.
 
@@ -94,31 +107,38 @@ class PrefixCache:
         return limit // self.block_size * self.block_size
 
     def lookup(self, tokens: Sequence[int], limit: int | None = None) -> CacheSnapshot | None:
-        """The snapshot of the longest cached prefix of ``tokens`` (at most ``limit`` long)."""
+        """The snapshot of the longest cached prefix of ``tokens`` (at most ``limit`` long).
+
+        Snapshots are found by their block chain. A KV-only snapshot is then used as far as it
+        agrees with ``tokens``, block or not: it is cut to the common prefix.
+        """
         limit = len(tokens) if limit is None else min(limit, len(tokens))
         keys = block_keys(self.fingerprint, tokens[: self.boundary(limit)], self.block_size)
         for depth in range(len(keys), 0, -1):
             key, n = keys[depth - 1], depth * self.block_size
+            candidates = []
             found = self._memory.get(key)
             tier = "l1_hits"
             if found is None and self.disk is not None and key in self.disk:
                 found, tier = self.disk.get(key), "l2_hits"
                 if found is not None:
                     self._remember(key, found)
-            if found is None and key in self._within:
-                longer = self._memory.get(self._within[key])
-                if longer is not None and longer.tokens[:n] == list(tokens[:n]):
-                    self._memory.move_to_end(self._within[key])
-                    found, tier = longer.truncated(n), "l1_hits"
-                    self._counts[tier] += 1
-                    self._counts["tokens_reused"] += n
-                    return found
-            if found is None or found.tokens != list(tokens[:n]):
+            if found is not None:
+                candidates.append((key, found, tier))
+            if key in self._within and (longer := self._memory.get(self._within[key])):
+                candidates.append((self._within[key], longer, "l1_hits"))
+            best: tuple[int, str, CacheSnapshot, str] | None = None
+            for owner, snapshot, source in candidates:
+                reach = _reach(snapshot, tokens, n, limit)
+                if reach and (best is None or reach > best[0]):
+                    best = (reach, owner, snapshot, source)
+            if best is None:
                 continue
-            self._memory.move_to_end(key)
+            reach, owner, snapshot, tier = best
+            self._memory.move_to_end(owner)
             self._counts[tier] += 1
-            self._counts["tokens_reused"] += n
-            return found
+            self._counts["tokens_reused"] += reach
+            return snapshot if reach == len(snapshot.tokens) else snapshot.truncated(reach)
         self._counts["misses"] += 1
         return None
 
@@ -131,30 +151,44 @@ class PrefixCache:
         cache.load_state(hit.layers)
         return len(hit.tokens)
 
-    def snapshot_at(self, prompt_tokens: int, resumed: int) -> int | None:
-        """Where a prefill that resumed at ``resumed`` should take its snapshot, if anywhere."""
-        cut = self.boundary(prompt_tokens - 1)
+    def snapshot_at(self, prompt_tokens: int, resumed: int, cache: SequenceCache) -> int | None:
+        """Where a prefill that resumed at ``resumed`` should take its snapshot, if anywhere.
+
+        A KV-only cache is cut anywhere later, so it is snapshotted just before the last prompt
+        token and the next turn of a conversation reuses all of this one. Other kinds (recurrent
+        GDN state, rotating windows, compressed rows) cannot be cut: they are snapshotted at the
+        last block boundary, where a later prompt's block chain can find them.
+        """
+        if all(layer.kind == "kv" for layer in cache) and prompt_tokens - 1 >= self.block_size:
+            cut = prompt_tokens - 1
+        else:
+            cut = self.boundary(prompt_tokens - 1)
         return cut if cut > resumed else None
 
     def store(self, tokens: Sequence[int], layers: list[LayerState], defer: bool = False) -> None:
-        """Keep the state after ``tokens`` (a whole number of blocks) in both tiers.
+        """Keep the state after ``tokens`` in both tiers, under the key of its last full block.
 
-        ``defer`` keeps it in memory now and writes the disk tier at the next ``flush``, so an
-        engine can hand out its first token before the disk write.
+        Only a KV-only state may end inside a block (it is cut to length when reused); others
+        must end on a block boundary. ``defer`` keeps it in memory now and writes the disk tier
+        at the next ``flush``, so an engine can hand out its first token before the disk write.
         """
-        if not tokens or len(tokens) % self.block_size:
+        snapshot = CacheSnapshot(list(tokens), layers)
+        if len(tokens) < self.block_size or (len(tokens) % self.block_size
+                                             and not snapshot.sliceable):  # fmt: skip
             raise ValueError(
-                f"snapshots are taken at block boundaries: {len(tokens)} tokens is not a "
-                f"multiple of {self.block_size}"
+                f"snapshots of this cache are taken at block boundaries: {len(tokens)} tokens is "
+                f"not a multiple of {self.block_size}"
             )
         key = block_keys(self.fingerprint, tokens, self.block_size)[-1]
-        if key in self._memory:
+        held = self._memory.get(key)
+        if held is not None and held.tokens == snapshot.tokens:
             self._memory.move_to_end(key)
             return
-        snapshot = CacheSnapshot(list(tokens), layers)
+        if held is not None:  # same full blocks, another tail: the newer one wins
+            self._forget(key)
         self._counts["stores"] += 1
         self._remember(key, snapshot)
-        if self.disk is not None and key not in self.disk:
+        if self.disk is not None and (held is not None or key not in self.disk):
             if defer:
                 self._unwritten.append((key, snapshot))
             else:
@@ -166,8 +200,12 @@ class PrefixCache:
         if self.disk is None:
             return
         for key, snapshot in pending:
-            if key not in self.disk:
-                self.disk.put(key, snapshot)
+            self.disk.put(key, snapshot)
+
+    def _forget(self, key: str) -> None:
+        old = self._memory.pop(key)
+        self._memory_used -= old.nbytes
+        self._within = {k: v for k, v in self._within.items() if v != key}
 
     def _remember(self, key: str, snapshot: CacheSnapshot) -> None:
         if snapshot.nbytes > self.memory_bytes:

@@ -116,7 +116,7 @@ class TargetEngine(DecodeEngine):
         """Run all but the last prompt token; returns how many came from the prefix cache."""
         pc = self.prefix_cache
         resumed = pc.resume(prompt, cache) if pc is not None else 0
-        cut = pc.snapshot_at(len(prompt), resumed) if pc is not None else None
+        cut = pc.snapshot_at(len(prompt), resumed, cache) if pc is not None else None
         for begin, end in prefill_chunks(resumed, tokens.size - 1, self.prefill_step_size, cut):
             self.model(tokens[None, begin:end], cache=cache)
             mx.eval([getattr(c, "state", None) for c in cache])

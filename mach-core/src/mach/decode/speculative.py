@@ -208,7 +208,7 @@ class SpecDecEngine(DecodeEngine):
         tokens = mx.array(list(prompt), dtype=mx.uint32)
         pc = self.prefix_cache
         stats.cached_tokens = pc.resume(prompt, cache) if pc is not None else 0
-        cut = pc.snapshot_at(len(prompt), stats.cached_tokens) if pc is not None else None
+        cut = pc.snapshot_at(len(prompt), stats.cached_tokens, cache) if pc is not None else None
         logits = hidden = None
         begin = 0
         chunks = prefill_chunks(stats.cached_tokens, tokens.size, self.prefill_step_size, cut)
