@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -31,6 +32,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import mach  # first: on Linux it picks the BLAS MLX binds to (mach/_blas.py)
+
+# isort: split
 import mlx.core as mx
 
 from mach import load_moe
@@ -105,9 +109,13 @@ class PeerTurns:
         import httpx
 
         self.url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        # The peer gets the BLAS mach loaded, so the comparison is of engines, not libraries.
+        env = dict(os.environ)
+        if mach._blas.loaded:
+            env["LD_PRELOAD"] = mach._blas.loaded
         self.server = subprocess.Popen([sys.executable, "-m", "mlx_lm.server", "--model",
                                         str(path), "--port", str(port)],
-                                       stderr=subprocess.DEVNULL)  # fmt: skip
+                                       stderr=subprocess.DEVNULL, env=env)  # fmt: skip
         for _ in range(600):
             try:
                 httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1)
@@ -191,7 +199,9 @@ def main() -> None:
     same = all(
         c["tokens"] == a["tokens"] == b["tokens"] for c, a, b in zip(cold, l1, l2, strict=True)
     )
-    print(f"preset={args.preset}  device={mx.default_device()}  same tokens in every run: {same}")
+    blas = mach._blas.loaded or "bundled"
+    print(f"preset={args.preset}  device={mx.default_device()}  BLAS={blas}  same tokens in every "
+          f"run: {same}")  # fmt: skip
     print(f"disk tier after the trace: {disk / 1e6:.1f} MB")
     head = (
         "| turn | prompt tokens | cold TTFT | L1 TTFT (reused) | L2 TTFT after restart (reused) |"

@@ -32,7 +32,7 @@ def v4() -> Iterator[Running]:
 
 def test_capabilities_report_the_draft(v4: Running) -> None:
     body = httpx.get(f"{v4.url}/v1/capabilities").json()
-    assert body["server"]["speculative_decoding"] is True
+    assert body["server"]["speculative_decoding"] == {"family": "mtp_eagle3", "draft_tokens": 2}
     assert body["arch"]["name"] == "deepseek_v4"
     assert body["arch"]["continuous_batching"] is False
 

@@ -20,6 +20,7 @@ class Gemma4Adapter(MoeArchAdapter):
     architectures = ("Gemma4ForConditionalGeneration", "Gemma4ForCausalLM")
     description = "Gemma 4 MoE: gemma-4-26B-A4B (dense MLP beside experts, proportional RoPE)"
     kv_cache_kind = "rotating"
+    specdec_kind = "specdec_v7"
     swiglu_variant = "geglu"
     cache_backends = ("kv", "rotating")
 

@@ -190,13 +190,9 @@ class DecoderLayer(nn.Module):
 
 
 class ScaledStack(DecoderStack):
-    def __call__(self, tokens: mx.array, cache: Any) -> mx.array:
+    def embed(self, tokens: mx.array) -> mx.array:
         h = self.embed_tokens(tokens)
-        h = h * mx.array(math.sqrt(h.shape[-1]), dtype=h.dtype)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cache[i] if cache is not None else None)
-        out: mx.array = self.norm(h)
-        return out
+        return h * mx.array(math.sqrt(h.shape[-1]), dtype=h.dtype)
 
 
 class Model(CausalLM):
@@ -206,8 +202,8 @@ class Model(CausalLM):
         super().__init__(stack, args.tie_word_embeddings)
         self.args = args
 
-    def __call__(self, tokens: mx.array, cache: Any = None) -> mx.array:
-        logits = super().__call__(tokens, cache)
+    def head(self, h: mx.array) -> mx.array:
+        logits = super().head(h)
         cap = self.args.final_logit_softcapping
         return mx.tanh(logits / cap) * cap if cap else logits
 

@@ -20,6 +20,7 @@ class GptOssAdapter(MoeArchAdapter):
     architectures = ("GptOssForCausalLM",)
     description = "GPT-OSS: gpt-oss-20b, gpt-oss-120b (MXFP4 experts, sinks, sliding windows)"
     kv_cache_kind = "rotating"
+    specdec_kind = "specdec_v7"
     swiglu_variant = "clamped_swiglu"
     has_expert_bias = True
     routed_quantization = ("float", "mxfp4", "affine4", "affine8")

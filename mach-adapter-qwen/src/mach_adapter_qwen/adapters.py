@@ -20,7 +20,7 @@ class Qwen3MoeAdapter(MoeArchAdapter):
     architectures = ("Qwen3MoeForCausalLM",)
     description = "Qwen3-MoE: Qwen3-30B-A3B, Qwen3-235B-A22B, Qwen3-Coder-30B-A3B"
     kv_cache_kind = "standard"
-    specdec_kind = None
+    specdec_kind = "specdec_v7"
     reasoning_tags = ReasoningTags()
     swiglu_variant = "swiglu"
     has_expert_bias = False

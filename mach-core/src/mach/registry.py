@@ -276,7 +276,10 @@ def drafter_factories() -> dict[str, DrafterFactory | str]:
     A factory may be given lazily as ``"package.module:function"``.
     """
     plugins.load_plugins()
-    found: dict[str, DrafterFactory | str] = {}
+    # DFlash is core's own draft family; a plugin may register a replacement.
+    found: dict[str, DrafterFactory | str] = {
+        "specdec_v7": "mach.decode.dflash.drafter:make_dflash_drafter"
+    }
 
     def register(name: str, factory: DrafterFactory | str) -> None:
         found[name] = factory

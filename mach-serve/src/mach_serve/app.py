@@ -246,6 +246,12 @@ def create_app(
                                     state.store_stats(), state.prefix_stats())  # fmt: skip
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
+    def _draft(engine: object, family: str | None) -> dict[str, Any] | bool:
+        """The draft the engine decodes with (family, drafts per verify pass), or false."""
+        if type(engine).__name__ != "SpecDecEngine":
+            return False
+        return {"family": family, "draft_tokens": getattr(engine, "k", None)}
+
     async def capabilities(request: Request) -> Response:
         return JSONResponse({
             "object": "capabilities",
@@ -257,7 +263,7 @@ def create_app(
                 "context_length": state.context_length,
                 "max_queue": state.worker.max_queue,
                 "continuous_batching": available("continuous_batching"),
-                "speculative_decoding": type(state.worker.engine).__name__ == "SpecDecEngine",
+                "speculative_decoding": _draft(state.worker.engine, state.adapter.specdec_kind),
                 "prefix_cache": state.prefix_cache is not None and available("prefix_reuse"),
                 "prefix_cache_disk": state.prefix_cache is not None
                 and state.prefix_cache.disk is not None,

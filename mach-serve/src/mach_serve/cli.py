@@ -79,7 +79,7 @@ def serve_command(
         float, typer.Option(min=0, help="Seconds the running request gets after SIGTERM.")
     ] = LIMITS.shutdown_grace,
     draft: Draft = None,
-    draft_tokens: DraftTokens = 2,
+    draft_tokens: DraftTokens = None,
     prompt_cache: Annotated[
         bool,
         typer.Option(

@@ -46,7 +46,7 @@ def build_state(
     max_prompt_tokens: int | None = None,
     options: LoadOptions | None = None,
     draft: bool | None = None,
-    draft_tokens: int = 2,
+    draft_tokens: int | None = None,
     prompt_cache_bytes: int | None = DEFAULT_PROMPT_CACHE_BYTES,
     prompt_cache_dir: str | os.PathLike[str] | None = None,
     prompt_cache_disk_bytes: int = DEFAULT_PROMPT_CACHE_DISK_BYTES,

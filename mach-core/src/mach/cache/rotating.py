@@ -8,9 +8,14 @@ import mlx.core as mx
 
 from mach.cache.snapshot import LayerState, check_kind, present
 
+TRIM_SLACK = 16
+"""Positions kept beyond the window so a speculative verify pass can be rolled back (the most
+drafts one pass checks)."""
+
 
 class RotatingKVCache:
-    """Holds the last ``window - 1`` positions; each call sees those plus its own new ones."""
+    """Holds the last ``window - 1`` positions, plus ``TRIM_SLACK`` more so the newest can be
+    trimmed; each call sees those plus its own new ones (attention masks by the window)."""
 
     kind = "rotating"
 
@@ -31,15 +36,22 @@ class RotatingKVCache:
             values = mx.concatenate([self.values, values], axis=2)
         start = self._offset - (0 if self.keys is None else self.keys.shape[2])
         self._offset += keys.shape[2] - (0 if self.keys is None else self.keys.shape[2])
-        keep = self.window - 1
+        keep = self.window - 1 + TRIM_SLACK
         self.keys, self.values = keys[..., -keep:, :], values[..., -keep:, :]
         return keys, values, start
 
     def is_trimmable(self) -> bool:
-        return False
+        return True
 
     def trim(self, n: int) -> int:
-        return 0
+        """Drop the newest ``n`` positions (at most ``TRIM_SLACK`` past a full window)."""
+        if self.keys is None or self.values is None or n <= 0:
+            return 0
+        held = self.keys.shape[2]
+        n = min(n, held, max(0, held - (self.window - 1)) if held < self._offset else held)
+        self.keys, self.values = self.keys[..., : held - n, :], self.values[..., : held - n, :]
+        self._offset -= n
+        return n
 
     def snapshot(self) -> Any:
         return (self.keys, self.values, self._offset)

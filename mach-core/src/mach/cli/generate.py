@@ -74,7 +74,7 @@ def generate_command(
         Optional[list[str]], typer.Option(help="Stop string (repeatable).")  # noqa: UP045
     ] = None,
     draft: Draft = None,
-    draft_tokens: DraftTokens = 2,
+    draft_tokens: DraftTokens = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     prompt_cache_dir: Annotated[
         Optional[Path],  # noqa: UP045

@@ -43,7 +43,17 @@ Draft = Annotated[
     ),
 ]
 DraftTokens = Annotated[
-    int, typer.Option("--draft-tokens", min=1, max=16, help="Tokens drafted per verify pass.")
+    Optional[int],  # noqa: UP045
+    typer.Option(
+        "--draft-tokens",
+        min=1,
+        max=16,
+        help="Tokens drafted per verify pass (default: the draft's own; DFlash: its block).",
+    ),
+]
+DraftPath = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option("--draft-path", help="A DFlash draft folder (default: <checkpoint>/draft)."),
 ]
 
 
@@ -73,6 +83,7 @@ _LOAD_FLAGS: dict[str, tuple[Any, Any]] = {
     "expert_residency": (Residency, None),
     "prefill": (Prefill, "transient"),
     "streaming_embedding": (StreamingEmbedding, False),
+    "draft_path": (DraftPath, None),
 }
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 def build_engine(
     loaded: LoadedModel,
     draft: bool | None = None,
-    num_draft_tokens: int = 2,
+    num_draft_tokens: int | None = None,
     prefix_cache: PrefixCache | None = None,
 ) -> DecodeEngine:
     """``SpecDecEngine`` when the architecture has a draft family and the checkpoint carries

@@ -87,8 +87,13 @@ class Drafter(ABC):
     """
 
     needs_hidden: bool = True
+    hidden_layers: tuple[int, ...] | None = None
+    """Target layers whose residual streams the drafter reads (concatenated); ``None``: the
+    target's own ``return_hidden`` output."""
     default_gate: DraftGate = DraftGate()
     """The family's measured default for the rho gate (the environment overrides it)."""
+    default_draft_tokens: int = 2
+    """Drafts per verify pass when the caller does not choose."""
 
     @abstractmethod
     def reset(self) -> None:
@@ -165,11 +170,13 @@ class SpecDecEngine(DecodeEngine):
         tokenizer: Tokenizer | None,
         make_cache: Callable[[], SequenceCache],
         drafter: Drafter,
-        num_draft_tokens: int = 2,
+        num_draft_tokens: int | None = None,
         gate: DraftGate | None = None,
         prefill_step_size: int = 512,
         prefix_cache: PrefixCache | None = None,
     ) -> None:
+        if num_draft_tokens is None:
+            num_draft_tokens = drafter.default_draft_tokens
         if not 1 <= num_draft_tokens <= MAX_DRAFT_TOKENS:
             raise ValueError(
                 f"num_draft_tokens must be between 1 and {MAX_DRAFT_TOKENS}, got {num_draft_tokens}"
@@ -182,6 +189,10 @@ class SpecDecEngine(DecodeEngine):
         self._fallback = TargetEngine(model, tokenizer, make_cache, prefill_step_size, prefix_cache)
 
     def _forward(self, tokens: mx.array, cache: SequenceCache) -> tuple[mx.array, mx.array | None]:
+        if self.drafter.hidden_layers is not None:
+            logits, hidden = self.model(tokens[None], cache=cache,
+                                        hidden_layers=self.drafter.hidden_layers)  # fmt: skip
+            return logits[0], hidden
         if self.drafter.needs_hidden:
             logits, hidden = self.model(tokens[None], cache=cache, return_hidden=True)
             return logits[0], hidden

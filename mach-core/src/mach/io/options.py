@@ -57,6 +57,8 @@ class LoadOptions:
     """Check each sidecar record's CRC-32 as it is read."""
     streaming_embedding: bool = False
     """Leave an untied, unquantized token embedding on disk and read rows on demand."""
+    draft_path: str | None = None
+    """A draft checkpoint folder (DFlash) to use instead of the one beside the checkpoint."""
 
     def __post_init__(self) -> None:
         if self.arch is not None and (not isinstance(self.arch, str) or not self.arch):
@@ -70,6 +72,9 @@ class LoadOptions:
         _flag("gather_dispatch", self.gather_dispatch, optional=True)
         _flag("verify_experts", self.verify_experts, optional=False)
         _flag("streaming_embedding", self.streaming_embedding, optional=False)
+        if self.draft_path is not None and (not isinstance(self.draft_path, str)
+                                            or not self.draft_path):  # fmt: skip
+            raise OptionsError(f"draft_path must be a folder path, got {self.draft_path!r}")
         wants_resident = self.streaming is False or self.expert_residency == "resident"
         if self.streaming is False and self.expert_residency not in (None, "resident"):
             raise OptionsError(

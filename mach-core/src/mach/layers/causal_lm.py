@@ -22,16 +22,32 @@ class DecoderStack(nn.Module):
         self.layers = layers
         self.norm = nn.RMSNorm(hidden_size, eps=eps)
 
-    def __call__(self, tokens: mx.array, cache: Sequence[Any] | None) -> mx.array:
-        h = self.embed_tokens(tokens)
+    def embed(self, tokens: mx.array) -> mx.array:
+        """The first residual stream (a family that scales its embedding overrides this)."""
+        out: mx.array = self.embed_tokens(tokens)
+        return out
+
+    def __call__(
+        self, tokens: mx.array, cache: Sequence[Any] | None, taps: Sequence[int] = ()
+    ) -> tuple[mx.array, list[mx.array]]:
+        """The normed last hidden state, and the residual stream after each layer in ``taps``
+        (what a draft conditioned on the target's hidden states reads)."""
+        h = self.embed(tokens)
+        tapped = []
         for i, layer in enumerate(self.layers):
             h = layer(h, cache[i] if cache is not None else None)
+            if i in taps:
+                tapped.append(h)
         out: mx.array = self.norm(h)
-        return out
+        return out, tapped
 
 
 class CausalLM(nn.Module):
-    """``model(tokens [B, L], cache=None) -> logits [B, L, vocab]`` over a ``DecoderStack``."""
+    """``model(tokens [B, L], cache=None) -> logits [B, L, vocab]`` over a ``DecoderStack``.
+
+    With ``hidden_layers``, it returns ``(logits, features)``: the residual stream after those
+    layers, concatenated on the last axis in the order given.
+    """
 
     def __init__(self, model: DecoderStack, tie_word_embeddings: bool) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
@@ -41,10 +57,23 @@ class CausalLM(nn.Module):
             vocab, hidden = model.embed_tokens.weight.shape
             self.lm_head = nn.Linear(hidden, vocab, bias=False)
 
-    def __call__(self, tokens: mx.array, cache: Sequence[Any] | None = None) -> mx.array:
-        h = self.model(tokens, cache)
+    def head(self, h: mx.array) -> mx.array:
+        """Output logits from normed hidden states."""
         out: mx.array = self.model.embed_tokens.as_linear(h) if self.tied else self.lm_head(h)
         return out
+
+    def __call__(
+        self,
+        tokens: mx.array,
+        cache: Sequence[Any] | None = None,
+        hidden_layers: Sequence[int] | None = None,
+    ) -> Any:
+        h, tapped = self.model(tokens, cache, hidden_layers or ())
+        logits = self.head(h)
+        if hidden_layers is None:
+            return logits
+        order = sorted(set(hidden_layers))
+        return logits, mx.concatenate([tapped[order.index(i)] for i in hidden_layers], axis=-1)
 
     @property
     def layers(self) -> list[Any]:

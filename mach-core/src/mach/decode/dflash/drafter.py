@@ -1,0 +1,203 @@
+"""``DFlashDrafter``: a whole block of drafts from one pass of the DFlash draft network.
+
+The verify pass and the rollback are ``SpecDecEngine``'s; this module loads the draft, keeps its
+context cache (only verified positions enter it, so it never rolls back) and sizes the block
+from the acceptance it measures.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import mlx.core as mx
+
+from mach.decode.dflash.config import DFlashConfig, read_dflash_config
+from mach.decode.dflash.model import DFlashDraftModel
+from mach.decode.sampler import Sampler
+from mach.decode.speculative import Draft, Drafter, DraftGate
+from mach.errors import CheckpointError, MissingFileError
+
+if TYPE_CHECKING:
+    from mach.io.load import LoadedModel
+
+DRAFT_DIR = "draft"
+"""Where a checkpoint carries its DFlash draft: ``<checkpoint>/draft/``."""
+
+
+class AdaptiveBlock:
+    """The block size to draft next, from the acceptance of recent verify passes.
+
+    A full block pays off only while most of it is accepted. After a window of full blocks
+    accepting under a quarter of their drafts, the drafter drafts ``small`` tokens for
+    ``hold`` passes, then probes full blocks again.
+    """
+
+    def __init__(self, small: int = 3, window: int = 4, hold: int = 32) -> None:
+        self.small, self.window, self.hold = small, window, hold
+        self.recent: deque[float] = deque(maxlen=window)
+        self.reduced_left = 0
+
+    def size(self, full: int) -> int:
+        return min(full, self.small) if self.reduced_left else full
+
+    def record(self, proposed: int, accepted: int, full: int) -> None:
+        if self.reduced_left:
+            self.reduced_left -= 1
+            return
+        if proposed == full and proposed > self.small:
+            self.recent.append(accepted / proposed)
+            if len(self.recent) == self.window and sum(self.recent) / self.window < 0.25:
+                self.reduced_left, self.recent = self.hold, deque(maxlen=self.window)
+
+
+class DFlashDrafter(Drafter):
+    """Drafts ``[anchor, mask, ...]`` in one pass, conditioned on the target's hidden states at
+    the draft's ``target_layer_ids`` (``hidden_layers``)."""
+
+    def __init__(self, target: object, draft: DFlashDraftModel) -> None:
+        self.target, self.draft = target, draft
+        self.config = draft.config
+        self.hidden_layers: tuple[int, ...] = self.config.target_layer_ids
+        self.default_draft_tokens = self.config.block_size - 1
+        self.block = AdaptiveBlock()
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache = self.draft.make_cache()
+        self.pending: list[mx.array] = []
+        self.anchor: int | None = None
+        self.proposed = 0
+
+    def observe(self, next_tokens: mx.array, hidden: mx.array | None) -> None:
+        if hidden is None:
+            raise ValueError("DFlash drafts from the target's hidden states; none were given")
+        if self.anchor is not None and self.proposed:
+            # A verify pass: as many committed as accepted, plus the target's own token.
+            self.block.record(self.proposed, next_tokens.size - 1, self._full)
+        self.pending.append(hidden)
+        last: list[int] = next_tokens[-1:].tolist()  # type: ignore[assignment]
+        self.anchor = last[0]
+        self.proposed = 0
+
+    def propose(self, k: int, sampler: Sampler, gate: DraftGate) -> Draft:
+        if self.anchor is None or k <= 0:
+            return Draft([], None, [])
+        self._full = k
+        n = self.block.size(k)
+        features = mx.concatenate(self.pending, axis=1) if self.pending else None
+        self.pending = []
+        block = mx.array([[self.anchor] + [self.config.mask_token_id] * n], dtype=mx.uint32)
+        if features is None:
+            width = self.config.hidden_size * len(self.config.target_layer_ids)
+            features = mx.zeros((1, 0, width), dtype=self.draft.fc.weight.dtype)
+        embed = self.target.model.embed  # type: ignore[attr-defined]
+        hidden = self.draft(block, features.astype(self.draft.fc.weight.dtype), self.cache, embed)
+        logits = self.target.head(hidden[:, 1:])[0].astype(mx.float32)  # type: ignore[attr-defined]
+        tokens: list[int] = mx.argmax(logits, axis=-1).tolist()  # type: ignore[assignment]
+        confidence: list[float] = mx.exp(
+            mx.max(logits, axis=-1) - mx.logsumexp(logits, axis=-1)
+        ).tolist()  # type: ignore[assignment]
+        kept = 0
+        while kept < len(tokens) and gate.keeps(kept, confidence[kept]):
+            kept += 1
+        tokens, confidence = tokens[:kept], confidence[:kept]
+        self.proposed = kept
+        logprobs = None
+        if sampler.params.temperature != 0 and kept:
+            # Greedy drafts are point masses: the verify step then accepts each with the
+            # target's own probability of it, which keeps sampling exact.
+            onehot = mx.arange(logits.shape[-1])[None] == mx.array(tokens)[:, None]
+            logprobs = mx.where(onehot, 0.0, -mx.inf)
+        return Draft(tokens, logprobs, confidence)
+
+
+def load_dflash(folder: Path, loaded: LoadedModel) -> DFlashDrafter:
+    """The DFlash draft in ``folder`` (``config.json`` + ``model.safetensors``), bound to the
+    loaded target. Raises a ``MachError`` naming what does not fit the target."""
+    model = loaded.model
+    if not hasattr(model, "head") or not hasattr(getattr(model, "model", None), "embed"):
+        raise CheckpointError(
+            f"{folder}: {loaded.adapter.name} targets do not expose their hidden states to a "
+            "DFlash draft"
+        )
+    hidden = model.model.embed_tokens.weight.shape[1]
+    vocab = model.model.embed_tokens.weight.shape[0]
+    config = read_dflash_config(folder, hidden, len(model.layers), vocab)
+    tokenizer = loaded.tokenizer
+    if tokenizer is not None and config.mask_token_id >= tokenizer.vocab_size:
+        raise CheckpointError(
+            f"{folder}: mask_token_id {config.mask_token_id} is not in the tokenizer "
+            f"({tokenizer.vocab_size} tokens)"
+        )
+    draft = DFlashDraftModel(config)
+    weights = _read_weights(config)
+    expected = {k for k, _ in _flat(draft)}
+    missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or extra:
+        raise CheckpointError(
+            f"{folder}: the draft's tensors do not match its config: "
+            + (f"missing {missing[:3]}" if missing else "")
+            + (" " if missing and extra else "")
+            + (f"unexpected {extra[:3]}" if extra else "")
+        )
+    for name, value in _flat(draft):
+        if weights[name].shape != value.shape:
+            raise CheckpointError(
+                f"{folder}: {name} has shape {tuple(weights[name].shape)}, the config implies "
+                f"{tuple(value.shape)}"
+            )
+    dtype = model.model.embed_tokens.weight.dtype
+    if dtype not in (mx.float32, mx.float16, mx.bfloat16):
+        dtype = mx.float32 if weights["fc.weight"].dtype == mx.float32 else mx.bfloat16
+    draft.load_weights([(k, v.astype(dtype)) for k, v in weights.items()], strict=True)
+    mx.eval(draft.parameters())  # type: ignore[no-untyped-call]
+    return DFlashDrafter(model, draft)
+
+
+def _flat(draft: DFlashDraftModel) -> list[tuple[str, mx.array]]:
+    from mlx.utils import tree_flatten
+
+    flat: list[tuple[str, mx.array]] = tree_flatten(draft.parameters())  # type: ignore[no-untyped-call,assignment]
+    return [(k, v) for k, v in flat if isinstance(v, mx.array)]
+
+
+def _read_weights(config: DFlashConfig) -> dict[str, mx.array]:
+    files = sorted(config.path.glob("*.safetensors"))
+    if not files:
+        raise MissingFileError(f"{config.path}: no .safetensors file with the draft's weights")
+    weights: dict[str, mx.array] = {}
+    for file in files:
+        try:
+            loaded = mx.load(str(file))
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{file}: cannot be read as safetensors ({exc})") from exc
+        assert isinstance(loaded, dict)
+        # Some exports nest the draft under ``model.``; the published layout has no prefix.
+        weights.update({k.removeprefix("model."): v for k, v in loaded.items()})
+    return weights
+
+
+def draft_folder(loaded: LoadedModel) -> Path | None:
+    """The draft to use: ``LoadOptions.draft_path``, else ``<checkpoint>/draft/`` if present."""
+    chosen = getattr(loaded.options, "draft_path", None)
+    if chosen is not None:
+        return Path(chosen)
+    beside = loaded.checkpoint.path / DRAFT_DIR
+    if (beside / "config.json").is_file():
+        try:
+            import json
+
+            raw = json.loads((beside / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return beside  # let the loader name the problem
+        return beside if isinstance(raw, dict) and "dflash_config" in raw else None
+    return None
+
+
+def make_dflash_drafter(loaded: LoadedModel) -> DFlashDrafter | None:
+    """``register_drafters`` factory for ``specdec_v7``: the DFlash draft beside the checkpoint
+    or named by ``draft_path``, or ``None`` when there is none."""
+    folder = draft_folder(loaded)
+    return None if folder is None else load_dflash(folder, loaded)

@@ -1,0 +1,123 @@
+"""The DFlash draft network: a few Qwen3-style layers that denoise a block of mask tokens.
+
+It has no embedding or output head of its own; it borrows the target's. The target's hidden
+states at ``target_layer_ids`` (concatenated) go through ``fc`` and ``hidden_norm`` into one
+context row per committed position. In every layer, those rows become extra keys and values
+(kept in the draft's cache; no input norm on them), and the block rows attend to all of the
+context and to each other, without a mask. Row ``i`` of the block's output predicts the token
+at that same position, so rows ``1..`` of ``[anchor, mask, mask, ...]`` are the drafts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mach.cache.kv import KVCache
+from mach.decode.dflash.config import DFlashConfig
+from mach.layers.rope import make_rope
+
+
+class DraftAttention(nn.Module):
+    def __init__(self, config: DFlashConfig) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        h, hd = config.hidden_size, config.head_dim
+        self.heads, self.kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, hd)  # fmt: skip
+        bias = bool(config.raw.get("attention_bias", False))
+        self.q_proj = nn.Linear(h, self.heads * hd, bias=bias)
+        self.k_proj = nn.Linear(h, self.kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(h, self.kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(self.heads * hd, h, bias=bias)
+        self.q_norm = nn.RMSNorm(hd, eps=config.rms_norm_eps)
+        self.k_norm = nn.RMSNorm(hd, eps=config.rms_norm_eps)
+        self.rope = make_rope(hd, config.raw)
+
+    def _split(self, x: mx.array, heads: int) -> mx.array:
+        b, length, _ = x.shape
+        return x.reshape(b, length, heads, self.head_dim).transpose(0, 2, 1, 3)
+
+    def __call__(self, x: mx.array, context: mx.array, cache: KVCache) -> mx.array:
+        """``x``: the block's normed rows; ``context``: new context rows (may be empty)."""
+        start = cache.offset
+        if context.shape[1]:
+            k_ctx = self.rope(self.k_norm(self._split(self.k_proj(context), self.kv_heads)), start)
+            v_ctx = self._split(self.v_proj(context), self.kv_heads)
+            keys, values = cache.update_and_fetch(k_ctx, v_ctx)
+        else:
+            keys, values = cache.keys, cache.values  # type: ignore[assignment]
+        block_at = cache.offset
+        q = self.rope(self.q_norm(self._split(self.q_proj(x), self.heads)), block_at)
+        k_blk = self.rope(self.k_norm(self._split(self.k_proj(x), self.kv_heads)), block_at)
+        v_blk = self._split(self.v_proj(x), self.kv_heads)
+        if keys is not None and values is not None:
+            k_blk = mx.concatenate([keys[..., :block_at, :], k_blk], axis=2)
+            v_blk = mx.concatenate([values[..., :block_at, :], v_blk], axis=2)
+        out = mx.fast.scaled_dot_product_attention(q, k_blk, v_blk, scale=self.head_dim**-0.5)
+        b, _, length, _ = out.shape
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, length, -1))
+
+
+class DraftMLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        out: mx.array = self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return out
+
+
+class DraftLayer(nn.Module):
+    def __init__(self, config: DFlashConfig) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.self_attn = DraftAttention(config)
+        self.mlp = DraftMLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def __call__(self, x: mx.array, context: mx.array, cache: KVCache) -> mx.array:
+        x = x + self.self_attn(self.input_layernorm(x), context, cache)
+        out: mx.array = x + self.mlp(self.post_attention_layernorm(x))
+        return out
+
+
+class DFlashDraftModel(nn.Module):
+    """``draft(block_ids, features, caches) -> hidden``; the caller applies the target's head."""
+
+    def __init__(self, config: DFlashConfig) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.config = config
+        h = config.hidden_size
+        self.fc = nn.Linear(len(config.target_layer_ids) * h, h, bias=False)
+        self.hidden_norm = nn.RMSNorm(h, eps=config.rms_norm_eps)
+        self.layers = [DraftLayer(config) for _ in range(config.num_hidden_layers)]
+        self.norm = nn.RMSNorm(h, eps=config.rms_norm_eps)
+
+    def make_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.layers]
+
+    def context(self, features: mx.array) -> mx.array:
+        """Concatenated target hidden states ``[B, L, n*H]`` -> context rows ``[B, L, H]``."""
+        out: mx.array = self.hidden_norm(self.fc(features))
+        return out
+
+    def __call__(
+        self,
+        block: mx.array,
+        features: mx.array,
+        cache: list[KVCache],
+        embed: Callable[[mx.array], mx.array],
+    ) -> mx.array:
+        """``block [B, S]`` token ids, ``features [B, L, n*H]`` for the positions committed since
+        the last call (``L`` may be 0). Returns the block's final normed hidden states."""
+        context = self.context(features)
+        x = embed(block)
+        for layer, layer_cache in zip(self.layers, cache, strict=True):
+            x = layer(x, context, layer_cache)
+        out: mx.array = self.norm(x)
+        return out
