@@ -33,7 +33,7 @@ PROMPTS = [
     "def fibonacci(n):",
     "import os\n\n\ndef ",
     "class Stack:\n    ",
-    "def read_config(path):\n    \"\"\"Read a JSON config file.\"\"\"\n",
+    'def read_config(path):\n    """Read a JSON config file."""\n',
     "    for key, value in sorted(items.items()):\n",
     "class Timer:\n    def __init__(self):\n",
     "def parse_args(argv=None):\n    parser = argparse.ArgumentParser(",
