@@ -71,7 +71,7 @@ def streamed_bytes(prompts: list[list[int]], params: SamplingParams, draft: bool
 
 def _half_budget() -> int:
     loaded = load_moe(default_model_path(), streaming=False)
-    return max(1, loaded.summary["expert_bytes"] // 2)
+    return max(1, loaded.experts.expert_bytes // 2)
 
 
 def main() -> None:
