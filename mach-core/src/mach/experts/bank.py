@@ -11,6 +11,7 @@ import mlx.core as mx
 import numpy as np
 
 from mach.errors import MachError, OptionsError
+from mach.experts.decode_reads import DecodeReads
 from mach.experts.matrix import ExpertMatrix, ExpertWeights
 from mach.experts.reader import ExpertReader
 from mach.experts.sources import DTYPES, LayerSource, Piece
@@ -303,9 +304,17 @@ class BankCache(ExpertStore):
             for p, s in sources.items()
         }  # fmt: skip
         self.expert_bytes = sum(s.expert_bytes * s.spec.num_experts for s in sources.values())
+        self.decode_reads = DecodeReads()
 
     def layer(self, prefix: str) -> LayerExperts:
         return self.layers[prefix]
+
+    @property
+    def bytes_read(self) -> int:
+        return self.reader.stats.bytes
+
+    def record_decode_step(self, batch: int, nbytes: int) -> None:
+        self.decode_reads.record(batch, nbytes)
 
     @property
     def nbytes(self) -> int:
@@ -331,6 +340,7 @@ class BankCache(ExpertStore):
             "bytes_read": read.bytes,
             "read_seconds": read.seconds,
             "read_gbps": read.bytes / read.seconds / 1e9 if read.seconds else 0.0,
+            "decode_reads_by_batch": self.decode_reads.report(),
         }
 
     def close(self) -> None:

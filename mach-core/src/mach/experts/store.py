@@ -61,6 +61,14 @@ class ExpertStore(ABC):
     def nbytes(self) -> int:
         """Bytes of expert weights held in memory."""
 
+    @property
+    def bytes_read(self) -> int:
+        """Expert bytes read from disk since loading; a resident store reads none."""
+        return 0
+
+    def record_decode_step(self, batch: int, nbytes: int) -> None:  # noqa: B027 - resident: none
+        """Count a decode step of ``batch`` sequences that read ``nbytes`` of experts."""
+
     def materialize(  # noqa: B027 - optional step, nothing to do by default
         self, progress: Callable[[int], None] | None = None
     ) -> None:

@@ -30,9 +30,10 @@ def attend(
     """Causal attention of ``queries`` ``[B, H, L, D]`` over cached and new keys.
 
     New keys and values are appended to ``cache`` (``KVCache`` or ``RotatingKVCache``, or their
-    batched forms, whose rows carry their own padding masks) when one is given. Queries sit at the end of the key sequence, so the causal mask is bottom-right
-    aligned. ``window`` limits each query to that many most recent positions (itself included);
-    ``sinks`` adds a learned per-head logit to every softmax.
+    batched forms, whose rows carry their own padding masks) when one is given. Queries sit at
+    the end of the key sequence, so the causal mask is bottom-right aligned. ``window`` limits
+    each query to that many most recent positions (itself included); ``sinks`` adds a learned
+    per-head logit to every softmax.
     """
     length = queries.shape[2]
     if isinstance(cache, BatchKVCache | BatchRotatingKVCache):
