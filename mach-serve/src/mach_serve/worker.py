@@ -10,6 +10,8 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from mach.decode.batch_scheduler import ContinuousBatchScheduler
+from mach.decode.batch_sequence import BatchSequence
 from mach.decode.engine import DecodeEngine
 from mach.decode.events import TokenEvent
 from mach.decode.params import SamplingParams
@@ -72,10 +74,12 @@ class Job:
 
 
 class ModelWorker:
-    """Runs one generation at a time on its own thread; the event loop never waits on MLX.
+    """Runs generations on its own thread; the event loop never waits on MLX.
 
     Jobs are served first come, first served from a queue of at most ``max_queue`` waiting jobs.
-    A cancelled job stops at its next token; a cancelled waiting job never starts.
+    A ``ContinuousBatchScheduler`` engine runs up to its ``max_batch`` jobs at once, taking the
+    next waiting job whenever one leaves; any other engine runs one job at a time. A cancelled
+    job stops at its next token; a cancelled waiting job never starts.
     """
 
     def __init__(self, engine: DecodeEngine, max_queue: int = 32) -> None:
@@ -87,7 +91,7 @@ class ModelWorker:
         """Tokens generated, cancelled and failed jobs included."""
         self._waiting: deque[Job] = deque()
         self._cond = threading.Condition()
-        self._running: Job | None = None
+        self._running: set[Job] = set()
         self._deadline: float | None = None
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="mach-model-worker", daemon=True)
@@ -95,8 +99,8 @@ class ModelWorker:
 
     @property
     def depth(self) -> int:
-        """Jobs waiting plus the one running."""
-        return len(self._waiting) + int(self._running is not None)
+        """Jobs waiting plus those running."""
+        return len(self._waiting) + len(self._running)
 
     @property
     def draining(self) -> bool:
@@ -133,26 +137,72 @@ class ModelWorker:
             self._cond.notify_all()
         self._thread.join(timeout)
 
+    def _take(self) -> Job | None:
+        """The next waiting job that is still wanted, now counted as running (lock held)."""
+        while self._waiting:
+            job = self._waiting.popleft()
+            if not job.cancelled.is_set():
+                self._running.add(job)
+                self.started += 1
+                return job
+        return None
+
     def _next_job(self) -> Job | None:
         with self._cond:
             while True:
-                while self._waiting:
-                    job = self._waiting.popleft()
-                    if not job.cancelled.is_set():
-                        self._running = job
-                        self.started += 1
-                        return job
+                if (job := self._take()) is not None:
+                    return job
                 if self._stopped:
                     return None
                 self._cond.wait()
 
     def _run(self) -> None:
+        if isinstance(self.engine, ContinuousBatchScheduler):
+            self._run_batched(self.engine)
+            return
         while (job := self._next_job()) is not None:
             try:
                 self._generate(job)
             finally:
                 with self._cond:
-                    self._running = None
+                    self._running.discard(job)
+
+    def _run_batched(self, scheduler: ContinuousBatchScheduler) -> None:
+        jobs: dict[BatchSequence, Job] = {}
+        while True:
+            with self._cond:
+                while not (self._stopped or self._waiting or jobs):
+                    self._cond.wait()
+                if self._stopped and not jobs and not self._waiting:
+                    return
+                while len(jobs) < scheduler.max_batch and (job := self._take()) is not None:
+                    try:
+                        jobs[scheduler.add(job.prompt, job.params)] = job
+                    except Exception as exc:  # a bad request fails alone
+                        job.push(exc)
+                        self._running.discard(job)
+            expired = self._deadline is not None and time.monotonic() >= self._deadline
+            for seq, job in jobs.items():
+                if expired:
+                    job.push(GraceExpiredError("the server shut down before this request finished"))
+                if expired or job.cancelled.is_set():
+                    seq.cancel()
+            try:
+                scheduler.step()
+            except Exception as exc:  # reported to every request of the failed step
+                logger.error("generation failed", exc_info=exc)
+                scheduler.reset()
+                for job in jobs.values():
+                    job.push(exc)
+            for seq, job in list(jobs.items()):
+                for event in seq.drain():
+                    if event.token is not None:
+                        self.generated += 1
+                    job.push(event)
+                if seq.done:
+                    del jobs[seq]
+                    with self._cond:
+                        self._running.discard(job)
 
     def _generate(self, job: Job) -> None:
         events = self.engine.stream(job.prompt, job.params)

@@ -73,10 +73,6 @@ class ContinuousBatchScheduler(DecodeEngine):
         return len(self._prefilling) + len(self._rows)
 
     @property
-    def has_room(self) -> bool:
-        return self.active + len(self._waiting) < self.max_batch
-
-    @property
     def idle(self) -> bool:
         return not (self._waiting or self._prefilling or self._rows)
 
@@ -102,6 +98,16 @@ class ContinuousBatchScheduler(DecodeEngine):
         touched = list(self._rows)
         self._decode()
         return touched
+
+    def reset(self) -> None:
+        """Drop every sequence (each ends cancelled) and start from an empty batch."""
+        for seq in [*self._waiting, *self._prefilling, *self._rows]:
+            seq.cancel()
+            seq.phase, seq.cache, seq.prefill = Phase.CANCELLED, None, None
+        self._waiting.clear()
+        self._prefilling.clear()
+        self._rows = []
+        self._batch = BatchCache(self._template)
 
     def _drop_cancelled(self) -> None:
         for queue in (self._waiting, self._prefilling):
