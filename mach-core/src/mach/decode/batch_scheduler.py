@@ -73,6 +73,11 @@ class ContinuousBatchScheduler(DecodeEngine):
         return len(self._prefilling) + len(self._rows)
 
     @property
+    def batch_size(self) -> int:
+        """Rows of the decode batch: sequences past their prefill."""
+        return len(self._rows)
+
+    @property
     def idle(self) -> bool:
         return not (self._waiting or self._prefilling or self._rows)
 
