@@ -203,6 +203,8 @@ def test_streaming_records_expert_reads_per_token_by_batch_size() -> None:
     want = scheduler(resident, max_batch=4).generate_batch(inputs, params)
     engine = scheduler(streamed, max_batch=4, store=streamed.store)
     got = engine.generate_batch(inputs, params)
+    while not engine.idle:
+        engine.step()
     assert [g.tokens for g in got] == [w.tokens for w in want]
     reads = streamed.store.stats()["decode_reads_by_batch"]
     assert sum(r["steps"] for r in reads.values()) == engine.steps
@@ -213,4 +215,6 @@ def test_streaming_records_expert_reads_per_token_by_batch_size() -> None:
 
 def test_decode_reads_refuse_impossible_steps() -> None:
     with pytest.raises(ValueError, match="batch >= 1"):
-        DecodeReads().record(0, 10)
+        DecodeReads().record(0, 0, 10)
+    with pytest.raises(ValueError, match="tokens <= batch"):
+        DecodeReads().record(2, 3, 10)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -18,6 +19,16 @@ from mach.decode.params import SamplingParams
 from mach.decode.prefill import ChunkedPrefill
 from mach.experts.store import ExpertStore
 from mach.tokenizer.tokenizer import Tokenizer
+
+
+@dataclass
+class _Step:
+    """A queued decode step: its rows and what it sampled for each (token, then logprobs)."""
+
+    rows: list[BatchSequence]
+    sampled: list[tuple[mx.array, ...]]
+    bytes_read: int
+    """Expert bytes the step read (streaming stores)."""
 
 
 class ContinuousBatchScheduler(DecodeEngine):
@@ -64,6 +75,7 @@ class ContinuousBatchScheduler(DecodeEngine):
         self._prefilling: deque[BatchSequence] = deque()
         self._rows: list[BatchSequence] = []
         self._batch = BatchCache(template)
+        self._pending: _Step | None = None
         self.steps = 0
         """Decode steps run so far."""
 
@@ -79,7 +91,7 @@ class ContinuousBatchScheduler(DecodeEngine):
 
     @property
     def idle(self) -> bool:
-        return not (self._waiting or self._prefilling or self._rows)
+        return not (self._waiting or self._prefilling or self._rows or self._pending)
 
     def add(self, prompt: Sequence[int], params: SamplingParams) -> BatchSequence:
         """Queue a sequence; it is admitted at the next step the batch has room."""
@@ -94,14 +106,29 @@ class ContinuousBatchScheduler(DecodeEngine):
         return seq
 
     def step(self) -> list[BatchSequence]:
-        """One scheduling round; returns the sequences that produced events."""
+        """One scheduling round; returns the sequences that produced events.
+
+        The decode step is queued before the previous one's tokens are read back, so the host
+        never waits for the device between steps; a sequence that turns out to have finished
+        rides along in the queued step, whose token for it is dropped.
+        """
         self._drop_cancelled()
         self._admit()
         self._prefill_one()
-        if not self._rows:
+        # A sequence whose last token is already queued needs its cache no more.
+        spent = [s.generated + s.queued >= s.params.max_tokens for s in self._rows]
+        if any(spent):
+            self._keep([i for i, gone in enumerate(spent) if not gone])
+        previous = self._pending
+        self._pending = self._launch() if self._rows else None
+        if previous is None:
             return []
-        touched = list(self._rows)
-        self._decode()
+        touched = self._collect(previous)
+        if any(s.done for s in self._rows):
+            self._keep([i for i, s in enumerate(self._rows) if not s.done])
+        if self.prefix_cache is not None and any(s.done for s in touched):
+            # The disk tier is written once a request's tokens are out.
+            self.prefix_cache.flush()
         return touched
 
     def reset(self) -> None:
@@ -112,6 +139,7 @@ class ContinuousBatchScheduler(DecodeEngine):
         self._waiting.clear()
         self._prefilling.clear()
         self._rows = []
+        self._pending = None
         self._batch = BatchCache(self._template)
 
     def _drop_cancelled(self) -> None:
@@ -154,28 +182,40 @@ class ContinuousBatchScheduler(DecodeEngine):
             seq.phase = Phase.DECODING
             self._rows.append(seq)
 
-    def _decode(self) -> None:
-        rows = self._rows
+    def _launch(self) -> _Step:
+        """Queue one decode step for every row; the sampled tokens feed the next one."""
+        rows = list(self._rows)
         before = self.store.bytes_read if self.store is not None else 0
-        tokens = mx.array([s.next_token for s in rows], dtype=mx.uint32)[:, None]
-        logits = self.model(tokens, cache=self._batch)[:, -1, :]
+        inputs = mx.concatenate([s.next_input for s in rows])[:, None]
+        logits = self.model(inputs, cache=self._batch)[:, -1, :]
         sampled: list[tuple[mx.array, ...]]
         if all(s.plain_greedy for s in rows):
             sampled = [(t,) for t in mx.split(mx.argmax(logits, axis=-1), len(rows))]
         else:
             sampled = [s.sample(logits[i : i + 1]) for i, s in enumerate(rows)]
-        mx.eval(sampled, [getattr(c, "state", None) for c in self._batch])
+        mx.async_eval(sampled)
+        # Routing reads its expert ids back while the step is built, so the reads are done.
+        read = self.store.bytes_read - before if self.store is not None else 0
+        for seq, out in zip(rows, sampled, strict=True):
+            seq.next_input = out[0].astype(mx.uint32)
+            seq.queued += 1
         self.steps += 1
+        return _Step(rows, sampled, read)
+
+    def _collect(self, step: _Step) -> list[BatchSequence]:
+        """Hand out a step's tokens to the sequences still running."""
+        ids: list[int] = mx.concatenate([s[0] for s in step.sampled]).tolist()  # type: ignore[assignment]
+        touched = []
+        for seq, token, extra in zip(step.rows, ids, step.sampled, strict=True):
+            seq.queued -= 1
+            if seq.cancelled and not seq.done:
+                seq.phase = Phase.CANCELLED
+            if not seq.done:
+                seq.accept(token, extra[1:])
+                touched.append(seq)
         if self.store is not None:
-            self.store.record_decode_step(len(rows), self.store.bytes_read - before)
-        ids: list[int] = mx.concatenate([s[0] for s in sampled]).tolist()  # type: ignore[assignment]
-        for seq, token, extra in zip(rows, ids, sampled, strict=True):
-            seq.accept(token, extra[1:])
-        if any(s.done for s in rows):
-            self._keep([i for i, s in enumerate(rows) if not s.done])
-            if self.prefix_cache is not None:
-                # The disk tier is written once a request's tokens are out.
-                self.prefix_cache.flush()
+            self.store.record_decode_step(len(step.rows), len(touched), step.bytes_read)
+        return touched
 
     def _keep(self, rows: list[int]) -> None:
         self._batch.keep(rows)

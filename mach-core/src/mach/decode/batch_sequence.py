@@ -49,12 +49,15 @@ class BatchSequence:
         self.output = TextOutput(tokenizer, params)
         self.sampler = Sampler(params)
         self.generated = 0
+        self.queued = 0
+        """Tokens sampled in decode steps not yet read back (at most one)."""
         self.start = time.perf_counter()
         self.decode_start = self.start
         self.cache: SequenceCache | None = None
         self.prefill: ChunkedPrefill | None = None
-        self.next_token = self.prompt[-1] if self.prompt else 0
-        """The token the next decode step feeds (the last prompt token, then each sampled one)."""
+        self.next_input = mx.array(self.prompt[-1:], dtype=mx.uint32)
+        """``[1]``: what the next decode step feeds (the last prompt token, then each sampled
+        one, still on the device)."""
         penalised = params.repetition_penalty != 1.0 and params.repetition_context > 0
         context = self.prompt[-params.repetition_context :]
         self.history = mx.array([context], dtype=mx.uint32) if penalised else None
@@ -96,7 +99,6 @@ class BatchSequence:
             self.stats.prompt_seconds = self.decode_start - self.start
             self.stats.time_to_first_token = self.stats.prompt_seconds
         self.generated += 1
-        self.next_token = token
         event = self.output.event(token)
         if event is not None:
             if logprobs:

@@ -313,8 +313,8 @@ class BankCache(ExpertStore):
     def bytes_read(self) -> int:
         return self.reader.stats.bytes
 
-    def record_decode_step(self, batch: int, nbytes: int) -> None:
-        self.decode_reads.record(batch, nbytes)
+    def record_decode_step(self, batch: int, tokens: int, nbytes: int) -> None:
+        self.decode_reads.record(batch, tokens, nbytes)
 
     @property
     def nbytes(self) -> int:
