@@ -152,29 +152,31 @@ def test_a_client_that_leaves_mid_batch_leaves_the_others_running(batched: Runni
         assert texts[i] == alone(batched, PROMPTS[i], params), i
 
 
-def test_streaming_metrics_report_expert_reads_by_batch_size() -> None:
+@pytest.fixture(scope="module")
+def streamed() -> Iterator[Running]:
     from mach.io.options import LoadOptions
 
-    for served in serve_with(max_batch=4, options=LoadOptions(streaming=True)):
-        api, used = client(served), []
+    yield from serve_with(max_batch=4, options=LoadOptions(streaming=True))
 
-        def run(prompt: str) -> None:
-            out = api.completions.create(model=served.state.model_id, prompt=prompt,
-                                         max_tokens=40, temperature=0)  # fmt: skip
-            assert out.usage is not None
-            used.append(out.usage.completion_tokens)
 
-        threads = [threading.Thread(target=run, args=(p,)) for p in PROMPTS]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        reads = served.state.store.stats()["decode_reads_by_batch"]
-        assert len(used) == 4 and sum(r["tokens"] for r in reads.values()) == sum(used)
-        assert any(int(b) > 1 for b in reads)
-        metrics = httpx.get(f"{served.url}/metrics").text
-        for b, r in reads.items():
-            assert f'mach_decode_tokens_total{{batch="{b}"}} {r["tokens"]}' in metrics
-            assert (
-                f'mach_expert_decode_bytes_read_total{{batch="{b}"}} {r["bytes_read"]}' in metrics
-            )
+def test_streaming_metrics_report_expert_reads_by_batch_size(streamed: Running) -> None:
+    api, used = client(streamed), []
+
+    def run(prompt: str) -> None:
+        out = api.completions.create(model=streamed.state.model_id, prompt=prompt,
+                                     max_tokens=40, temperature=0)  # fmt: skip
+        assert out.usage is not None
+        used.append(out.usage.completion_tokens)
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in PROMPTS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    reads = streamed.state.store.stats()["decode_reads_by_batch"]
+    assert len(used) == 4 and sum(r["tokens"] for r in reads.values()) == sum(used)
+    assert any(int(b) > 1 for b in reads)
+    metrics = httpx.get(f"{streamed.url}/metrics").text
+    for b, r in reads.items():
+        assert f'mach_decode_tokens_total{{batch="{b}"}} {r["tokens"]}' in metrics
+        assert f'mach_expert_decode_bytes_read_total{{batch="{b}"}} {r["bytes_read"]}' in metrics
