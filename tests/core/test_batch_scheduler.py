@@ -218,3 +218,17 @@ def test_decode_reads_refuse_impossible_steps() -> None:
         DecodeReads().record(0, 0, 10)
     with pytest.raises(ValueError, match="tokens <= batch"):
         DecodeReads().record(2, 3, 10)
+
+
+def test_short_prompts_prefill_together_up_to_one_chunk_of_tokens(loaded: LoadedModel) -> None:
+    counting = CountingModel(loaded.model)
+    engine = ContinuousBatchScheduler(counting, loaded.tokenizer, loaded.cache.new,
+                                      max_batch=4, prefill_step_size=16)  # fmt: skip
+    seqs = [engine.add(p, SamplingParams(max_tokens=4)) for p in prompts(6, 6, 6, 30)]
+    engine.step()
+    assert [s.phase for s in seqs] == [Phase.DECODING] * 3 + [Phase.PREFILLING]
+    prefilled = [n for b, n in counting.calls if n > 1]
+    assert prefilled == [5, 5, 5] and sum(prefilled) <= 16
+    counting.calls.clear()
+    engine.step()
+    assert [n for b, n in counting.calls if n > 1] == [16]

@@ -180,3 +180,26 @@ def test_streaming_metrics_report_expert_reads_by_batch_size(streamed: Running) 
     for b, r in reads.items():
         assert f'mach_decode_tokens_total{{batch="{b}"}} {r["tokens"]}' in metrics
         assert f'mach_expert_decode_bytes_read_total{{batch="{b}"}} {r["bytes_read"]}' in metrics
+
+
+def test_shutdown_gives_the_whole_batch_its_grace_then_ends_each_stream() -> None:
+    import json
+    import signal
+
+    from mach_serve.limits import HTTPLimits
+    from tests.serve.raw import read_all, read_response, send
+
+    for served in serve_with(max_batch=4, limits=HTTPLimits(shutdown_grace=1)):
+        body = {"prompt": PROMPTS[0], "max_tokens": 1500, "temperature": 0, "stream": True}
+        socks = [send(served.port, "POST", "/v1/completions", body) for _ in range(2)]
+        for sock in socks:
+            assert read_response(sock)[0] == 200
+        served.server.handle_exit(signal.SIGTERM, None)
+        for sock in socks:
+            events = [
+                line[6:] for line in read_all(sock).split(b"\n") if line.startswith(b"data: ")
+            ]
+            sock.close()
+            assert events[-1].strip() == b"[DONE]"
+            assert json.loads(events[-2])["error"]["code"] == "shutting_down"
+        assert served.state.metrics.outcomes["failed"] == 2

@@ -34,15 +34,15 @@ class _Step:
 class ContinuousBatchScheduler(DecodeEngine):
     """Decodes up to ``max_batch`` sequences together, one token each per ``step``.
 
-    Each step drops cancelled sequences, admits waiting ones while the batch has room, runs at
-    most one prefill chunk (``prefill_step_size`` tokens) of the oldest admitted prompt, then
-    one decode step for every row of the batch. A long prompt therefore holds running streams
-    back by one chunk per step, never by its whole prefill. A prompt prefills alone in its own
-    cache (from its longest cached prefix when there is a ``prefix_cache``) and joins the batch
-    with its last prompt token, which the next decode step feeds. Sampling settings, stop
-    strings and tokens, token limits and logprobs are per sequence; events and statistics are
-    those of ``TargetEngine``. With a streaming ``store``, each decode step's expert reads are
-    recorded against its batch size.
+    Each step drops cancelled sequences, admits waiting ones while the batch has room, runs
+    prefill chunks of the admitted prompts, oldest first, up to ``prefill_step_size`` tokens in
+    all, then one decode step for every row of the batch. A long prompt therefore holds running
+    streams back by one chunk per step, never by its whole prefill. A prompt prefills alone in
+    its own cache (from its longest cached prefix when there is a ``prefix_cache``) and joins
+    the batch with its last prompt token, which the next decode step feeds. Sampling settings,
+    stop strings and tokens, token limits and logprobs are per sequence; events and statistics
+    are those of ``TargetEngine``. With a streaming ``store``, each decode step's expert reads
+    are recorded against its batch size.
     """
 
     def __init__(
@@ -114,7 +114,7 @@ class ContinuousBatchScheduler(DecodeEngine):
         """
         self._drop_cancelled()
         self._admit()
-        self._prefill_one()
+        self._prefill()
         # A sequence whose last token is already queued needs its cache no more.
         spent = [s.generated + s.queued >= s.params.max_tokens for s in self._rows]
         if any(spent):
@@ -163,19 +163,19 @@ class ContinuousBatchScheduler(DecodeEngine):
             seq.phase = Phase.PREFILLING
             self._prefilling.append(seq)
 
-    def _prefill_one(self) -> None:
-        """At most one chunk; every prompt whose prefill is complete joins the batch."""
-        ran = False
+    def _prefill(self) -> None:
+        """Prefill chunks, oldest prompt first, up to ``prefill_step_size`` tokens in all (so
+        several short prompts go in one step, a long one a chunk at a time); every prompt whose
+        prefill is complete joins the batch."""
+        budget = self.prefill_step_size
         while self._prefilling:
             seq = self._prefilling[0]
             assert seq.prefill is not None and seq.cache is not None
-            if not seq.prefill.done:
-                if ran:
-                    return
+            while not seq.prefill.done and 0 < seq.prefill.next_size <= budget:
+                budget -= seq.prefill.next_size
                 seq.prefill.advance()
-                ran = True
-                if not seq.prefill.done:
-                    return
+            if not seq.prefill.done:
+                return
             self._prefilling.popleft()
             self._batch.add(seq.cache)
             seq.cache = seq.prefill = None

@@ -55,6 +55,11 @@ class ChunkedPrefill:
     def done(self) -> bool:
         return self._next is None
 
+    @property
+    def next_size(self) -> int:
+        """Tokens the next ``advance`` runs (0 when done)."""
+        return 0 if self._next is None else self._next[1] - self._next[0]
+
     def advance(self) -> None:
         """Run the next chunk (at most ``step`` tokens) and evaluate the cache."""
         if self._next is None:
