@@ -26,6 +26,7 @@ import json
 import os
 import random
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -177,6 +178,8 @@ def main() -> None:
     parser.add_argument("--budget-fraction", type=float, default=0.5)
     parser.add_argument("--no-peer", action="store_true", help="skip mlx_lm.server")
     args = parser.parse_args()
+    # Stopped from outside, still stop the servers it started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     with tempfile.TemporaryDirectory() as tmp:
         # Every token id is one of the tokenizer's bytes, so each streamed token carries text.
         shape = {**PRESETS[args.preset], "vocab_size": BYTE_VOCAB}
