@@ -61,6 +61,8 @@ class Round:
     gaps: list[float]
     tokens: int
     bytes_per_token: float | None = None
+    failed: int = 0
+    """Requests that ended in an HTTP error."""
 
 
 @dataclass
@@ -108,16 +110,20 @@ async def one(client: httpx.AsyncClient, text: str, tokens: int) -> tuple[float,
     body = {"prompt": text, "max_tokens": tokens, "temperature": 0.0, "stream": True,
             "stream_options": {"include_usage": True}}  # fmt: skip
     start, stamps, used = time.perf_counter(), [], 0
-    async with client.stream("POST", "/v1/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                used = chunk["usage"]["completion_tokens"]
-            if any(c.get("text") for c in chunk.get("choices", [])):
-                stamps.append(time.perf_counter())
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    used = chunk["usage"]["completion_tokens"]
+                if any(c.get("text") for c in chunk.get("choices", [])):
+                    stamps.append(time.perf_counter())
+    except httpx.HTTPError as exc:  # counted, and the load goes on
+        print(f"request failed: {exc!r}", file=sys.stderr)
+        return float("nan"), [], -1
     gaps = [b - a for a, b in itertools.pairwise(stamps)]
     return (stamps[0] - start if stamps else float("nan")), gaps, used
 
@@ -136,13 +142,13 @@ async def load(engine: Engine, concurrency: int, requests: int, tokens: int, wor
     results = await asyncio.gather(*(client_loop(i) for i in range(concurrency)))
     wall = time.perf_counter() - start
     flat = [r for rs in results for r in rs]
-    total = sum(r[2] for r in flat)
+    total = sum(max(0, r[2]) for r in flat)
     after = expert_reads(engine)
     per_token = None
     if before is not None and after is not None and after[1] > before[1]:
         per_token = (after[0] - before[0]) / (after[1] - before[1])
     return Round(total / wall, [r[0] for r in flat], [g for r in flat for g in r[1]], total,
-                 per_token)  # fmt: skip
+                 per_token, sum(r[2] < 0 for r in flat))  # fmt: skip
 
 
 def expert_reads(engine: Engine) -> tuple[int, int] | None:
@@ -236,10 +242,12 @@ def report(engines: list[Engine], args: argparse.Namespace) -> None:
             gaps = [g for r in rounds for g in r.gaps]
             per = [r.bytes_per_token for r in rounds if r.bytes_per_token is not None]
             reads = f"{statistics.median(per) / 1e3:.1f} kB" if per else "-"
+            failed = sum(r.failed for r in rounds)
+            note = f" ({failed} requests failed)" if failed else ""
             print(
                 f"| {engine.name} | {c} | {spread([r.tps for r in rounds])} | "
                 f"{pct(ttft, 0.5) * 1e3:.0f} / {pct(ttft, 0.99) * 1e3:.0f} ms | "
-                f"{pct(gaps, 0.5) * 1e3:.1f} / {pct(gaps, 0.99) * 1e3:.1f} ms | {reads} |"
+                f"{pct(gaps, 0.5) * 1e3:.1f} / {pct(gaps, 0.99) * 1e3:.1f} ms | {reads} |{note}"
             )
     by_name = {e.name: e for e in engines}
     mach_rounds = by_name["mach"].rounds

@@ -29,7 +29,8 @@ def _prompts(seed: int = 0) -> list[list[int]]:
 
 def batched_logits_match_single(layout_dir: Path, steps: int = 10, atol: float = 1e-4) -> None:
     """Greedy decode in a ``BatchCache`` whose rows join at steps 0, 0, 3 and 5 and leave after
-    ``steps`` tokens each gives the logits of each sequence decoded alone."""
+    ``steps`` tokens each gives the logits of each sequence decoded alone. The one-token prompt
+    joins first, with an empty cache, so the next row finds a batch that holds nothing yet."""
     model, _, _, cache = load_moe(layout_dir, dtype="float32")
     prompts = _prompts()
 
@@ -49,7 +50,7 @@ def batched_logits_match_single(layout_dir: Path, steps: int = 10, atol: float =
         alone.append(rows)
 
     batch = BatchCache(cache)
-    joins = {0: [0, 1], 3: [2], 5: [3]}
+    joins = {0: [1, 0], 3: [2], 5: [3]}
     members: list[int] = []
     tokens: list[int] = []
     got: list[list[np.ndarray]] = [[] for _ in prompts]

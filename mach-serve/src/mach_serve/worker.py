@@ -50,6 +50,11 @@ class Job:
         except RuntimeError:  # the loop has closed: nobody is listening any more
             self.cancelled.set()
 
+    def put_all(self, items: list[TokenEvent]) -> None:
+        """Queue ``items`` for the request; on its event loop's thread."""
+        for item in items:
+            self.events.put_nowait(item)
+
     def abandon(self) -> None:
         """The client left: stop at the next token (or never start) and wake the handler."""
         self.cancelled.set()
@@ -71,6 +76,28 @@ class Job:
                     return
         finally:
             self.cancelled.set()
+
+
+def deliver(ready: list[tuple[Job, list[TokenEvent]]]) -> None:
+    """Hand each job its events with one wake-up per event loop, not one per event; any thread.
+
+    A batched step makes an event for every running request at once, and each wake-up of the
+    event loop costs the worker the interpreter lock for a while.
+    """
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, list[TokenEvent]]]] = {}
+    for job, events in ready:
+        by_loop.setdefault(job.loop, []).append((job, events))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_each, items)
+        except RuntimeError:  # the loop has closed: nobody is listening any more
+            for job, _ in items:
+                job.cancelled.set()
+
+
+def _put_each(items: list[tuple[Job, list[TokenEvent]]]) -> None:
+    for job, events in items:
+        job.put_all(events)
 
 
 class ModelWorker:
@@ -194,15 +221,17 @@ class ModelWorker:
                 scheduler.reset()
                 for job in jobs.values():
                     job.push(exc)
+            ready = []
             for seq, job in list(jobs.items()):
-                for event in seq.drain():
-                    if event.token is not None:
-                        self.generated += 1
-                    job.push(event)
+                events = seq.drain()
+                self.generated += sum(e.token is not None for e in events)
+                if events:
+                    ready.append((job, events))
                 if seq.done:
                     del jobs[seq]
                     with self._cond:
                         self._running.discard(job)
+            deliver(ready)
 
     def _generate(self, job: Job) -> None:
         events = self.engine.stream(job.prompt, job.params)
