@@ -2,7 +2,7 @@
 
 Writes a seeded random qwen3_moe (4-bit, a preset of ``decode_vs_mlxlm.py`` with the byte-level
 tokenizer's vocabulary, so every streamed token carries text), starts `mach serve`
-with every expert resident, `mach serve --streaming` with an expert budget of
+with every expert resident, `mach serve --streaming` with an expert budget of each
 ``--budget-fraction`` of the expert bytes, and `mlx_lm.server` (with mlx-lm installed: ``uv run
 --group bench``), then drives each with the same load: at concurrency C, C clients each send
 ``--requests`` streamed greedy completions back to back, every prompt distinct (so no prompt
@@ -181,8 +181,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3, help="requests per client")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--prompt-words", type=int, default=8)
-    parser.add_argument("--budget-fraction", type=float, default=0.5)
+    parser.add_argument("--budget-fraction", type=float, nargs="+", default=[0.5])
     parser.add_argument("--no-peer", action="store_true", help="skip mlx_lm.server")
+    parser.add_argument("--no-resident", action="store_true", help="skip resident mach")
     args = parser.parse_args()
     # Stopped from outside, still stop the servers it started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
@@ -190,13 +191,14 @@ def main() -> None:
         # Every token id is one of the tokenizer's bytes, so each streamed token carries text.
         shape = {**PRESETS[args.preset], "vocab_size": BYTE_VOCAB}
         path = write_random_qwen3_moe(Path(tmp) / "model", shape, bits=4)
-        budget = int(check_checkpoint(path).expert_bytes * args.budget_fraction)
+        experts = check_checkpoint(path).expert_bytes
         mach_serve = [sys.executable, "-m", "mach", "serve", str(path), "--max-batch",
                       str(max(args.concurrency))]  # fmt: skip
-        specs = {
-            "mach": [*mach_serve, "--no-streaming"],
-            "mach streaming": [*mach_serve, "--streaming", "--expert-budget", str(budget)],
-        }
+        specs = {} if args.no_resident else {"mach": [*mach_serve, "--no-streaming"]}
+        for fraction in args.budget_fraction:
+            budget = str(int(experts * fraction))
+            specs[f"mach streaming {fraction:.0%}"] = [*mach_serve, "--streaming",
+                                                       "--expert-budget", budget]  # fmt: skip
         if not args.no_peer:
             peer = [sys.executable, "-m", "mlx_lm.server", "--model", str(path)]
             specs["mlx_lm.server"] = [*peer, "--decode-concurrency", str(max(args.concurrency))]
@@ -243,29 +245,34 @@ def report(engines: list[Engine], args: argparse.Namespace) -> None:
             per = [r.bytes_per_token for r in rounds if r.bytes_per_token is not None]
             reads = f"{statistics.median(per) / 1e3:.1f} kB" if per else "-"
             failed = sum(r.failed for r in rounds)
-            note = f" ({failed} requests failed)" if failed else ""
+            reads += f" ({failed} requests failed)" if failed else ""
             print(
                 f"| {engine.name} | {c} | {spread([r.tps for r in rounds])} | "
                 f"{pct(ttft, 0.5) * 1e3:.0f} / {pct(ttft, 0.99) * 1e3:.0f} ms | "
-                f"{pct(gaps, 0.5) * 1e3:.1f} / {pct(gaps, 0.99) * 1e3:.1f} ms | {reads} |{note}"
+                f"{pct(gaps, 0.5) * 1e3:.1f} / {pct(gaps, 0.99) * 1e3:.1f} ms | {reads} |"
             )
     by_name = {e.name: e for e in engines}
-    mach_rounds = by_name["mach"].rounds
+    first_c = args.concurrency[0]
     for c in args.concurrency:
-        base = mach_rounds[args.concurrency[0]]
-        scaling = [a.tps / b.tps for a, b in zip(mach_rounds[c], base, strict=True)]
-        line = f"c={c}: mach / mach c={args.concurrency[0]} x{spread(scaling, '{:.2f}')}"
-        if "mlx_lm.server" in by_name:
-            peer = by_name["mlx_lm.server"].rounds[c]
-            ratio = [a.tps / b.tps for a, b in zip(mach_rounds[c], peer, strict=True)]
-            line += f"; mach / mlx_lm.server x{spread(ratio, '{:.2f}')}"
-        streamed = by_name["mach streaming"].rounds
-        first = [r.bytes_per_token or 0.0 for r in streamed[args.concurrency[0]]]
-        now = [r.bytes_per_token or 0.0 for r in streamed[c]]
-        if all(first):
-            ratios = [b / a for a, b in zip(first, now, strict=True)]
-            line += f"; streaming bytes/token / c={args.concurrency[0]} x{spread(ratios, '{:.2f}')}"
-        print(line)
+        parts = []
+        if "mach" in by_name:
+            mach_rounds = by_name["mach"].rounds
+            scaling = [a.tps / b.tps for a, b in zip(mach_rounds[c], mach_rounds[first_c],
+                                                     strict=True)]  # fmt: skip
+            parts.append(f"mach / mach c={first_c} x{spread(scaling, '{:.2f}')}")
+            if "mlx_lm.server" in by_name:
+                peer = by_name["mlx_lm.server"].rounds[c]
+                ratio = [a.tps / b.tps for a, b in zip(mach_rounds[c], peer, strict=True)]
+                parts.append(f"mach / mlx_lm.server x{spread(ratio, '{:.2f}')}")
+        for name, engine in by_name.items():
+            if not name.startswith("mach streaming"):
+                continue
+            first = [r.bytes_per_token or 0.0 for r in engine.rounds[first_c]]
+            now = [r.bytes_per_token or 0.0 for r in engine.rounds[c]]
+            if all(first):
+                ratios = [b / a for a, b in zip(first, now, strict=True)]
+                parts.append(f"{name} bytes/token / c={first_c} x{spread(ratios, '{:.2f}')}")
+        print(f"c={c}: " + "; ".join(parts))
 
 
 if __name__ == "__main__":
