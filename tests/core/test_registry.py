@@ -60,8 +60,9 @@ def test_arch_summary_fields() -> None:
     assert summary["distribution"] == "mach-adapter-qwen"
     assert summary["version"]
     assert summary["kv_cache_kind"] == "standard"
-    assert summary["continuous_batching"] is False
-    assert "continuous_batching" in summary["unavailable"]
+    assert summary["continuous_batching"] is True
+    assert "continuous_batching" not in summary["unavailable"]
+    assert "continuous_batching+speculative_decoding" in summary["off_together"]
     assert summary["swiglu_variant"] == "swiglu"
     assert summary["has_expert_bias"] is False
     assert set(summary["layouts"]) == {"sliced", "stacked"}

@@ -189,7 +189,8 @@ def test_cors_is_off_by_default_and_configurable(served: Running, guarded: Runni
 
 @pytest.fixture(scope="module")
 def tiny_queue() -> Iterator[Running]:
-    yield from serve_with(max_queue=1)
+    # Two requests decode together, one waits; the rest find the queue full.
+    yield from serve_with(max_queue=1, max_batch=2)
 
 
 def test_full_queue_is_503_with_retry_after(tiny_queue: Running) -> None:
@@ -199,7 +200,7 @@ def test_full_queue_is_503_with_retry_after(tiny_queue: Running) -> None:
     def call() -> None:
         statuses.append(post(tiny_queue, CHAT, json=body))
 
-    threads = [threading.Thread(target=call) for _ in range(4)]
+    threads = [threading.Thread(target=call) for _ in range(6)]
     for t in threads:
         t.start()
     for t in threads:

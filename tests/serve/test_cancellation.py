@@ -20,6 +20,12 @@ def fresh() -> Iterator[Running]:
     yield from serve_with()
 
 
+@pytest.fixture(scope="module")
+def one_at_a_time() -> Iterator[Running]:
+    """A server whose requests queue behind the running one instead of batching."""
+    yield from serve_with(max_batch=1)
+
+
 def outcomes(served: Running) -> dict[str, int]:
     return dict(served.state.metrics.outcomes)
 
@@ -45,7 +51,9 @@ def test_a_non_streaming_client_that_leaves_stops_its_generation(fresh: Running)
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_queued_requests_whose_client_left_never_start(fresh: Running, stream: bool) -> None:
+def test_queued_requests_whose_client_left_never_start(one_at_a_time: Running,
+                                                       stream: bool) -> None:  # fmt: skip
+    fresh = one_at_a_time
     worker, cancelled = fresh.state.worker, fresh.state.metrics.cancelled
     started = worker.started
     running = send(fresh.port, "POST", "/v1/completions", {**LONG, "stream": True})

@@ -23,8 +23,16 @@ def test_serve_is_added_by_the_plugin() -> None:
     assert result.returncode == 0
     for flag in ("--api-key", "--allowed-host", "--max-prompt-bytes", "--max-prompt-tokens",
                  "--keep-alive-timeout", "--header-timeout", "--body-timeout",
-                 "--max-header-bytes", "--limit-concurrency", "--shutdown-grace"):  # fmt: skip
+                 "--max-header-bytes", "--limit-concurrency", "--shutdown-grace",
+                 "--max-batch"):  # fmt: skip
         assert flag in result.stdout, flag
+
+
+def test_max_batch_must_be_positive() -> None:
+    result = subprocess.run([sys.executable, "-m", "mach", "serve", "--max-batch", "0"],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+    assert result.returncode == 2 and "--max-batch" in result.stderr
 
 
 def test_serve_answers_and_stops_gracefully() -> None:

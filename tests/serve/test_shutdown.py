@@ -1,4 +1,7 @@
-"""At SIGTERM: no new work, queued requests answered 503, the running one given its grace."""
+"""At SIGTERM: no new work, queued requests answered 503, the running one given its grace.
+
+Requests queue here because the server decodes one at a time (``max_batch=1``).
+"""
 
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ def queue_two(served: Running) -> list[socket.socket]:
 
 
 def test_queued_requests_get_503_and_a_stream_past_its_grace_ends_cleanly() -> None:
-    for served in serve_with(limits=HTTPLimits(shutdown_grace=1)):
+    for served in serve_with(limits=HTTPLimits(shutdown_grace=1), max_batch=1):
         running = start_running(served, LONG["max_tokens"])
         queued = queue_two(served)
         served.server.handle_exit(signal.SIGTERM, None)
@@ -56,7 +59,7 @@ def test_queued_requests_get_503_and_a_stream_past_its_grace_ends_cleanly() -> N
 
 
 def test_the_running_request_finishes_within_its_grace() -> None:
-    for served in serve_with(limits=HTTPLimits(shutdown_grace=30)):
+    for served in serve_with(limits=HTTPLimits(shutdown_grace=30), max_batch=1):
         running = start_running(served, 24)
         queued = queue_two(served)
         served.server.handle_exit(signal.SIGTERM, None)

@@ -35,6 +35,9 @@ def test_capabilities_report_the_draft(v4: Running) -> None:
     assert body["server"]["speculative_decoding"] == {"family": "mtp_eagle3", "draft_tokens": 2}
     assert body["arch"]["name"] == "deepseek_v4"
     assert body["arch"]["continuous_batching"] is False
+    server = body["server"]
+    assert server["continuous_batching"] is False and server["max_batch"] == 1
+    assert "compressed" in server["sequential_reason"]
 
 
 def test_greedy_completion_equals_target_only(v4: Running) -> None:
@@ -55,6 +58,8 @@ def test_greedy_completion_equals_target_only(v4: Running) -> None:
 def test_no_draft_serves_target_only() -> None:
     from mach_serve import build_state
 
-    state = build_state(str(FIXTURE), draft=False)
+    state = build_state(str(FIXTURE), draft=False, max_batch=4)
+    # Its compressed cache cannot batch: requests run one at a time, and the report says why.
     assert isinstance(state.worker.engine, TargetEngine)
+    assert state.sequential_reason is not None and "CompressedCache" in state.sequential_reason
     state.worker.shutdown()

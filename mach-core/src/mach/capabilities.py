@@ -12,13 +12,21 @@ from typing import Any
 from mach.adapter import KvCacheKind
 
 UNAVAILABLE: dict[str, str] = {
-    "continuous_batching": "mach has no continuous-batching scheduler yet",
     "quantized_kv": "mach has no quantized KV cache yet",
 }
 
+OFF_TOGETHER: dict[str, str] = {
+    "continuous_batching+speculative_decoding": (
+        "a drafting engine decodes one sequence at a time: where requests can batch, mach "
+        "serve batches them and drafts only when asked (--draft, or --max-batch 1)"
+    ),
+}
+"""Pairs of features that each work but not at once, with what happens instead."""
+
 # Which cache kinds each feature can work with once it exists; ``None`` means unknown until a
-# checkpoint is loaded (a rotating cache batches only when it keeps no prefix). Prefix reuse
-# restores whole per-layer snapshots, so it works for every kind, sliding windows included.
+# checkpoint's caches are built (a rotating cache batches only when it keeps no prefix;
+# ``mach check`` and the server verify it). Prefix reuse restores whole per-layer snapshots, so
+# it works for every kind, sliding windows included.
 _BY_CACHE_KIND: dict[str, dict[str, bool | None]] = {
     "continuous_batching": {"standard": True, "hybrid_gdn": True, "compressed": False,
                             "rotating": None},
@@ -44,4 +52,5 @@ def arch_features(kv_cache_kind: KvCacheKind) -> dict[str, Any]:
     """Every cache-dependent feature for an architecture, and why any is unavailable."""
     features: dict[str, Any] = {f: feature_for(f, kv_cache_kind) for f in _BY_CACHE_KIND}
     features["unavailable"] = {f: r for f, r in UNAVAILABLE.items() if f in _BY_CACHE_KIND}
+    features["off_together"] = dict(OFF_TOGETHER)
     return features

@@ -46,6 +46,9 @@ class CheckReport:
     ssd_gbps: float = DEFAULT_SSD_GBPS
     decode_bound_cold_tps: float = 0.0
     continuous_batching: bool | None = None
+    """Whether sequences decode in batches, from the model's own caches."""
+    sequential_reason: str | None = None
+    """Why sequences decode one at a time, when they do."""
     prefix_reuse: bool | None = None
     specdec_kind: str | None = None
     draft_present: bool = False
@@ -151,6 +154,17 @@ def _alternatives(path: str | os.PathLike[str], plan: LoadPlan) -> dict[str, dic
     return out
 
 
+def _batching(plan: LoadPlan, summary: dict[str, Any]) -> tuple[bool, str | None]:
+    """Whether the model's caches batch (a rotating window is checked on the caches the
+    family builds), and why not."""
+    from mach.cache.batch import batch_support
+
+    reason = batch_support(plan.adapter.make_cache(plan.model))
+    if summary["continuous_batching"] is False and reason is None:
+        reason = f"a {summary['kv_cache_kind']} cache cannot batch"
+    return reason is None, None if reason is None else f"{plan.adapter.name}: {reason}"
+
+
 def fill_report(report: CheckReport, plan: LoadPlan) -> None:
     """Everything the report says, taken from a load plan (or a loaded model's plan)."""
     ckpt, adapter, experts = plan.checkpoint, plan.adapter, plan.experts
@@ -172,7 +186,7 @@ def fill_report(report: CheckReport, plan: LoadPlan) -> None:
         per_expert = report.expert_bytes // experts_total
         report.bytes_per_token_cold = per_expert * sum(s.top_k for s in plan.switches.values())
         report.decode_bound_cold_tps = report.ssd_gbps * 1e9 / max(1, report.bytes_per_token_cold)
-    report.continuous_batching = summary["continuous_batching"]
+    report.continuous_batching, report.sequential_reason = _batching(plan, summary)
     report.prefix_reuse = summary["prefix_reuse"]
     report.specdec_kind = adapter.specdec_kind
     report.draft_present = (

@@ -262,7 +262,9 @@ def create_app(
                 "response_format": ["text", "json_object (best effort)"],
                 "context_length": state.context_length,
                 "max_queue": state.worker.max_queue,
-                "continuous_batching": available("continuous_batching"),
+                "continuous_batching": state.sequential_reason is None,
+                "max_batch": getattr(state.worker.engine, "max_batch", 1),
+                "sequential_reason": state.sequential_reason,
                 "speculative_decoding": _draft(state.worker.engine, state.adapter.specdec_kind),
                 "prefix_cache": state.prefix_cache is not None and available("prefix_reuse"),
                 "prefix_cache_disk": state.prefix_cache is not None

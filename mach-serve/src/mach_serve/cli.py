@@ -50,6 +50,14 @@ def serve_command(
         ),
     ] = None,
     max_queue: Annotated[int, typer.Option(min=1, help="Requests that may wait.")] = 32,
+    max_batch: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Requests decoded together (continuous batching); 1 serves one at a time. "
+            "Architectures whose cache cannot batch, and speculative decoding, run one at a time.",
+        ),
+    ] = 8,
     max_body_bytes: Annotated[
         int, typer.Option(min=1024, help="Largest request body in bytes.")
     ] = 4 * 2**20,
@@ -113,6 +121,7 @@ def serve_command(
         model_name=model_name,
         api_key=api_key,
         max_queue=max_queue,
+        max_batch=max_batch,
         max_body_bytes=max_body_bytes,
         body_timeout=body_timeout,
         max_prompt_bytes=max_prompt_bytes,

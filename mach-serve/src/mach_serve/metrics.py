@@ -75,4 +75,21 @@ class Metrics:
             ]  # fmt: skip
         for name, kind, help_text, value in rows:
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+        lines += _by_batch(store.get("decode_reads_by_batch", {}))
         return "\n".join(lines) + "\n"
+
+
+def _by_batch(reads: dict[str, dict[str, Any]]) -> list[str]:
+    """Decode steps, tokens and expert bytes read, labelled by the step's batch size."""
+    lines = []
+    for field_name, name, help_text in (
+        ("steps", "mach_decode_steps_total", "Decode steps by batch size (streaming stores)."),
+        ("tokens", "mach_decode_tokens_total", "Tokens decoded by batch size (streaming stores)."),
+        ("bytes_read", "mach_expert_decode_bytes_read_total",
+         "Expert bytes read by decode steps, by batch size."),
+    ):  # fmt: skip
+        if not reads:
+            break
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
+        lines += [f'{name}{{batch="{b}"}} {r[field_name]}' for b, r in reads.items()]
+    return lines

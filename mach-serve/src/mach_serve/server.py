@@ -15,9 +15,11 @@ import uvicorn
 
 from mach.cache.prefix import PrefixCache
 from mach.check import CheckReport, fill_report
-from mach.decode.select import build_engine
+from mach.decode.batch_scheduler import ContinuousBatchScheduler
+from mach.decode.engine import DecodeEngine
+from mach.decode.select import batching_blocker, build_engine
 from mach.errors import MachError
-from mach.io.load import load_moe
+from mach.io.load import LoadedModel, load_moe
 from mach.io.options import LoadOptions
 from mach.io.paths import resolve_model_path
 from mach_serve.guards import allowed_hosts as hosts_for
@@ -28,6 +30,7 @@ from mach_serve.worker import ModelWorker
 
 API_KEY_ENV = "MACH_API_KEY"
 DEFAULT_CONTEXT = 4096
+DEFAULT_MAX_BATCH = 8
 DEFAULT_PROMPT_CACHE_BYTES = 2 * 2**30
 DEFAULT_PROMPT_CACHE_DISK_BYTES = 16 * 2**30
 SHUTDOWN_BACKSTOP = 5
@@ -50,14 +53,18 @@ def build_state(
     prompt_cache_bytes: int | None = DEFAULT_PROMPT_CACHE_BYTES,
     prompt_cache_dir: str | os.PathLike[str] | None = None,
     prompt_cache_disk_bytes: int = DEFAULT_PROMPT_CACHE_DISK_BYTES,
+    max_batch: int = DEFAULT_MAX_BATCH,
 ) -> ServerState:
     """Load ``model`` (the embedded default when ``None``) with ``options`` and wrap it.
 
     ``draft`` picks speculative decoding: ``None`` uses the family's draft when the checkpoint
-    ships one, ``False`` never, ``True`` requires it. Prompt prefixes are reused across requests
+    ships one and requests cannot batch, ``False`` never, ``True`` requires it (and serves one
+    request at a time). Prompt prefixes are reused across requests
     from ``prompt_cache_bytes`` of memory (``None`` turns reuse off) and, with
     ``prompt_cache_dir``, from a disk tier of ``prompt_cache_disk_bytes`` that outlives the
-    process.
+    process. Up to ``max_batch`` requests decode together where the architecture's cache can
+    batch and no draft was asked for; otherwise requests run one at a time, and the capability
+    report says why.
     """
     options = options or LoadOptions()
     if model is None:
@@ -77,7 +84,7 @@ def build_state(
     if prompt_cache_bytes is not None:
         prefix_cache = PrefixCache.for_model(loaded, prompt_cache_bytes, prompt_cache_dir,
                                              prompt_cache_disk_bytes)  # fmt: skip
-    engine = build_engine(loaded, draft, draft_tokens, prefix_cache)
+    engine = build_engine(loaded, draft, draft_tokens, prefix_cache, max_batch)
     report = CheckReport(str(path))
     fill_report(report, loaded.plan)
     return ServerState(
@@ -94,6 +101,21 @@ def build_state(
         max_prompt_bytes=max_prompt_bytes,
         max_prompt_tokens=max_prompt_tokens,
         prefix_cache=prefix_cache,
+        sequential_reason=_sequential_reason(engine, loaded, max_batch),
+    )
+
+
+def _sequential_reason(engine: DecodeEngine, loaded: LoadedModel, max_batch: int) -> str | None:
+    """Why requests run one at a time on ``engine``, or ``None`` when they batch."""
+    if isinstance(engine, ContinuousBatchScheduler):
+        return None
+    if max_batch == 1:
+        return "--max-batch is 1"
+    blocker = batching_blocker(loaded)
+    if blocker is not None:
+        return blocker
+    return (
+        "speculative decoding (--draft) decodes one sequence at a time; serve without it to batch"
     )
 
 

@@ -37,6 +37,8 @@ class ServerState:
     """Prompt tokens, checked before a request is queued; ``None``: the context decides."""
     prefix_cache: PrefixCache | None = None
     """Reused prompt prefixes (memory, and disk when a directory was given); ``None``: off."""
+    sequential_reason: str | None = None
+    """Why requests decode one at a time instead of in batches; ``None``: they batch."""
     created: int = field(default_factory=lambda: int(time.time()))
     metrics: Metrics = field(default_factory=Metrics)
     prepare_pool: ThreadPoolExecutor = field(

@@ -10,6 +10,8 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from mach.decode.batch_scheduler import ContinuousBatchScheduler
+from mach.decode.batch_sequence import BatchSequence
 from mach.decode.engine import DecodeEngine
 from mach.decode.events import TokenEvent
 from mach.decode.params import SamplingParams
@@ -48,6 +50,11 @@ class Job:
         except RuntimeError:  # the loop has closed: nobody is listening any more
             self.cancelled.set()
 
+    def put_all(self, items: list[TokenEvent]) -> None:
+        """Queue ``items`` for the request; on its event loop's thread."""
+        for item in items:
+            self.events.put_nowait(item)
+
     def abandon(self) -> None:
         """The client left: stop at the next token (or never start) and wake the handler."""
         self.cancelled.set()
@@ -71,11 +78,35 @@ class Job:
             self.cancelled.set()
 
 
+def deliver(ready: list[tuple[Job, list[TokenEvent]]]) -> None:
+    """Hand each job its events with one wake-up per event loop, not one per event; any thread.
+
+    A batched step makes an event for every running request at once, and each wake-up of the
+    event loop costs the worker the interpreter lock for a while.
+    """
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, list[TokenEvent]]]] = {}
+    for job, events in ready:
+        by_loop.setdefault(job.loop, []).append((job, events))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_each, items)
+        except RuntimeError:  # the loop has closed: nobody is listening any more
+            for job, _ in items:
+                job.cancelled.set()
+
+
+def _put_each(items: list[tuple[Job, list[TokenEvent]]]) -> None:
+    for job, events in items:
+        job.put_all(events)
+
+
 class ModelWorker:
-    """Runs one generation at a time on its own thread; the event loop never waits on MLX.
+    """Runs generations on its own thread; the event loop never waits on MLX.
 
     Jobs are served first come, first served from a queue of at most ``max_queue`` waiting jobs.
-    A cancelled job stops at its next token; a cancelled waiting job never starts.
+    A ``ContinuousBatchScheduler`` engine runs up to its ``max_batch`` jobs at once, taking the
+    next waiting job whenever one leaves; any other engine runs one job at a time. A cancelled
+    job stops at its next token; a cancelled waiting job never starts.
     """
 
     def __init__(self, engine: DecodeEngine, max_queue: int = 32) -> None:
@@ -87,7 +118,7 @@ class ModelWorker:
         """Tokens generated, cancelled and failed jobs included."""
         self._waiting: deque[Job] = deque()
         self._cond = threading.Condition()
-        self._running: Job | None = None
+        self._running: set[Job] = set()
         self._deadline: float | None = None
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="mach-model-worker", daemon=True)
@@ -95,8 +126,8 @@ class ModelWorker:
 
     @property
     def depth(self) -> int:
-        """Jobs waiting plus the one running."""
-        return len(self._waiting) + int(self._running is not None)
+        """Jobs waiting plus those running."""
+        return len(self._waiting) + len(self._running)
 
     @property
     def draining(self) -> bool:
@@ -133,26 +164,74 @@ class ModelWorker:
             self._cond.notify_all()
         self._thread.join(timeout)
 
+    def _take(self) -> Job | None:
+        """The next waiting job that is still wanted, now counted as running (lock held)."""
+        while self._waiting:
+            job = self._waiting.popleft()
+            if not job.cancelled.is_set():
+                self._running.add(job)
+                self.started += 1
+                return job
+        return None
+
     def _next_job(self) -> Job | None:
         with self._cond:
             while True:
-                while self._waiting:
-                    job = self._waiting.popleft()
-                    if not job.cancelled.is_set():
-                        self._running = job
-                        self.started += 1
-                        return job
+                if (job := self._take()) is not None:
+                    return job
                 if self._stopped:
                     return None
                 self._cond.wait()
 
     def _run(self) -> None:
+        if isinstance(self.engine, ContinuousBatchScheduler):
+            self._run_batched(self.engine)
+            return
         while (job := self._next_job()) is not None:
             try:
                 self._generate(job)
             finally:
                 with self._cond:
-                    self._running = None
+                    self._running.discard(job)
+
+    def _run_batched(self, scheduler: ContinuousBatchScheduler) -> None:
+        jobs: dict[BatchSequence, Job] = {}
+        while True:
+            with self._cond:
+                while not (self._stopped or self._waiting or jobs):
+                    self._cond.wait()
+                if self._stopped and not jobs and not self._waiting:
+                    return
+                while len(jobs) < scheduler.max_batch and (job := self._take()) is not None:
+                    try:
+                        jobs[scheduler.add(job.prompt, job.params)] = job
+                    except Exception as exc:  # a bad request fails alone
+                        job.push(exc)
+                        self._running.discard(job)
+            expired = self._deadline is not None and time.monotonic() >= self._deadline
+            for seq, job in jobs.items():
+                if expired:
+                    job.push(GraceExpiredError("the server shut down before this request finished"))
+                if expired or job.cancelled.is_set():
+                    seq.cancel()
+            try:
+                scheduler.step()
+            except Exception as exc:  # reported to every request of the failed step
+                logger.error("generation failed", exc_info=exc)
+                scheduler.reset()
+                for job in jobs.values():
+                    job.push(exc)
+            ready = []
+            for seq, job in list(jobs.items()):
+                events = seq.drain()
+                self.generated += sum(e.token is not None for e in events)
+                if events:
+                    ready.append((job, events))
+                if seq.done:
+                    del jobs[seq]
+                    with self._cond:
+                        self._running.discard(job)
+            deliver(ready)
 
     def _generate(self, job: Job) -> None:
         events = self.engine.stream(job.prompt, job.params)

@@ -126,6 +126,7 @@ def test_check_reports_the_family() -> None:
     report = check_checkpoint(FAMILY / "upstream-fp8").to_dict()
     assert report["arch"] == "deepseek_v4"
     assert report["continuous_batching"] is False
+    assert "compressed" in report["sequential_reason"]
     assert report["specdec_kind"] == "mtp_eagle3"
     assert report["draft_present"] is True
     assert check_checkpoint(FAMILY / "hf-fused").to_dict()["draft_present"] is False

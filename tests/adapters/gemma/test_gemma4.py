@@ -71,4 +71,4 @@ def test_streaming_matches_resident(source: str, tmp_path: Path) -> None:
 def test_check_reports_gemma4() -> None:
     report = check_checkpoint(FAMILY / "mlx-q4")
     assert report.loads and report.arch == "gemma4" and report.routed_quantization == "affine4"
-    assert report.residency["streaming"]["available"] and report.continuous_batching is False
+    assert report.residency["streaming"]["available"] and report.continuous_batching is True

@@ -110,7 +110,8 @@ def test_features_mach_lacks_are_false_everywhere() -> None:
                 assert summary[feature] is False, (name, feature)
         assert summary["unavailable"] == UNAVAILABLE
     report = check_checkpoint(FAMILY / "mlx-q4")
-    assert report.continuous_batching is False and report.prefix_reuse is True
+    assert report.continuous_batching is True and report.prefix_reuse is True
+    assert report.sequential_reason is None
 
 
 def test_every_cache_kind_reuses_prefixes() -> None:

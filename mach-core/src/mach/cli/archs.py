@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -42,8 +42,17 @@ def _render(as_json: bool) -> None:
             f"expert_stores={','.join(s['expert_stores'])}  "
             f"cache_backends={','.join(s['cache_backends'])}"
         )
+        prefix = "yes" if s["prefix_reuse"] else "no"
+        typer.echo(f"  continuous_batching={_batching(s)}  prefix_reuse={prefix}")
         if s["unavailable"]:
             typer.echo(f"  not yet in mach: {', '.join(s['unavailable'])}")
+
+
+def _batching(summary: dict[str, Any]) -> str:
+    value = summary["continuous_batching"]
+    if value is None:
+        return "when its sliding window keeps no prefix (checked at load)"
+    return "yes" if value else "no (sequences decode one at a time)"
 
 
 def archs_command(

@@ -28,7 +28,7 @@ def _row(r: dict[str, Any]) -> list[str]:
     mem = (f"{_gb(resident['memory_bytes']) if resident['available'] else 'no'} / "
            + (_gb(stream["memory_bytes"]) if stream["available"] else "no"))  # fmt: skip
     summary = r["arch_summary"]
-    batching = _feature(summary, "continuous_batching")
+    batching = "yes" if r["continuous_batching"] else "no (sequential)"
     prefix = _feature(summary, "prefix_reuse")
     serve = "chat+tools" if r["serving"]["tools"] else (
         "chat" if r["serving"]["chat_completions"] else (

@@ -12,23 +12,13 @@ import mlx.nn as nn
 from mach.cache.base import SequenceCache
 from mach.cache.prefix import PrefixCache
 from mach.decode.events import FinishReason, GenerationResult, GenerationStats, TokenEvent
+from mach.decode.logprobs import best_first, token_logprobs
 from mach.decode.params import SamplingParams
+from mach.decode.prefill import ChunkedPrefill
 from mach.decode.sampler import Sampler
 from mach.decode.stopping import StopMatcher
 from mach.tokenizer.detokenizer import StreamingDetokenizer
 from mach.tokenizer.tokenizer import Tokenizer
-
-
-def prefill_chunks(start: int, stop: int, step: int, cut: int | None) -> Iterator[tuple[int, int]]:
-    """``(begin, end)`` chunks of at most ``step`` tokens over ``[start, stop)``, one ending at
-    ``cut`` so the prefix cache can snapshot there."""
-    begin = start
-    while begin < stop:
-        end = min(begin + step, stop)
-        if cut is not None and begin < cut < end:
-            end = cut
-        yield begin, end
-        begin = end
 
 
 class DecodeEngine(ABC):
@@ -112,17 +102,10 @@ class TargetEngine(DecodeEngine):
         self.prefill_step_size = prefill_step_size
         self.prefix_cache = prefix_cache
 
-    def _prefill(self, prompt: Sequence[int], tokens: mx.array, cache: SequenceCache) -> int:
+    def _prefill(self, prompt: Sequence[int], cache: SequenceCache) -> int:
         """Run all but the last prompt token; returns how many came from the prefix cache."""
-        pc = self.prefix_cache
-        resumed = pc.resume(prompt, cache) if pc is not None else 0
-        cut = pc.snapshot_at(len(prompt), resumed, cache) if pc is not None else None
-        for begin, end in prefill_chunks(resumed, tokens.size - 1, self.prefill_step_size, cut):
-            self.model(tokens[None, begin:end], cache=cache)
-            mx.eval([getattr(c, "state", None) for c in cache])
-            if pc is not None and end == cut:
-                pc.store(prompt[:cut], cache.export_state(), defer=True)
-        return resumed
+        return ChunkedPrefill(self.model, prompt, cache, self.prefill_step_size,
+                              self.prefix_cache).run()  # fmt: skip
 
     def stream(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[TokenEvent]:
         if not prompt:
@@ -149,19 +132,13 @@ class TargetEngine(DecodeEngine):
                 history = history[:, -params.repetition_context :]
             if not want_logprobs:
                 return (token,)
-            logprobs = logits.astype(mx.float32)
-            logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
-            chosen = mx.take_along_axis(logprobs, token[:, None], axis=-1)
-            if not top_n:
-                return token, chosen
-            top = mx.argpartition(-logprobs, kth=top_n - 1, axis=-1)[:, :top_n]
-            return token, chosen, top, mx.take_along_axis(logprobs, top, axis=-1)
+            return (token, *token_logprobs(logits, token, top_n))
 
         if params.max_tokens == 0:
             stats.prompt_seconds = time.perf_counter() - start
             yield TokenEvent(None, "", "length", stats)
             return
-        stats.cached_tokens = self._prefill(prompt, tokens, cache)
+        stats.cached_tokens = self._prefill(prompt, cache)
         pending = step(tokens[-1:])
         mx.async_eval(pending)
         generated = 0
@@ -184,8 +161,7 @@ class TargetEngine(DecodeEngine):
                 if top_n:
                     ids: list[int] = current[2][0].tolist()  # type: ignore[assignment]
                     values: list[float] = current[3][0].tolist()  # type: ignore[assignment]
-                    pairs = sorted(zip(ids, values, strict=True), key=lambda p: -p[1])
-                    event.top_logprobs = pairs
+                    event.top_logprobs = best_first(ids, values)
             yield event
             if output.stopped:
                 break

@@ -1,4 +1,5 @@
-"""Pick the decode engine for a loaded checkpoint: speculative when its family drafts."""
+"""Pick the decode engine for a loaded checkpoint: speculative when its family drafts, batched
+when asked for and its cache can batch, else target-only."""
 
 from __future__ import annotations
 
@@ -12,35 +13,56 @@ if TYPE_CHECKING:
     from mach.io.load import LoadedModel
 
 
+def batching_blocker(loaded: LoadedModel) -> str | None:
+    """Why ``loaded`` cannot decode sequences in a batch, or ``None`` when it can."""
+    from mach.cache.batch import batch_support
+
+    reason = batch_support(loaded.cache.layers)
+    return None if reason is None else f"{loaded.adapter.name}: {reason}"
+
+
 def build_engine(
     loaded: LoadedModel,
     draft: bool | None = None,
     num_draft_tokens: int | None = None,
     prefix_cache: PrefixCache | None = None,
+    max_batch: int = 1,
 ) -> DecodeEngine:
-    """``SpecDecEngine`` when the architecture has a draft family and the checkpoint carries
-    its draft (``draft=None`` or ``True``), else ``TargetEngine``.
+    """The engine for ``loaded``:
+
+    - ``ContinuousBatchScheduler`` when ``max_batch > 1``, the model's cache can batch and no
+      draft was asked for (``draft`` is not ``True``): many requests at once beat one faster;
+    - else ``SpecDecEngine`` when the architecture has a draft family and the checkpoint
+      carries its draft (``draft=None`` or ``True``);
+    - else ``TargetEngine``.
 
     ``draft=True`` on a checkpoint without a usable draft raises, rather than silently
-    decoding target-only. ``prefix_cache`` (``PrefixCache.for_model(loaded, ...)``) lets
-    requests start from their longest cached prompt prefix.
+    decoding target-only; a drafting engine decodes one sequence at a time. ``prefix_cache``
+    (``PrefixCache.for_model(loaded, ...)``) lets requests start from their longest cached
+    prompt prefix.
     """
     from mach.decode.speculative import DraftGate, SpecDecEngine
     from mach.registry import make_drafter
 
+    if max_batch < 1:
+        raise MachError(f"max_batch must be at least 1, got {max_batch}")
     model, tokenizer, adapter = loaded.model, loaded.tokenizer, loaded.adapter
     ckpt = loaded.checkpoint
-    if draft is False:
-        return TargetEngine(model, tokenizer, loaded.cache.new, prefix_cache=prefix_cache)
-    drafter = make_drafter(loaded)
-    if drafter is None:
-        if draft:
-            raise MachError(
-                f"{ckpt.path}: {adapter.name} has no draft here (specdec_kind="
-                f"{adapter.specdec_kind}; the checkpoint may not ship its draft weights, or the "
-                "family's draft switch is off)"
-            )
-        return TargetEngine(model, tokenizer, loaded.cache.new, prefix_cache=prefix_cache)
-    gate = DraftGate.from_env(drafter.default_gate)
-    return SpecDecEngine(model, tokenizer, loaded.cache.new, drafter, num_draft_tokens, gate,
-                         prefix_cache=prefix_cache)  # fmt: skip
+    batches = max_batch > 1 and draft is not True and batching_blocker(loaded) is None
+    drafter = make_drafter(loaded) if draft is not False and not batches else None
+    if drafter is None and draft:
+        raise MachError(
+            f"{ckpt.path}: {adapter.name} has no draft here (specdec_kind="
+            f"{adapter.specdec_kind}; the checkpoint may not ship its draft weights, or the "
+            "family's draft switch is off)"
+        )
+    if drafter is not None:
+        gate = DraftGate.from_env(drafter.default_gate)
+        return SpecDecEngine(model, tokenizer, loaded.cache.new, drafter, num_draft_tokens,
+                             gate, prefix_cache=prefix_cache)  # fmt: skip
+    if batches:
+        from mach.decode.batch_scheduler import ContinuousBatchScheduler
+
+        return ContinuousBatchScheduler(model, tokenizer, loaded.cache.new, max_batch,
+                                        prefix_cache=prefix_cache, store=loaded.store)  # fmt: skip
+    return TargetEngine(model, tokenizer, loaded.cache.new, prefix_cache=prefix_cache)

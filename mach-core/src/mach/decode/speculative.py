@@ -25,9 +25,10 @@ import mlx.nn as nn
 
 from mach.cache.base import SequenceCache
 from mach.cache.prefix import PrefixCache
-from mach.decode.engine import DecodeEngine, TargetEngine, TextOutput, prefill_chunks
+from mach.decode.engine import DecodeEngine, TargetEngine, TextOutput
 from mach.decode.events import GenerationStats, TokenEvent
 from mach.decode.params import SamplingParams
+from mach.decode.prefill import prefill_chunks
 from mach.decode.sampler import Sampler
 from mach.tokenizer.tokenizer import Tokenizer
 

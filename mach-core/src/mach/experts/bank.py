@@ -11,6 +11,7 @@ import mlx.core as mx
 import numpy as np
 
 from mach.errors import MachError, OptionsError
+from mach.experts.decode_reads import DecodeReads
 from mach.experts.matrix import ExpertMatrix, ExpertWeights
 from mach.experts.reader import ExpertReader
 from mach.experts.sources import DTYPES, LayerSource, Piece
@@ -19,8 +20,9 @@ from mach.experts.store import ExpertStore, LayerExperts
 PrefillMode = Literal["transient", "resident"]
 
 DECODE_TOKENS = 8
-"""Calls of at most this many tokens are decode steps (a speculative verify pass is the last
-token plus a few drafts): they go through the bank even in ``transient`` prefill mode."""
+"""Calls of at most this many tokens per sequence are decode steps (a speculative verify pass is
+the last token plus a few drafts; a batched step is one token for each of many sequences): they
+go through the bank even in ``transient`` prefill mode."""
 
 
 class BudgetError(MachError):
@@ -60,9 +62,11 @@ class LayerExpertBank(LayerExperts):
     ``route`` reads the routed ids back to the host (the one sync per layer), reads the missing
     experts concurrently, writes them into free or least-recently-used slots (never a slot the
     same call needs) and returns slot indices. Calls that route to more distinct experts than
-    there are slots, and prefill chunks (more than ``DECODE_TOKENS`` tokens) in ``transient``
-    mode, get a temporary set of the experts they need instead, leaving the bank (the decode
-    working set) untouched.
+    there are slots, and prefill chunks (more than ``DECODE_TOKENS`` tokens per sequence) in
+    ``transient`` mode, get a temporary set of the experts they need instead. A prefill chunk
+    leaves the bank (the decode working set) untouched; a decode step whose experts outnumber
+    the slots (a large batch) also keeps what it read in the slots of experts it does not need,
+    so the next step finds more of the batch's experts resident.
     """
 
     def __init__(
@@ -184,9 +188,12 @@ class LayerExpertBank(LayerExperts):
     def route(self, indices: mx.array) -> tuple[ExpertWeights, mx.array]:
         ids = np.asarray(indices).astype(np.int64)
         wanted = [int(e) for e in np.unique(ids)]
-        tokens = ids.size // max(1, ids.shape[-1])
-        if len(wanted) > self.slots or (tokens > DECODE_TOKENS and self.prefill == "transient"):
-            return self._transient(wanted, ids)
+        per_sequence = ids.shape[-2] if ids.ndim >= 2 else 1
+        prefill = per_sequence > DECODE_TOKENS
+        if prefill and self.prefill == "transient":
+            return self._transient(wanted, ids, keep=False)
+        if len(wanted) > self.slots:
+            return self._transient(wanted, ids, keep=not prefill)
         missing = [e for e in wanted if e not in self._slot_of]
         self.hits += len(wanted) - len(missing)
         self.misses += len(missing)
@@ -211,7 +218,11 @@ class LayerExpertBank(LayerExperts):
                 self._lut[expert] = slot
         return self._compute(self.arrays), mx.array(self._lut[ids])
 
-    def _transient(self, wanted: list[int], ids: np.ndarray) -> tuple[ExpertWeights, mx.array]:
+    def _transient(
+        self, wanted: list[int], ids: np.ndarray, keep: bool
+    ) -> tuple[ExpertWeights, mx.array]:
+        """The call's experts as a temporary stack; ``keep`` also puts what was read into the
+        slots of experts the call does not need, least recently used first."""
         self.transient_calls += 1
         missing = [e for e in wanted if e not in self._slot_of]
         self.hits += len(wanted) - len(missing)
@@ -229,7 +240,26 @@ class LayerExpertBank(LayerExperts):
         stacked = {name: mx.stack(values) for name, values in columns.items()}
         lut = np.zeros(self.source.spec.num_experts, dtype=np.uint32)
         lut[wanted] = np.arange(len(wanted), dtype=np.uint32)
+        if keep:
+            self._keep_read(read, set(wanted))
         return self._compute(stacked), mx.array(lut[ids])
+
+    def _keep_read(self, read: Mapping[int, Mapping[str, memoryview]], wanted: set[int]) -> None:
+        for e in wanted:
+            if e in self._slot_of:
+                self._slot_of.move_to_end(e)
+        for expert, raw in read.items():
+            if self._free:
+                slot = self._free.pop()
+            else:
+                victim = next((e for e in self._slot_of if e not in wanted), None)
+                if victim is None:
+                    return
+                slot = self._slot_of.pop(victim)
+                self.evictions += 1
+            self._write(slot, raw)
+            self._slot_of[expert] = slot
+            self._lut[expert] = slot
 
 
 def parse_size(value: int | str, what: str = "expert budget") -> int:
@@ -303,9 +333,17 @@ class BankCache(ExpertStore):
             for p, s in sources.items()
         }  # fmt: skip
         self.expert_bytes = sum(s.expert_bytes * s.spec.num_experts for s in sources.values())
+        self.decode_reads = DecodeReads()
 
     def layer(self, prefix: str) -> LayerExperts:
         return self.layers[prefix]
+
+    @property
+    def bytes_read(self) -> int:
+        return self.reader.stats.bytes
+
+    def record_decode_step(self, batch: int, tokens: int, nbytes: int) -> None:
+        self.decode_reads.record(batch, tokens, nbytes)
 
     @property
     def nbytes(self) -> int:
@@ -331,6 +369,7 @@ class BankCache(ExpertStore):
             "bytes_read": read.bytes,
             "read_seconds": read.seconds,
             "read_gbps": read.bytes / read.seconds / 1e9 if read.seconds else 0.0,
+            "decode_reads_by_batch": self.decode_reads.report(),
         }
 
     def close(self) -> None:

@@ -61,6 +61,15 @@ class ExpertStore(ABC):
     def nbytes(self) -> int:
         """Bytes of expert weights held in memory."""
 
+    @property
+    def bytes_read(self) -> int:
+        """Expert bytes read from disk since loading; a resident store reads none."""
+        return 0
+
+    def record_decode_step(self, batch: int, tokens: int, nbytes: int) -> None:  # noqa: B027
+        """Count a decode step of ``batch`` rows that handed out ``tokens`` tokens and read
+        ``nbytes`` of experts (a resident store reads none and keeps no count)."""
+
     def materialize(  # noqa: B027 - optional step, nothing to do by default
         self, progress: Callable[[int], None] | None = None
     ) -> None:

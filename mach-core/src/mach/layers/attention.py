@@ -6,6 +6,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from mach.cache.batch_kv import BatchKVCache, BatchRotatingKVCache
 from mach.cache.kv import KVCache
 from mach.cache.rotating import RotatingKVCache
 
@@ -28,12 +29,18 @@ def attend(
 ) -> mx.array:
     """Causal attention of ``queries`` ``[B, H, L, D]`` over cached and new keys.
 
-    New keys and values are appended to ``cache`` (``KVCache`` or ``RotatingKVCache``) when one
-    is given. Queries sit at the end of the key sequence, so the causal mask is bottom-right
-    aligned. ``window`` limits each query to that many most recent positions (itself included);
-    ``sinks`` adds a learned per-head logit to every softmax.
+    New keys and values are appended to ``cache`` (``KVCache`` or ``RotatingKVCache``, or their
+    batched forms, whose rows carry their own padding masks) when one is given. Queries sit at
+    the end of the key sequence, so the causal mask is bottom-right aligned. ``window`` limits
+    each query to that many most recent positions (itself included); ``sinks`` adds a learned
+    per-head logit to every softmax.
     """
     length = queries.shape[2]
+    if isinstance(cache, BatchKVCache | BatchRotatingKVCache):
+        keys, values, visible = cache.update_and_mask(keys, values, window)
+        return mx.fast.scaled_dot_product_attention(
+            queries, keys, values, scale=scale, mask=visible, sinks=sinks
+        )
     first_query = cache.offset if cache is not None else 0
     first_key = 0
     if isinstance(cache, RotatingKVCache):
