@@ -158,3 +158,22 @@ def test_recurrent_layers_roll_back_through_recorded_states(wrong: int) -> None:
 def test_draft_length_is_bounded(loaded: tuple[object, object, SequenceCache]) -> None:
     with pytest.raises(ValueError, match="between 1 and 16"):
         _engine(loaded, [5, 6], 0, 17)
+
+
+def test_drafting_stops_where_it_measures_slower_and_is_tried_again() -> None:
+    from mach.decode.speculative import DraftPayoff
+
+    payoff = DraftPayoff(window=2, probe=2, hold=3)
+    for _ in range(2):  # drafted passes: 2 tokens in 10 ms
+        assert payoff.drafting
+        payoff.record(2, 0.010)
+    for _ in range(2):  # plain passes: 1 token in 4 ms, faster
+        assert not payoff.drafting
+        payoff.record(1, 0.004)
+    for _ in range(3):  # plain wins and holds
+        assert not payoff.drafting
+        payoff.record(1, 0.004)
+    assert payoff.drafting  # then drafting is measured again
+    for _ in range(2):
+        payoff.record(4, 0.010)  # now 400 tok/s: drafting wins
+    assert payoff.drafting and payoff.left == 3

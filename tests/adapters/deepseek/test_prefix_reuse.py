@@ -28,6 +28,7 @@ def test_speculative_decoding_from_a_cached_prefix(
     the target-only output on a miss, a hit and a longer prompt."""
     monkeypatch.setenv("LME_RHO_GATE", "0")
     monkeypatch.setenv("LME_RHO_GATE_MIN", "1")
+    monkeypatch.setenv("LME_DRAFT_PAYOFF", "0")  # draft on every pass: rollback is the point
     loaded = load_moe(FAMILY / "upstream")
     model, tokenizer, _, cache = loaded
     prefix_cache = PrefixCache.for_model(loaded, directory=tmp_path, block_size=16)

@@ -30,8 +30,10 @@ from mach.decode.events import GenerationStats, TokenEvent
 from mach.decode.params import SamplingParams
 from mach.decode.prefill import prefill_chunks
 from mach.decode.sampler import Sampler
+from mach.env import env_flag
 from mach.tokenizer.tokenizer import Tokenizer
 
+PAYOFF_ENV = "LME_DRAFT_PAYOFF"
 MAX_DRAFT_TOKENS = 16
 """The most drafts one verify pass checks; caches guarantee ``trim`` over at least this many."""
 
@@ -107,6 +109,47 @@ class Drafter(ABC):
     @abstractmethod
     def propose(self, k: int, sampler: Sampler, gate: DraftGate) -> Draft:
         """Up to ``k`` tokens after the last committed one (fewer when the gate closes)."""
+
+
+class DraftPayoff:
+    """Whether drafting pays here: decode tokens per second of drafted passes against plain
+    one-token passes, both measured as the engine runs, so a draft that costs more than it
+    saves on this machine stops slowing decoding down.
+
+    It measures ``window`` drafted passes, then ``probe`` plain ones, runs the faster for
+    ``hold`` passes while measuring it again, then re-measures the other, and so on. The
+    output never depends on it: a plain pass is a verify pass with no drafts. The engine
+    consults it for greedy requests only (a sample's random draws follow the passes).
+    """
+
+    def __init__(self, window: int = 8, probe: int = 8, hold: int = 64) -> None:
+        self.window, self.probe, self.hold = window, probe, hold
+        self.mode = "draft"
+        self.left = window
+        self.rates: dict[str, float | None] = {"draft": None, "plain": None}
+        self._tokens, self._seconds = 0, 0.0
+
+    @property
+    def drafting(self) -> bool:
+        return self.mode == "draft"
+
+    def record(self, tokens: int, seconds: float) -> None:
+        """One pass of the current mode: tokens committed and the seconds it took."""
+        self._tokens += tokens
+        self._seconds += seconds
+        self.left -= 1
+        if self.left > 0:
+            return
+        self.rates[self.mode] = self._tokens / self._seconds if self._seconds > 0 else 0.0
+        self._tokens, self._seconds = 0, 0.0
+        other = "plain" if self.mode == "draft" else "draft"
+        if self.rates[other] is None:
+            self.mode, self.left = other, self.probe
+            return
+        best = max(("draft", "plain"), key=lambda m: self.rates[m] or 0.0)
+        worse = "plain" if best == "draft" else "draft"
+        self.rates[worse] = None  # measured again after the hold
+        self.mode, self.left = best, self.hold
 
 
 def accept_draft(target_logits: mx.array, draft: Draft, sampler: Sampler) -> tuple[int, int]:
@@ -188,6 +231,10 @@ class SpecDecEngine(DecodeEngine):
         self.prefill_step_size = prefill_step_size
         self.prefix_cache = prefix_cache
         self._fallback = TargetEngine(model, tokenizer, make_cache, prefill_step_size, prefix_cache)
+        self.payoff = DraftPayoff()
+        self.measure = env_flag(PAYOFF_ENV, True)
+        """Whether greedy requests may stop drafting where it measures slower
+        (``LME_DRAFT_PAYOFF=0`` always drafts)."""
 
     def _forward(self, tokens: mx.array, cache: SequenceCache) -> tuple[mx.array, mx.array | None]:
         if self.drafter.hidden_layers is not None:
@@ -253,7 +300,11 @@ class SpecDecEngine(DecodeEngine):
                     break
             if stopped:
                 break
-            k = min(self.k, params.max_tokens - generated - 1)
+            began = time.perf_counter()
+            # Greedy output does not depend on how passes are cut, so only there may timing
+            # decide; a seeded sample stays reproducible by always drafting.
+            drafting = self.payoff.drafting or params.temperature != 0 or not self.measure
+            k = min(self.k, params.max_tokens - generated - 1) if drafting else 0
             draft = self.drafter.propose(k, sampler, self.gate) if k > 0 else Draft([], None, [])
             verify = mx.array([pending[-1], *draft.tokens], dtype=mx.uint32)
             _recording(cache, True)
@@ -269,9 +320,12 @@ class SpecDecEngine(DecodeEngine):
             committed = [*draft.tokens[:accepted], bonus]
             self.drafter.observe(mx.array(committed, dtype=mx.uint32),
                                  None if hidden is None else hidden[:, : accepted + 1])  # fmt: skip
-            stats.draft_tokens += len(draft.tokens)
-            stats.accepted_tokens += accepted
-            stats.verify_passes += 1
+            if params.temperature == 0:
+                self.payoff.record(len(committed), time.perf_counter() - began)
+            if k > 0:  # plain passes are target steps, not verify passes of a draft
+                stats.draft_tokens += len(draft.tokens)
+                stats.accepted_tokens += accepted
+                stats.verify_passes += 1
             pending = committed
         final = output.final(stats, generated, decode_start)
         if self.prefix_cache is not None:
