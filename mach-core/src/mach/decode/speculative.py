@@ -46,6 +46,7 @@ class Draft:
     logprobs: mx.array | None
     """``[n, vocab]`` (``None`` for greedy drafts, which need no distribution)."""
     confidence: list[float]
+    """The drafter's probability of each token (a drafter may give 1.0 when no gate is set)."""
 
 
 @dataclass(frozen=True)

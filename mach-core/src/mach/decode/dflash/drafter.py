@@ -95,10 +95,14 @@ class DFlashDrafter(Drafter):
         embed = self.target.model.embed  # type: ignore[attr-defined]
         hidden = self.draft(block, features.astype(self.draft.fc.weight.dtype), self.cache, embed)
         logits = self.target.head(hidden[:, 1:])[0].astype(mx.float32)  # type: ignore[attr-defined]
-        tokens: list[int] = mx.argmax(logits, axis=-1).tolist()  # type: ignore[assignment]
-        confidence: list[float] = mx.exp(
-            mx.max(logits, axis=-1) - mx.logsumexp(logits, axis=-1)
-        ).tolist()  # type: ignore[assignment]
+        best = mx.argmax(logits, axis=-1)
+        if gate.rho > 0:  # the gate reads the draft's own probability of each token
+            sure = mx.exp(mx.max(logits, axis=-1) - mx.logsumexp(logits, axis=-1))
+            mx.eval(best, sure)  # one wait for both
+            confidence: list[float] = sure.tolist()  # type: ignore[assignment]
+        else:
+            confidence = [1.0] * best.size
+        tokens: list[int] = best.tolist()  # type: ignore[assignment]
         kept = 0
         while kept < len(tokens) and gate.keeps(kept, confidence[kept]):
             kept += 1
