@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 from openai import OpenAI
@@ -171,3 +172,19 @@ def test_sampling_ranges_match_openai(
             model=served.state.model_id, messages=PROMPT, max_tokens=4, **{field: value}
         )  # type: ignore[call-overload]
     assert bad.value.body is not None and bad.value.body["param"] == field  # type: ignore[index]
+
+
+def test_each_finished_request_logs_one_line(
+    client: OpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="mach_serve")
+    client.completions.create(model="default", prompt="def add(a, b):", max_tokens=5,
+                              temperature=0)  # fmt: skip
+    stream = client.chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True
+    )
+    list(stream)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("request done")]
+    assert len(lines) == 2, lines
+    assert "5 generated" in lines[0] and "finish length" in lines[0]
+    assert "prompt tokens" in lines[1] and "tok/s" in lines[1]

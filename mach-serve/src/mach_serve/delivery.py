@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
 
 from starlette.requests import Request
@@ -26,6 +27,8 @@ from mach_serve.worker import (
     QueueFullError,
     ShuttingDownError,
 )
+
+logger = logging.getLogger("mach_serve")
 
 
 def outcome_of(exc: BaseException) -> Outcome:
@@ -105,8 +108,18 @@ async def rest(first: TokenEvent, job: Job) -> AsyncIterator[TokenEvent]:
 
 
 def record_stats(state: ServerState, last: TokenEvent) -> None:
-    if last.stats is not None:
-        state.metrics.last_generation_tps = last.stats.generation_tps
+    """Count a finished request in the metrics and log one line about it."""
+    stats = last.stats
+    if stats is None:
+        return
+    state.metrics.last_generation_tps = stats.generation_tps
+    draft = f", {stats.acceptance_length:.2f} tokens/pass" if stats.verify_passes else ""
+    logger.info(
+        "request done: %d prompt tokens (%d cached), %d generated, first token after %.3f s, "
+        "%.1f tok/s%s, finish %s",
+        stats.prompt_tokens, stats.cached_tokens, stats.generation_tokens,
+        stats.time_to_first_token, stats.generation_tps, draft, last.finish_reason,
+    )  # fmt: skip
 
 
 def sse(state: ServerState, job: Job, pieces: AsyncIterator[str]) -> StreamingResponse:
