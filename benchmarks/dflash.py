@@ -1,14 +1,15 @@
 """DFlash speculative decoding against target-only decoding on the default model.
 
 The embedded default model and the DFlash draft shipped beside it decode code prompts greedily,
-target-only and with the draft, alternating round by round (who goes first rotates). Printed:
+target-only, with the draft, and through mlx-lm (the peer, target-only; with mlx-lm installed:
+``uv run --group bench``), alternating round by round (who goes first rotates). Printed:
 decode tokens/s of each (prefill excluded), the per-round ratio as median and range, tokens per
 verify pass and the share of drafts accepted, whether the tokens are identical, and, with
 experts streamed at half their bytes, the expert bytes read per generated token with and
 without the draft.
 
-    uv run python benchmarks/dflash.py
-    uv run python benchmarks/dflash.py --rounds 7 --tokens 128
+    uv run --group bench python benchmarks/dflash.py
+    uv run --group bench python benchmarks/dflash.py --rounds 7 --tokens 128
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import mach  # first: on Linux it picks the BLAS MLX binds to (mach/_blas.py)
 # isort: split
 import argparse
 import statistics
+import sys
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -28,6 +31,9 @@ from mach.decode.params import SamplingParams
 from mach.decode.select import build_engine
 from mach.decode.speculative import SpecDecEngine
 from mach.default_model import default_model_path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from peer import timed
 
 PROMPTS = [
     "def fibonacci(n):",
@@ -55,6 +61,38 @@ def run(engine: Any, prompts: list[list[int]], params: SamplingParams) -> dict[s
         outputs.append(result.tokens)
     return {"tps": tokens / seconds, "outputs": outputs, "passes": passes,
             "accepted": accepted, "drafted": drafted}  # fmt: skip
+
+
+class PeerEngine:
+    """mlx-lm's own greedy decoding of the same checkpoint, timed like mach's."""
+
+    def __init__(self) -> None:
+        from mlx_lm import load
+
+        self.model, _ = load(str(default_model_path()))
+        if mx.default_device() == mx.cpu:
+            # MLX's CPU gather_mm takes float32 only; mach widens bfloat16 experts per call.
+            self.model.set_dtype(mx.float32)
+
+    def generate(self, prompt: list[int], params: SamplingParams) -> Any:
+        from types import SimpleNamespace
+
+        from mlx_lm.generate import generate_step
+
+        steps = generate_step(mx.array(prompt), self.model, max_tokens=params.max_tokens)
+        ids, tps = timed(int(t) for t, _ in steps)
+        seconds = (len(ids) - 1) / tps  # timed from the first token, as mach's stats are
+        stats = SimpleNamespace(generation_tokens=len(ids), generation_seconds=seconds,
+                                verify_passes=0, accepted_tokens=0, draft_tokens=0)  # fmt: skip
+        return SimpleNamespace(tokens=ids, stats=stats)
+
+
+def _has_peer() -> bool:
+    try:
+        import mlx_lm  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def streamed_bytes(prompts: list[list[int]], params: SamplingParams, draft: bool) -> float:
@@ -88,16 +126,19 @@ def main() -> None:
     dflash = build_engine(loaded)
     if not isinstance(dflash, SpecDecEngine):
         raise SystemExit("the default model has no DFlash draft beside it")
-    engines = {"target-only": target, "dflash": dflash}
+    engines: dict[str, Any] = {"target-only": target, "dflash": dflash}
+    if _has_peer():
+        engines["mlx-lm"] = PeerEngine()
     for engine in engines.values():  # warm-up
         engine.generate(prompts[0], SamplingParams(max_tokens=8))
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in engines}
     names = list(engines)
     for r in range(args.rounds):
-        for name in names[r % 2 :] + names[: r % 2]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             mx.clear_cache()
             rows[name].append(run(engines[name], prompts, params))
-    same = all(a["outputs"] == b["outputs"] for a, b in zip(*rows.values(), strict=True))
+    same = all(a["outputs"] == b["outputs"]
+               for a, b in zip(rows["target-only"], rows["dflash"], strict=True))  # fmt: skip
     ratios = [d["tps"] / t["tps"] for t, d in zip(rows["target-only"], rows["dflash"],
                                                   strict=True)]  # fmt: skip
     d = rows["dflash"]
@@ -112,6 +153,13 @@ def main() -> None:
               f"(range {min(tps):.1f}-{max(tps):.1f})")  # fmt: skip
     print(f"dflash / target-only decode: median {statistics.median(ratios):.2f}x "
           f"(range {min(ratios):.2f}-{max(ratios):.2f})")  # fmt: skip
+    if "mlx-lm" in rows:
+        for name in ("target-only", "dflash"):
+            peer = [x["tps"] / p["tps"] for x, p in zip(rows[name], rows["mlx-lm"], strict=True)]
+            print(f"{name} / mlx-lm decode: median {statistics.median(peer):.2f}x "
+                  f"(range {min(peer):.2f}-{max(peer):.2f})")  # fmt: skip
+    else:
+        print("mlx-lm: not run (not installed; use uv run --group bench)")
     print(f"tokens per verify pass {(accepted + passes) / passes:.2f}, drafts accepted "
           f"{accepted / max(drafted, 1):.0%}")  # fmt: skip
     few = prompts[:4]

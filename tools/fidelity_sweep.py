@@ -264,7 +264,7 @@ def report_quantized(results: list[dict[str, Any]], seed: int) -> bool:
         unread: dict[str, int] = {}
         for r in rows:
             if "mlx_lm_unread" in r:  # one line per kind of reason, numbers left out
-                key = re.sub(r"\d+(\.\d+)?", "N", r["mlx_lm_unread"])[:100]
+                key = re.sub(r"\b\d+(\.\d+)?\b", "N", r["mlx_lm_unread"])[:100]
                 unread[key] = unread.get(key, 0) + 1
         print(f"\n{family} (quantized): {len(rows)} configs, {len(bad)} failing")
         for row in bad:

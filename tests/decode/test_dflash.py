@@ -161,3 +161,39 @@ def test_missing_or_misshapen_draft_tensors_are_named(tmp_path: Path) -> None:
     (folder / "model.safetensors").unlink()
     with pytest.raises(MachError, match=r"no \.safetensors file"):
         build_engine(loaded)
+
+
+def test_a_draft_path_that_is_not_there_is_named(tmp_path: Path) -> None:
+    path = FIXTURES / "qwen3_moe" / "hf-per-expert"
+    loaded = load_moe(path, dtype="float32", draft_path=str(tmp_path / "nowhere"))
+    with pytest.raises(MachError, match=r"nowhere/config.json: not found"):
+        build_engine(loaded)
+
+
+def test_check_reports_a_draft_only_where_there_is_one(tmp_path: Path) -> None:
+    import shutil
+
+    from mach.check import check_checkpoint
+
+    target = tmp_path / "model"
+    shutil.copytree(FIXTURES / "qwen3_moe" / "hf-per-expert", target)
+    assert not check_checkpoint(target).draft_present
+    (target / "draft").mkdir()
+    (target / "draft" / "config.json").write_text('{"model_type": "qwen3"}')  # not DFlash
+    assert not check_checkpoint(target).draft_present
+    hidden, layers, _ = _shape(target)
+    write_random_draft(target / "draft", hidden, layers, 100)
+    assert check_checkpoint(target).draft_present
+
+
+def test_a_rotating_window_trims_its_newest_positions_within_its_slack() -> None:
+    from mach.cache.rotating import TRIM_SLACK, RotatingKVCache
+
+    cache = RotatingKVCache(window=4)
+    rows = mx.arange(40, dtype=mx.float32).reshape(1, 1, 40, 1)
+    cache.update_and_fetch(rows, rows)
+    assert cache.keys is not None and cache.keys.shape[2] == 3 + TRIM_SLACK
+    assert cache.trim(5) == 5 and cache.offset == 35
+    assert cache.keys[0, 0, -1, 0].item() == 34  # the newest kept row is position 34
+    # Never below the window: at most the slack, counted from a full window.
+    assert cache.trim(100) == TRIM_SLACK - 5 and cache.keys.shape[2] == 3

@@ -11,6 +11,7 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from mach.decode.dflash.config import draft_folder
 from mach.errors import MachError, UnknownArchitectureError
 from mach.io.options import LoadOptions
 from mach.registry import KNOWN_FAMILIES, arch_summary, install_hint
@@ -189,9 +190,9 @@ def fill_report(report: CheckReport, plan: LoadPlan) -> None:
     report.continuous_batching, report.sequential_reason = _batching(plan, summary)
     report.prefix_reuse = summary["prefix_reuse"]
     report.specdec_kind = adapter.specdec_kind
-    report.draft_present = (
-        any(n.startswith("mtp.") for n in ckpt.tensor_names)
-        or (ckpt.path / "draft" / "config.json").is_file()
+    report.draft_present = any(n.startswith("mtp.") for n in ckpt.tensor_names) or (
+        adapter.specdec_kind == "specdec_v7"
+        and draft_folder(ckpt.path, plan.options.draft_path) is not None
     )
     tokenizer = plan.tokenizer
     report.tokenizer = tokenizer is not None

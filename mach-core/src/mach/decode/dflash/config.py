@@ -110,3 +110,22 @@ def read_dflash_config(
         intermediate_size=_positive(raw, "intermediate_size", where), rms_norm_eps=float(eps),
         block_size=block, target_layer_ids=tuple(ids), mask_token_id=mask, raw=raw,
     )  # fmt: skip
+
+
+DRAFT_DIR = "draft"
+"""Where a checkpoint carries its DFlash draft: ``<checkpoint>/draft/``."""
+
+
+def draft_folder(checkpoint: Path, chosen: str | None = None) -> Path | None:
+    """The DFlash draft to use: ``chosen`` (``LoadOptions.draft_path``) when given, else
+    ``<checkpoint>/draft/`` when it holds a DFlash config, else ``None``."""
+    if chosen is not None:
+        return Path(chosen)
+    beside = checkpoint / DRAFT_DIR / "config.json"
+    if not beside.is_file():
+        return None
+    try:
+        raw = json.loads(beside.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return beside.parent  # the loader names the problem
+    return beside.parent if isinstance(raw, dict) and "dflash_config" in raw else None

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
-from mach.decode.dflash.config import DFlashConfig, read_dflash_config
+from mach.decode.dflash.config import DFlashConfig, draft_folder, read_dflash_config
 from mach.decode.dflash.model import DFlashDraftModel
 from mach.decode.sampler import Sampler
 from mach.decode.speculative import Draft, Drafter, DraftGate
@@ -21,9 +21,6 @@ from mach.errors import CheckpointError, MissingFileError
 
 if TYPE_CHECKING:
     from mach.io.load import LoadedModel
-
-DRAFT_DIR = "draft"
-"""Where a checkpoint carries its DFlash draft: ``<checkpoint>/draft/``."""
 
 
 class AdaptiveBlock:
@@ -69,6 +66,7 @@ class DFlashDrafter(Drafter):
         self.pending: list[mx.array] = []
         self.anchor: int | None = None
         self.proposed = 0
+        self._full = 0  # the block asked for by the last proposal
 
     def observe(self, next_tokens: mx.array, hidden: mx.array | None) -> None:
         if hidden is None:
@@ -183,25 +181,8 @@ def _read_weights(config: DFlashConfig) -> dict[str, mx.array]:
     return weights
 
 
-def draft_folder(loaded: LoadedModel) -> Path | None:
-    """The draft to use: ``LoadOptions.draft_path``, else ``<checkpoint>/draft/`` if present."""
-    chosen = getattr(loaded.options, "draft_path", None)
-    if chosen is not None:
-        return Path(chosen)
-    beside = loaded.checkpoint.path / DRAFT_DIR
-    if (beside / "config.json").is_file():
-        try:
-            import json
-
-            raw = json.loads((beside / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return beside  # let the loader name the problem
-        return beside if isinstance(raw, dict) and "dflash_config" in raw else None
-    return None
-
-
 def make_dflash_drafter(loaded: LoadedModel) -> DFlashDrafter | None:
     """``register_drafters`` factory for ``specdec_v7``: the DFlash draft beside the checkpoint
     or named by ``draft_path``, or ``None`` when there is none."""
-    folder = draft_folder(loaded)
+    folder = draft_folder(loaded.checkpoint.path, loaded.options.draft_path)
     return None if folder is None else load_dflash(folder, loaded)

@@ -17,6 +17,7 @@ import mlx.nn as nn
 
 from mach.cache.kv import KVCache
 from mach.decode.dflash.config import DFlashConfig
+from mach.layers.mlp import GatedMLP
 from mach.layers.rope import make_rope
 
 
@@ -60,23 +61,11 @@ class DraftAttention(nn.Module):
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, length, -1))
 
 
-class DraftMLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        out: mx.array = self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
-        return out
-
-
 class DraftLayer(nn.Module):
     def __init__(self, config: DFlashConfig) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.self_attn = DraftAttention(config)
-        self.mlp = DraftMLP(config.hidden_size, config.intermediate_size)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
