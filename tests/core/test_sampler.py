@@ -58,10 +58,27 @@ def test_repetition_penalty_discourages_seen_tokens() -> None:
     assert int(sampler(negative, mx.array([[1]])).item()) == 0
 
 
+def test_frequency_penalty_counts_each_appearance() -> None:
+    # Token 1 leads token 3 by 0.1; each draw of it costs 0.06 under frequency_penalty alone.
+    assert draws(SamplingParams(frequency_penalty=0.06), 4) == [1, 1, 3, 1]
+
+
+def test_presence_penalty_applies_once_per_token() -> None:
+    # Once both leaders have appeared, the penalty no longer grows: they alternate by logit.
+    assert draws(SamplingParams(presence_penalty=0.5), 4) == [1, 3, 1, 1]
+
+
+def test_output_penalties_track_each_row() -> None:
+    logits = mx.array(np.array([[0.0, 5.0, 4.5], [4.5, 0.0, 5.0]], dtype=np.float32))
+    sampler = Sampler(SamplingParams(frequency_penalty=1.0))
+    assert [sampler(logits).tolist() for _ in range(2)] == [[1, 2], [2, 0]]
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [("temperature", -1.0), ("top_p", 0.0), ("top_k", -2), ("min_p", 1.0),
-     ("repetition_penalty", 0.0), ("max_tokens", -1), ("stop", [""])],
+     ("repetition_penalty", 0.0), ("max_tokens", -1), ("stop", [""]),
+     ("presence_penalty", 2.5), ("frequency_penalty", -2.1)],
 )  # fmt: skip
 def test_invalid_params_are_rejected(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field if field != "stop" else "stop strings"):

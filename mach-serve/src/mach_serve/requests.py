@@ -238,6 +238,8 @@ def sampling(
             top_k=req.top_k,
             min_p=req.min_p,
             repetition_penalty=req.repetition_penalty,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
             seed=req.seed,
             stop=stop,
             logprobs=logprobs,

@@ -79,7 +79,8 @@ class BatchSequence:
     def plain_greedy(self) -> bool:
         """Greedy with nothing to report or penalise: an argmax over the batch serves it."""
         p = self.params
-        return p.temperature == 0 and self.history is None and p.logprobs is None
+        return (p.temperature == 0 and self.history is None and p.logprobs is None
+                and not p.output_penalties)  # fmt: skip
 
     def sample(self, logits: mx.array) -> tuple[mx.array, ...]:
         """The next token ``[1]`` from this row's logits ``[1, vocab]`` (and its logprobs)."""

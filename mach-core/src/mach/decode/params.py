@@ -11,7 +11,9 @@ class SamplingParams:
 
     ``temperature == 0`` is greedy. ``top_k == 0``, ``top_p == 1`` and ``min_p == 0`` switch those
     filters off. ``repetition_penalty`` divides positive (multiplies negative) logits of tokens
-    seen in the last ``repetition_context`` tokens of prompt and output.
+    seen in the last ``repetition_context`` tokens of prompt and output. ``presence_penalty`` and
+    ``frequency_penalty`` (OpenAI's, each in [-2, 2]) subtract from a token's logit once it has
+    appeared in the output, and per appearance.
     """
 
     max_tokens: int = 256
@@ -21,6 +23,8 @@ class SamplingParams:
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     repetition_context: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
@@ -41,9 +45,17 @@ class SamplingParams:
             problems.append(f"min_p must be in [0, 1), got {self.min_p}")
         if self.repetition_penalty <= 0:
             problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                problems.append(f"{name} must be between -2 and 2, got {getattr(self, name)}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             problems.append(f"logprobs must be between 0 and 20, got {self.logprobs}")
         if any(not s for s in self.stop):
             problems.append("stop strings must not be empty")
         if problems:
             raise ValueError("; ".join(problems))
+
+    @property
+    def output_penalties(self) -> bool:
+        """Whether presence or frequency penalties read the tokens generated so far."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0

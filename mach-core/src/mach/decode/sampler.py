@@ -1,4 +1,4 @@
-"""Token sampling: greedy, temperature, top-k, top-p, min-p, repetition penalty, seeds."""
+"""Token sampling: greedy, temperature, top-k, top-p, min-p, penalties, seeds."""
 
 from __future__ import annotations
 
@@ -18,22 +18,37 @@ class Sampler:
         self.params = params
         seed = params.seed if params.seed is not None else int(mx.random.randint(0, 2**31, ()))
         self._key = mx.random.key(seed)
+        self._counts: mx.array | None = None
+        """``[batch, vocab]``: how often each token was drawn (only with output penalties)."""
 
     def __call__(self, logits: mx.array, history: mx.array | None = None) -> mx.array:
         """Token ids ``[batch]``; ``history`` is ``[batch, n]`` of recent tokens (or ``None``)."""
         logits = self.penalized(logits, history)
         if self.params.temperature == 0:
-            return mx.argmax(logits, axis=-1)
-        return mx.random.categorical(self.logprobs(logits), axis=-1, key=self.next_key())
+            token = mx.argmax(logits, axis=-1)
+        else:
+            token = mx.random.categorical(self.logprobs(logits), axis=-1, key=self.next_key())
+        if self.params.output_penalties:
+            self.count(token, logits.shape[-1])
+        return token
+
+    def count(self, token: mx.array, vocab: int) -> None:
+        """Record drawn tokens ``[batch]`` for the presence and frequency penalties."""
+        drawn = (mx.arange(vocab)[None] == token[:, None]).astype(mx.float32)
+        self._counts = drawn if self._counts is None else self._counts + drawn
 
     def penalized(self, logits: mx.array, history: mx.array | None) -> mx.array:
-        """Float32 logits with the repetition penalty applied over ``history``."""
+        """Float32 logits with the repetition penalty applied over ``history`` and the output
+        penalties over the tokens this sampler has drawn."""
         p = self.params
         logits = logits.astype(mx.float32)
         if p.repetition_penalty != 1.0 and history is not None and history.size:
             seen = mx.take_along_axis(logits, history, axis=-1)
             seen = mx.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
             logits = mx.put_along_axis(logits, history, seen, axis=-1)
+        if self._counts is not None:
+            present = (self._counts > 0).astype(mx.float32)
+            logits = logits - p.frequency_penalty * self._counts - p.presence_penalty * present
         return logits
 
     def logprobs(self, logits: mx.array) -> mx.array:

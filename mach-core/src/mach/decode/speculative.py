@@ -203,7 +203,8 @@ class SpecDecEngine(DecodeEngine):
     """Speculative decoding with any ``Drafter``; lossless against ``TargetEngine``.
 
     The target model must accept ``return_hidden=True`` when the drafter needs hidden states.
-    Requests this engine does not speculate on (repetition penalty, logprobs) run target-only.
+    Requests this engine does not speculate on (repetition, presence or frequency penalties,
+    logprobs) run target-only.
     A ``prefix_cache`` restores the target's cache as in ``TargetEngine``; the drafter starts
     from the restored position and sees only the rest of the prompt, which can lower its
     acceptance on that request but never changes the output.
@@ -248,7 +249,8 @@ class SpecDecEngine(DecodeEngine):
         return self.model(tokens[None], cache=cache)[0], None
 
     def stream(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[TokenEvent]:
-        if params.repetition_penalty != 1.0 or params.logprobs is not None:
+        penalised = params.repetition_penalty != 1.0 or params.output_penalties
+        if penalised or params.logprobs is not None:
             yield from self._fallback.stream(prompt, params)
             return
         if not prompt:
