@@ -63,12 +63,12 @@ def test_grouped_path_matches_the_gather_kernels(
     quant: str | None, bias: bool, fused: bool, kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tokens = 64
-    assert grouped_on_cpu(tokens * TOP_K, EXPERTS)
+    assert grouped_on_cpu(tokens * TOP_K, EXPERTS, quant is not None)
     x, ids = routes(tokens)
     grouped = switch(quant, bias, fused, kind)
     got = grouped(x, ids)
     assert grouped.stats()["grouped_calls"] == 1
-    monkeypatch.setattr(dispatch, "GROUPED_ROUTES_PER_EXPERT", 10**9)
+    monkeypatch.setattr(dispatch, "GROUPED_ROWS_PER_EXPERT", {"float": 10**9, "quantized": 10**9})
     gathered = switch(quant, bias, fused, kind)
     want = gathered(x, ids)
     assert gathered.stats()["grouped_calls"] == 0 and gathered.stats()["sorted_calls"] == 1
@@ -78,7 +78,8 @@ def test_grouped_path_matches_the_gather_kernels(
 
 
 def test_decode_sized_calls_stay_on_the_gather_kernels() -> None:
-    assert not grouped_on_cpu(8 * TOP_K, EXPERTS)
+    assert not grouped_on_cpu(8 * TOP_K, EXPERTS, quantized=False)
+    assert not grouped_on_cpu(8 * TOP_K, EXPERTS, quantized=True)
     layer = switch(None, False, True, "swiglu")
     x, ids = routes(8)
     layer(x, ids)

@@ -15,15 +15,18 @@ from mach.experts.switch import SwitchSpec
 
 # Below this many routes, sorting costs more than the gather kernels save.
 SORT_THRESHOLD = 64
-# On a CPU, once a call routes this many rows per expert of the layer (a prefill chunk), one
-# float32 BLAS matmul per expert beats the gather kernels: 5x for float experts and over 10x
-# for quantized ones, which are dequantized first. Decode steps stay on the gather kernels.
-GROUPED_ROUTES_PER_EXPERT = 4
+# On a CPU, once a call routes enough rows per expert of the layer (a prefill chunk), one float32
+# BLAS matmul per expert beats MLX's gather kernels, which do not use BLAS. Each expert then
+# costs a fixed slice (or dequantization) of its weights, so the break-even is in rows per
+# expert: measured near 8 for float experts and 4 for quantized ones (whose gather kernel is
+# slower) on 16-128-expert layers. Decode steps stay on the gather kernels.
+GROUPED_ROWS_PER_EXPERT = {"float": 8, "quantized": 4}
 
 
-def grouped_on_cpu(routes: int, num_experts: int) -> bool:
+def grouped_on_cpu(routes: int, num_experts: int, quantized: bool) -> bool:
     """Whether a call of ``routes`` rows runs one dense matmul per expert."""
-    return routes >= GROUPED_ROUTES_PER_EXPERT * num_experts and mx.default_device() == mx.cpu
+    rows = GROUPED_ROWS_PER_EXPERT["quantized" if quantized else "float"]
+    return routes >= rows * num_experts and mx.default_device() == mx.cpu
 
 
 def _sort_routes(x: mx.array, indices: mx.array) -> tuple[mx.array, mx.array, mx.array]:
@@ -81,7 +84,7 @@ class GatherSwitchGLU(_Dispatch):
         else:
             idx = slots
         self._fused = experts.gate_up is not None
-        if do_sort and grouped_on_cpu(slots.size, self.spec.num_experts):
+        if do_sort and grouped_on_cpu(slots.size, self.spec.num_experts, experts.down.quantized):
             self._grouped_calls += 1
             out = self._grouped(experts, x.squeeze(-2), idx)
             return out[inverse].reshape(*indices.shape, -1)
