@@ -19,6 +19,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import mach  # noqa: F401 - first: on Linux it picks the BLAS MLX binds to (mach/_blas.py)
+
+# isort: split
 import mlx.core as mx
 import numpy as np
 

@@ -21,6 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import mach  # noqa: F401 - first: on Linux it picks the BLAS MLX binds to (mach/_blas.py)
+
+# isort: split
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim

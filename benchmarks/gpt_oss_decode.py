@@ -12,6 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import mach  # noqa: F401 - first: on Linux it picks the BLAS MLX binds to (mach/_blas.py)
+
+# isort: split
 import mlx.nn as nn
 
 from benchmarks.peer import run_synthetic, save_peer_model

@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import mach  # noqa: F401 - first: on Linux it picks the BLAS MLX binds to (mach/_blas.py)
+
+# isort: split
 import mlx.core as mx
 import numpy as np
 from safetensors.numpy import save_file
