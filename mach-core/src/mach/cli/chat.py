@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
@@ -118,7 +118,8 @@ def reply(
                 write("\n")
                 typer.echo(turn_line(event.stats, event.finish_reason), err=True)
     except KeyboardInterrupt:
-        stream.close()
+        if isinstance(stream, Generator):
+            stream.close()  # when interrupted between tokens; else it has ended already
         write("\n")
         typer.echo("[stopped]", err=True)
     return "".join(parts)
