@@ -72,6 +72,9 @@ class MoeArchAdapter(ABC):
     expert_stores: ClassVar[tuple[str, ...]] = ("resident", "streaming", "bf16_streaming")
     cache_backends: ClassVar[tuple[str, ...]] = ("kv",)
     """Cache kinds ``make_cache`` returns (each cache's ``kind``: kv, rotating, gdn ...)."""
+    checkpoint_files: ClassVar[tuple[str, ...]] = ()
+    """Files (glob patterns inside the checkpoint) the family reads beyond mach's standard set
+    (config, weights, tokenizer, chat template, draft); ``mach download`` fetches them too."""
 
     @abstractmethod
     def build_model(self, config: dict[str, Any]) -> nn.Module:

@@ -37,3 +37,7 @@ class ConfigError(CheckpointError):
 
 class OptionsError(MachError, ValueError):
     """A load option has a value mach cannot use."""
+
+
+class HubError(MachError):
+    """A checkpoint could not be fetched from the Hugging Face hub."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
@@ -11,9 +12,12 @@ if TYPE_CHECKING:
     from mach.io.options import LoadOptions
 
 from mach.cli import reports_errors
+from mach.cli.download import model_folder
 from mach.cli.residency import (
     Draft,
     DraftTokens,
+    Quiet,
+    load_progress,
     takes_load_options,
 )
 from mach_serve.limits import HTTPLimits
@@ -26,13 +30,16 @@ LIMITS = HTTPLimits()
 def serve_command(
     model: Annotated[
         Optional[str],  # noqa: UP045 - typer reads the annotation at run time
-        typer.Argument(help="Checkpoint folder; omit for the embedded default model."),
+        typer.Argument(
+            help="Checkpoint folder or hub id (org/name; fetched when not in the local HF "
+            "cache). Omit for the embedded default model."
+        ),
     ] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     model_name: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option(help="Model id clients use (default: the folder name)."),
+        typer.Option(help="Model id clients use (default: the hub id or the folder name)."),
     ] = None,
     api_key: Annotated[
         Optional[str],  # noqa: UP045
@@ -105,6 +112,7 @@ def serve_command(
     prompt_cache_disk_bytes: Annotated[
         str, typer.Option(help="Disk space for cached prefixes in --prompt-cache-dir.")
     ] = "16GiB",
+    quiet: Quiet = False,
     *,
     options: LoadOptions,
 ) -> None:
@@ -116,23 +124,28 @@ def serve_command(
     disk = parse_size(prompt_cache_disk_bytes, "--prompt-cache-disk-bytes")
 
     sock = bind(host, port)
-    state = build_state(
-        model,
-        model_name=model_name,
-        api_key=api_key,
-        max_queue=max_queue,
-        max_batch=max_batch,
-        max_body_bytes=max_body_bytes,
-        body_timeout=body_timeout,
-        max_prompt_bytes=max_prompt_bytes,
-        max_prompt_tokens=max_prompt_tokens,
-        options=options,
-        draft=draft,
-        draft_tokens=draft_tokens,
-        prompt_cache_bytes=memory,
-        prompt_cache_dir=prompt_cache_dir if prompt_cache else None,
-        prompt_cache_disk_bytes=disk,
-    )
+    folder = None if model is None else model_folder(model, quiet)
+    if model is not None and not Path(model).expanduser().exists():
+        model_name = model_name or model  # a hub id names the model better than its snapshot
+    with load_progress(quiet) as progress:
+        state = build_state(
+            folder,
+            model_name=model_name,
+            api_key=api_key,
+            max_queue=max_queue,
+            max_batch=max_batch,
+            max_body_bytes=max_body_bytes,
+            body_timeout=body_timeout,
+            max_prompt_bytes=max_prompt_bytes,
+            max_prompt_tokens=max_prompt_tokens,
+            options=options,
+            draft=draft,
+            draft_tokens=draft_tokens,
+            prompt_cache_bytes=memory,
+            prompt_cache_dir=prompt_cache_dir if prompt_cache else None,
+            prompt_cache_disk_bytes=disk,
+            progress=progress,
+        )
     limits = HTTPLimits(
         keep_alive=keep_alive_timeout,
         header_timeout=header_timeout,

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -54,6 +55,7 @@ def build_state(
     prompt_cache_dir: str | os.PathLike[str] | None = None,
     prompt_cache_disk_bytes: int = DEFAULT_PROMPT_CACHE_DISK_BYTES,
     max_batch: int = DEFAULT_MAX_BATCH,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ServerState:
     """Load ``model`` (the embedded default when ``None``) with ``options`` and wrap it.
 
@@ -64,7 +66,7 @@ def build_state(
     ``prompt_cache_dir``, from a disk tier of ``prompt_cache_disk_bytes`` that outlives the
     process. Up to ``max_batch`` requests decode together where the architecture's cache can
     batch and no draft was asked for; otherwise requests run one at a time, and the capability
-    report says why.
+    report says why. ``progress(done, total)`` follows the bytes of weights read.
     """
     options = options or LoadOptions()
     if model is None:
@@ -77,7 +79,7 @@ def build_state(
     else:
         path = resolve_model_path(model)
         name = model_name or path.name
-    loaded = load_moe(path, options=options)
+    loaded = load_moe(path, options=options, progress=progress)
     if loaded.tokenizer is None:
         raise MachError(f"{path}: tokenizer.json is missing; the server needs it to read text")
     prefix_cache = None

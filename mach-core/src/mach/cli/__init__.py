@@ -56,12 +56,14 @@ def reports_errors(func: F) -> F:
 
 
 def _register_commands() -> None:
-    from mach.cli import archs, bench, check, convert, generate
+    from mach.cli import archs, bench, chat, check, convert, download, generate
 
     archs.register(app)
     bench.register(app)
+    chat.register(app)
     check.register(app)
     convert.register(app)
+    download.register(app)
     generate.register(app)
     from mach import plugins
 

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from mach.io.options import LoadOptions
 
 from mach.cli import reports_errors
+from mach.cli.download import model_folder
 from mach.cli.residency import (
     load_model,
     store_line,
@@ -25,7 +26,7 @@ from mach.cli.residency import (
 def bench_command(
     model: Annotated[
         Optional[str],  # noqa: UP045 - typer reads the annotation at run time
-        typer.Argument(help="Checkpoint folder; omit for the embedded default model."),
+        typer.Argument(help="Checkpoint folder or hub id; omit for the embedded default model."),
     ] = None,
     prompt_tokens: Annotated[int, typer.Option(min=1)] = 128,
     tokens: Annotated[int, typer.Option(min=1, help="Tokens to decode.")] = 64,
@@ -45,8 +46,9 @@ def bench_command(
         from mach.default_model import default_model_path
 
         model = str(default_model_path())
+    folder = model_folder(model)
     start = time.perf_counter()
-    net, _, store, cache = load_model(model, options)
+    net, _, store, cache = load_model(folder, options)
     load_seconds = time.perf_counter() - start
     vocab = int(net(mx.array([[0]])).shape[-1])
     prompt = np.random.default_rng(0).integers(0, vocab, prompt_tokens).tolist()

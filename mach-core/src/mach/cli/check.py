@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from mach.io.options import LoadOptions
 
 from mach.cli import reports_errors
+from mach.cli.download import fetch_if_missing
 from mach.cli.residency import (
     takes_load_options,
 )
@@ -61,7 +62,9 @@ HEADER = ["path", "arch", "layout", "experts", "experts + rest", "memory residen
 @reports_errors
 @takes_load_options
 def check_command(
-    paths: Annotated[list[str], typer.Argument(help="Checkpoint folders.")],
+    paths: Annotated[
+        list[str], typer.Argument(help="Checkpoint folders or hub ids (fetched when missing).")
+    ],
     ssd_gbps: Annotated[float, typer.Option(help="SSD read bandwidth for the bound, GB/s.")] = 5.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     *,
@@ -74,6 +77,8 @@ def check_command(
     """
     from mach.check import check_checkpoint
 
+    for path in paths:
+        fetch_if_missing(path)
     reports = [check_checkpoint(p, options, ssd_gbps).to_dict() for p in paths]
     if as_json:
         typer.echo(json.dumps({"checkpoints": reports}, indent=2))

@@ -10,18 +10,22 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 if TYPE_CHECKING:
+    from mach.decode.params import SamplingParams
     from mach.io.options import LoadOptions
 
 from mach.chat.reasoning import split_reasoning
 from mach.cli import reports_errors
+from mach.cli.download import model_folder
 from mach.cli.residency import (
     Draft,
     DraftTokens,
+    Quiet,
     load_model,
     store_line,
     store_report,
     takes_load_options,
 )
+from mach.cli.sampling import takes_sampling_options
 from mach.errors import MachError
 
 DEFAULT_PROMPT = "def fibonacci(n):"
@@ -42,14 +46,32 @@ def _stats_line(stats: dict[str, Any], finish: str) -> str:
     )
 
 
+def choose_model(model: str | None, options: LoadOptions, quiet: bool) -> tuple[Path, LoadOptions]:
+    """The folder to load for a ``MODEL`` argument and the options to load it with: the
+    embedded default model (in float32, announced on stderr unless ``quiet``) when ``None``."""
+    if model is not None:
+        return model_folder(model, quiet), options
+    from mach.default_model import DEFAULT_MODEL_NAME, default_model_path
+
+    if not quiet:
+        typer.echo(
+            f"mach: default model {DEFAULT_MODEL_NAME} (qwen3_moe, 12.8M parameters, "
+            "trained on Python's standard library)",
+            err=True,
+        )
+    # Tiny enough that float32 costs nothing, and it matches the recorded reference.
+    return default_model_path(), options.with_defaults(dtype="float32")
+
+
 @reports_errors
 @takes_load_options
+@takes_sampling_options(max_tokens=128)
 def generate_command(
     model: Annotated[
         Optional[str],  # noqa: UP045 - typer reads the annotation at run time
         typer.Argument(
-            help="Checkpoint folder (or a hub id in the local HF cache). "
-            "Omit to use the embedded default model."
+            help="Checkpoint folder or hub id (org/name; fetched when not in the local HF "
+            "cache). Omit to use the embedded default model."
         ),
     ] = None,
     prompt: Annotated[
@@ -62,16 +84,6 @@ def generate_command(
     ] = None,
     system: Annotated[
         Optional[str], typer.Option(help="System message for --chat.")  # noqa: UP045
-    ] = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=0)] = 128,
-    temp: Annotated[float, typer.Option("--temp", min=0.0, help="0 is greedy.")] = 0.0,
-    top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
-    top_k: Annotated[int, typer.Option("--top-k", min=0)] = 0,
-    min_p: Annotated[float, typer.Option("--min-p")] = 0.0,
-    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty")] = 1.0,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,  # noqa: UP045
-    stop: Annotated[
-        Optional[list[str]], typer.Option(help="Stop string (repeatable).")  # noqa: UP045
     ] = None,
     draft: Draft = None,
     draft_tokens: DraftTokens = None,
@@ -86,11 +98,12 @@ def generate_command(
     prompt_cache_disk_bytes: Annotated[
         str, typer.Option(help="Byte budget of --prompt-cache-dir, e.g. 16GB.")
     ] = "16GB",
+    quiet: Quiet = False,
     *,
     options: LoadOptions,
+    params: SamplingParams,
 ) -> None:
     """Generate text from a prompt with a MoE checkpoint."""
-    from mach.decode.params import SamplingParams
     from mach.decode.select import build_engine
 
     # "-" reads the text from standard input, so prompts can be piped in.
@@ -100,32 +113,9 @@ def generate_command(
         chat = sys.stdin.read()
     if prompt is not None and chat is not None:
         raise ValueError("give either --prompt or --chat, not both")
-    params = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=temp,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-        stop=list(stop or []),
-    )
     default_model = model is None
-    if model is None:
-        from mach.default_model import DEFAULT_MODEL_NAME, default_model_path
-
-        path: Path | str = default_model_path()
-        # Tiny enough that float32 costs nothing, and it matches the recorded reference.
-        options = options.with_defaults(dtype="float32")
-        if not as_json:
-            typer.echo(
-                f"mach: default model {DEFAULT_MODEL_NAME} (qwen3_moe, 12.8M parameters, "
-                "trained on Python's standard library)",
-                err=True,
-            )
-    else:
-        path = model
-    loaded = load_model(path, options)
+    path, options = choose_model(model, options, quiet or as_json)
+    loaded = load_model(path, options, quiet)
     tokenizer, store = loaded.tokenizer, loaded.store
     if tokenizer is None:
         raise MachError(
@@ -155,7 +145,8 @@ def generate_command(
     engine = build_engine(loaded, draft, draft_tokens, prefix_cache)
     if as_json:
         result = engine.generate(tokens, params)
-        payload = {**result.to_dict(), "model": str(path), "default_model": default_model}
+        shown = model if model is not None else str(path)
+        payload = {**result.to_dict(), "model": shown, "default_model": default_model}
         tags = loaded.adapter.reasoning_tags if chat is not None else None
         if tags is not None:
             started = prompt_text.rstrip().endswith(tags.open)

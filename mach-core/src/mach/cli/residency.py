@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional, TypeVar
 
@@ -95,47 +97,108 @@ def _evaluated(annotation: Any, owner: Callable[..., Any]) -> Any:
     return annotation
 
 
-def takes_load_options(command: F) -> F:
-    """Give a command every load flag; it receives them as one ``options: LoadOptions``.
+GROUPED = ("options", "params")
+"""Parameters a command receives built from a group of flags instead of as flags."""
 
-    The flags map onto ``LoadOptions`` here and nowhere else, so ``generate``, ``check``,
-    ``bench`` and ``serve`` accept the same ones and validate them the same way.
-    """
-    # Typer needs the command's annotations evaluated; ``options`` is only named for typing.
+
+def grouped_flags(
+    command: F, flags: dict[str, tuple[Any, Any]], target: str, build: Callable[..., Any]
+) -> F:
+    """``command`` taking ``flags`` (name: (annotation, default)) in place of its ``target``
+    parameter, which it receives as ``build(**flags)``. Groups stack: each wrapper passes the
+    other groups' values through."""
+    # Typer needs the command's annotations evaluated; the targets are only named for typing.
     signature = inspect.signature(command)
     kept = [p.replace(annotation=_evaluated(p.annotation, command))
-            for p in signature.parameters.values() if p.name != "options"]  # fmt: skip
+            for p in signature.parameters.values() if p.name not in GROUPED]  # fmt: skip
     added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                annotation=annotation)
-             for name, (annotation, default) in _LOAD_FLAGS.items()]  # fmt: skip
+             for name, (annotation, default) in flags.items()]  # fmt: skip
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from mach.io.options import LoadOptions
-
-        flags = {name: kwargs.pop(name) for name in _LOAD_FLAGS}
-        return command(*args, options=LoadOptions.from_kwargs(**flags), **kwargs)
+        values = {name: kwargs.pop(name) for name in flags}
+        return command(*args, **{target: build(**values)}, **kwargs)
 
     wrapper.__signature__ = signature.replace(parameters=[*kept, *added])  # type: ignore[attr-defined]
     wrapper.__annotations__ = {
         **{p.name: p.annotation for p in kept},
-        **{name: annotation for name, (annotation, _) in _LOAD_FLAGS.items()},
+        **{name: annotation for name, (annotation, _) in flags.items()},
     }
     return wrapper  # type: ignore[return-value]
 
 
-def load_model(path: Path | str, options: LoadOptions) -> LoadedModel:
-    """``load_moe`` with ``options`` and a progress bar on a terminal: a ``LoadedModel``."""
+def _load_options(**flags: Any) -> LoadOptions:
+    from mach.io.options import LoadOptions
+
+    return LoadOptions.from_kwargs(**flags)
+
+
+def takes_load_options(command: F) -> F:
+    """Give a command every load flag; it receives them as one ``options: LoadOptions``.
+
+    The flags map onto ``LoadOptions`` here and nowhere else, so ``generate``, ``chat``,
+    ``check``, ``bench`` and ``serve`` accept the same ones and validate them the same way.
+    """
+    return grouped_flags(command, _LOAD_FLAGS, "options", _load_options)
+
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Say nothing while the model loads.")]
+
+
+class LoadDisplay(logging.Handler):
+    """Shows a load on stderr: the ``mach.load`` log lines and, on a terminal, the share of
+    weight bytes read so far on one line that each new line replaces."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.tty = sys.stderr.isatty()
+        self._shown: int | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.clear()
+        sys.stderr.write(f"mach: {record.getMessage()}\n")
+        sys.stderr.flush()
+
+    def progress(self, done: int, total: int) -> None:
+        percent = 100 * done // total if total else 100
+        if percent == self._shown:
+            return
+        self._shown = percent
+        sys.stderr.write(f"\rmach: reading weights {percent:3d}% "
+                         f"({done / 1e9:.2f} of {total / 1e9:.2f} GB)")  # fmt: skip
+        sys.stderr.flush()
+
+    def clear(self) -> None:
+        if self._shown is not None:
+            sys.stderr.write("\r\033[K")
+            self._shown = None
+
+
+@contextmanager
+def load_progress(quiet: bool = False) -> Iterator[Callable[[int, int], None] | None]:
+    """While a model loads: its log lines on stderr and the ``progress`` callback to give
+    ``load_moe`` (``None`` off a terminal). ``quiet`` shows nothing."""
+    if quiet:
+        yield None
+        return
+    display = LoadDisplay()
+    logger = logging.getLogger("mach.load")
+    logger.addHandler(display)
+    level, logger.level = logger.level, logging.INFO
+    try:
+        yield display.progress if display.tty else None
+    finally:
+        display.clear()
+        logger.removeHandler(display)
+        logger.setLevel(level)
+
+
+def load_model(path: Path | str, options: LoadOptions, quiet: bool = False) -> LoadedModel:
+    """``load_moe`` with ``options``, showing its progress on stderr unless ``quiet``."""
     from mach.io.load import load_moe
 
-    if not sys.stderr.isatty():
-        return load_moe(path, options=options)
-    with typer.progressbar(length=1, label="loading", file=sys.stderr) as bar:
-
-        def progress(done: int, total: int) -> None:
-            bar.length = total
-            bar.update(done - bar.pos)
-
+    with load_progress(quiet) as progress:
         return load_moe(path, options=options, progress=progress)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,6 +27,9 @@ from mach.registry import arch_summary
 from mach.tokenizer.tokenizer import Tokenizer
 
 __all__ = ["LoadOptions", "LoadedModel", "load", "load_moe", "load_plan", "resolve_model_path"]
+
+log = logging.getLogger("mach.load")
+"""One INFO line as a load starts and one as it ends; the CLI shows them on stderr."""
 
 
 @dataclass(eq=False)
@@ -126,7 +131,8 @@ def load_moe(
     read. Steps: read ``config.json`` and safetensors headers; ``detect_arch``; the adapter's
     planner builds the model, plans the expert store and checks every name and shape; then the
     store and the weights are read. ``progress(done, total)`` is called with bytes as weights
-    are read. ``tokenizer`` is ``None`` (with a warning) without ``tokenizer.json``.
+    are read, and the ``mach.load`` logger says when the load starts and ends. ``tokenizer`` is
+    ``None`` (with a warning) without ``tokenizer.json``.
 
     Expert residency: ``streaming=True`` (or an ``expert_budget`` such as ``"2GB"``) keeps a
     bounded bank of experts per layer and reads misses from disk; ``streaming=False`` keeps every
@@ -137,7 +143,22 @@ def load_moe(
         options = LoadOptions.from_kwargs(arch=arch, **kwargs)
     elif kwargs or (arch is not None and arch != options.arch):
         raise OptionsError("give load options either as LoadOptions or as keywords, not both")
-    return load_plan(plan_load(checkpoint, options), progress)
+    start = time.perf_counter()
+    where = checkpoint.path if isinstance(checkpoint, Checkpoint) else checkpoint
+    log.info("opening %s", where)
+    plan = plan_load(checkpoint, options)
+    loaded = load_plan(plan, progress)
+    experts = plan.experts
+    log.info(
+        "loaded %s (%s layout, %s experts, %s store, %s) in %.1f s",
+        plan.adapter.name, experts.layout, experts.quantization, experts.residency,
+        _size(plan.memory_bytes), time.perf_counter() - start,
+    )  # fmt: skip
+    return loaded
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
 
 
 def load(repo_or_path: str | os.PathLike[str], **kwargs: Any) -> LoadedModel:
