@@ -41,7 +41,8 @@ class ContinuousBatchScheduler(DecodeEngine):
     its own cache (from its longest cached prefix when there is a ``prefix_cache``) and joins
     the batch with its last prompt token, which the next decode step feeds. Sampling settings,
     stop strings and tokens, token limits and logprobs are per sequence; events and statistics
-    are those of ``TargetEngine``. With a streaming ``store``, each decode step's expert reads
+    are those of ``TargetEngine``. A step with a grammar-constrained row reads the previous
+    step back before it is queued (the row's mask needs that token). With a streaming ``store``, each decode step's expert reads
     are recorded against its batch size.
     """
 
@@ -120,12 +121,17 @@ class ContinuousBatchScheduler(DecodeEngine):
         if any(spent):
             self._keep([i for i, gone in enumerate(spent) if not gone])
         previous = self._pending
+        touched: list[BatchSequence] = []
+        if previous is not None and any(s.matcher is not None for s in previous.rows):
+            # A grammar's next mask needs the token before it: read the step back first.
+            touched, previous = self._collect(previous), None
+            self._drop_done()
         self._pending = self._launch() if self._rows else None
-        if previous is None:
+        if previous is not None:
+            touched = self._collect(previous)
+        self._drop_done()
+        if not touched:
             return []
-        touched = self._collect(previous)
-        if any(s.done for s in self._rows):
-            self._keep([i for i, s in enumerate(self._rows) if not s.done])
         if self.prefix_cache is not None and any(s.done for s in touched):
             # The disk tier is written once a request's tokens are out.
             self.prefix_cache.flush()
@@ -188,6 +194,8 @@ class ContinuousBatchScheduler(DecodeEngine):
         before = self.store.bytes_read if self.store is not None else 0
         inputs = mx.concatenate([s.next_input for s in rows])[:, None]
         logits = self.model(inputs, cache=self._batch)[:, -1, :]
+        if any(s.matcher is not None for s in rows):
+            mx.async_eval(logits)  # the forward pass runs while the grammar masks are computed
         sampled: list[tuple[mx.array, ...]]
         if all(s.plain_greedy for s in rows):
             sampled = [(t,) for t in mx.split(mx.argmax(logits, axis=-1), len(rows))]
@@ -216,6 +224,10 @@ class ContinuousBatchScheduler(DecodeEngine):
         if self.store is not None:
             self.store.record_decode_step(len(step.rows), len(touched), step.bytes_read)
         return touched
+
+    def _drop_done(self) -> None:
+        if any(s.done for s in self._rows):
+            self._keep([i for i, s in enumerate(self._rows) if not s.done])
 
     def _keep(self, rows: list[int]) -> None:
         self._batch.keep(rows)

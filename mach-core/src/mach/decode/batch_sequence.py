@@ -13,6 +13,7 @@ import mlx.core as mx
 from mach.cache.base import SequenceCache
 from mach.decode.engine import TextOutput
 from mach.decode.events import GenerationResult, GenerationStats, TokenEvent
+from mach.decode.grammar import sequence_matcher
 from mach.decode.logprobs import best_first, token_logprobs
 from mach.decode.params import SamplingParams
 from mach.decode.prefill import ChunkedPrefill
@@ -48,6 +49,7 @@ class BatchSequence:
         self.stats = GenerationStats(prompt_tokens=len(prompt))
         self.output = TextOutput(tokenizer, params)
         self.sampler = Sampler(params)
+        self.matcher = sequence_matcher(params.grammar, tokenizer)
         self.generated = 0
         self.queued = 0
         """Tokens sampled in decode steps not yet read back (at most one)."""
@@ -80,11 +82,12 @@ class BatchSequence:
         """Greedy with nothing to report or penalise: an argmax over the batch serves it."""
         p = self.params
         return (p.temperature == 0 and self.history is None and p.logprobs is None
-                and not p.output_penalties)  # fmt: skip
+                and not p.output_penalties and self.matcher is None)  # fmt: skip
 
     def sample(self, logits: mx.array) -> tuple[mx.array, ...]:
         """The next token ``[1]`` from this row's logits ``[1, vocab]`` (and its logprobs)."""
-        token = self.sampler(logits, self.history)
+        allowed = self.matcher.restrict(logits) if self.matcher is not None else logits
+        token = self.sampler(allowed, self.history)
         if self.history is not None:
             context = self.params.repetition_context
             self.history = mx.concatenate([self.history, token[None].astype(mx.uint32)], axis=1)
@@ -111,6 +114,8 @@ class BatchSequence:
             self.events.append(event)
         if event is None or self.output.stopped or self.generated >= self.params.max_tokens:
             self.finish()
+        elif self.matcher is not None:
+            self.matcher.accept(token)
 
     def finish(self) -> None:
         """Queue the closing event (held-back text, finish reason, statistics)."""

@@ -12,6 +12,7 @@ import mlx.nn as nn
 from mach.cache.base import SequenceCache
 from mach.cache.prefix import PrefixCache
 from mach.decode.events import FinishReason, GenerationResult, GenerationStats, TokenEvent
+from mach.decode.grammar import sequence_matcher
 from mach.decode.logprobs import best_first, token_logprobs
 from mach.decode.params import SamplingParams
 from mach.decode.prefill import ChunkedPrefill
@@ -85,7 +86,9 @@ class TargetEngine(DecodeEngine):
     The next step is queued before the current token is handed out, so the host never waits
     for the device between tokens. With a ``prefix_cache``, a request starts from its longest
     cached prefix and prefills only the rest; the last prompt token always goes through a
-    decode step, so a snapshot never has to cover the whole prompt.
+    decode step, so a snapshot never has to cover the whole prompt. With a grammar
+    (``params.grammar``) each step's mask needs the token before it, so steps are not queued
+    ahead; the mask is computed while the device runs the step's forward pass.
     """
 
     def __init__(
@@ -113,6 +116,7 @@ class TargetEngine(DecodeEngine):
         stats = GenerationStats(prompt_tokens=len(prompt))
         output = TextOutput(self.tokenizer, params)
         sampler = Sampler(params)
+        matcher = sequence_matcher(params.grammar, self.tokenizer)
         cache = self.make_cache()
         mx.reset_peak_memory()
         start = time.perf_counter()
@@ -126,7 +130,11 @@ class TargetEngine(DecodeEngine):
         def step(last: mx.array) -> tuple[mx.array, ...]:
             nonlocal history
             logits = self.model(last[None], cache=cache)[:, -1, :]
-            token = sampler(logits, history)
+            allowed = logits
+            if matcher is not None:
+                mx.async_eval(logits)
+                allowed = matcher.restrict(logits)
+            token = sampler(allowed, history)
             if history is not None:
                 history = mx.concatenate([history, token[None]], axis=1)
                 history = history[:, -params.repetition_context :]
@@ -145,10 +153,15 @@ class TargetEngine(DecodeEngine):
         decode_start = start
         while generated < params.max_tokens:
             current = pending
-            if generated + 1 < params.max_tokens:
+            more = generated + 1 < params.max_tokens
+            if more and matcher is None:
                 pending = step(current[0])
                 mx.async_eval(pending)
             token = int(current[0].item())  # type: ignore[arg-type]
+            if more and matcher is not None and token not in output.stops:
+                matcher.accept(token)
+                pending = step(current[0])
+                mx.async_eval(pending)
             if generated == 0:
                 decode_start = time.perf_counter()
                 stats.prompt_seconds = stats.time_to_first_token = decode_start - start

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mach.decode.grammar import Grammar
 
 
 @dataclass
@@ -30,6 +34,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: int | None = None
     """Report each token's log-probability and this many top alternatives (0-20)."""
+    grammar: Grammar | None = None
+    """Constrain the output to this grammar (``mach.decode.grammar``; needs the tokenizer)."""
 
     def __post_init__(self) -> None:
         problems = []

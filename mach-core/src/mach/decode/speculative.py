@@ -204,7 +204,7 @@ class SpecDecEngine(DecodeEngine):
 
     The target model must accept ``return_hidden=True`` when the drafter needs hidden states.
     Requests this engine does not speculate on (repetition, presence or frequency penalties,
-    logprobs) run target-only.
+    logprobs, a grammar) run target-only.
     A ``prefix_cache`` restores the target's cache as in ``TargetEngine``; the drafter starts
     from the restored position and sees only the rest of the prompt, which can lower its
     acceptance on that request but never changes the output.
@@ -250,7 +250,8 @@ class SpecDecEngine(DecodeEngine):
 
     def stream(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[TokenEvent]:
         penalised = params.repetition_penalty != 1.0 or params.output_penalties
-        if penalised or params.logprobs is not None:
+        # These read each token before the next is drafted; target-only serves them.
+        if penalised or params.logprobs is not None or params.grammar is not None:
             yield from self._fallback.stream(prompt, params)
             return
         if not prompt:
