@@ -54,7 +54,9 @@ def valid_person(text: str) -> None:
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0, 1.5])
-def test_target_engine_output_parses_and_validates(engine: TargetEngine, temperature: float) -> None:
+def test_target_engine_output_parses_and_validates(
+    engine: TargetEngine, temperature: float
+) -> None:
     assert engine.tokenizer is not None
     params = SamplingParams(max_tokens=120, temperature=temperature, seed=3,
                             grammar=Grammar.json(PERSON))  # fmt: skip
@@ -111,7 +113,9 @@ def test_padded_vocabulary_rows_are_never_allowed(loaded: tuple[object, Tokenize
     assert allowed[0, : tokenizer.vocab_size].any().item()
 
 
-def test_a_complete_grammar_allows_only_end_tokens(loaded: tuple[object, Tokenizer, object]) -> None:
+def test_a_complete_grammar_allows_only_end_tokens(
+    loaded: tuple[object, Tokenizer, object],
+) -> None:
     _, tokenizer, _ = loaded
     matcher = sequence_matcher(Grammar.regex("ab"), tokenizer)
     assert matcher is not None

@@ -113,28 +113,6 @@ def test_tool_call_round_trip(client: OpenAI, served: Running) -> None:
     assert prompt_with_tools > plain.usage.prompt_tokens  # the tool schema reached the template
 
 
-def test_json_response_format_is_accepted(client: OpenAI, served: Running) -> None:
-    reply = client.chat.completions.create(
-        model=served.state.model_id, messages=PROMPT, max_tokens=8, temperature=0,
-        response_format={"type": "json_object"},
-    )  # fmt: skip
-    assert reply.choices[0].message.content is not None
-
-
-def test_json_hint_joins_the_system_message(served: Running) -> None:
-    import msgspec
-
-    from mach_serve.requests import JSON_HINT, chat_prompt
-    from mach_serve.schemas import ChatCompletionRequest
-
-    body = {"messages": [{"role": "system", "content": "Be terse."},
-                         {"role": "user", "content": "hi"}],
-            "response_format": {"type": "json_object"}}  # fmt: skip
-    req = msgspec.convert(body, ChatCompletionRequest)
-    text = chat_prompt(served.state, req)[1]
-    assert "Be terse." in text and JSON_HINT in text
-
-
 def test_chat_stop_sequence_is_not_returned(client: OpenAI, served: Running) -> None:
     args = {"model": served.state.model_id, "messages": PROMPT, "max_tokens": 24,
             "temperature": 0}  # fmt: skip

@@ -19,7 +19,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from mach.capabilities import available
+from mach.chat.tool_calls import TOOL_CALL_OPEN
 from mach.decode.events import GenerationStats, TokenEvent
+from mach.decode.structured import reply_format
 from mach.registry import arch_summary
 from mach_serve.delivery import first_event, record_stats, rest, run_to_end, sse
 from mach_serve.errors import APIError, internal_error
@@ -252,6 +254,12 @@ def create_app(
             return False
         return {"family": family, "draft_tokens": getattr(engine, "k", None)}
 
+    def tool_choices(state: ServerState) -> list[str]:
+        """The tool_choice values honoured: forced calls need a grammar for the call format."""
+        fmt = reply_format(state.adapter, state.tokenizer.chat_template, "")
+        forced = fmt.harmony or fmt.tool_call_open == TOOL_CALL_OPEN
+        return ["none", "auto", "required", "function"] if forced else ["none", "auto"]
+
     async def capabilities(request: Request) -> Response:
         return JSONResponse({
             "object": "capabilities",
@@ -259,7 +267,8 @@ def create_app(
             "server": {
                 "endpoints": ENDPOINTS,
                 "streaming": True, "tools": True, "logprobs": True,
-                "response_format": ["text", "json_object (best effort)"],
+                "response_format": ["text", "json_object", "json_schema"],
+                "tool_choice": tool_choices(state),
                 "context_length": state.context_length,
                 "max_queue": state.worker.max_queue,
                 "continuous_batching": state.sequential_reason is None,

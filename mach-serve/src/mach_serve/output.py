@@ -14,6 +14,7 @@ from mach.chat.tagged import TaggedStream
 from mach.chat.tool_calls import ParsedToolCall
 from mach.decode.events import TokenEvent
 from mach.decode.stopping import StopMatcher
+from mach.decode.structured import reply_format
 from mach.tokenizer.detokenizer import StreamingDetokenizer
 from mach.tokenizer.tokenizer import Tokenizer
 
@@ -65,12 +66,11 @@ class ChatOutput:
 def chat_output(adapter: MoeArchAdapter, tokenizer: Tokenizer, prompt_text: str,
                 tools: bool, stops: list[str] | None = None) -> ChatOutput:  # fmt: skip
     """The splitter for this checkpoint's output format."""
+    fmt = reply_format(adapter, tokenizer.chat_template, prompt_text)
     stream: HarmonyStream | TaggedStream
-    if "<|channel|>" in (tokenizer.chat_template or ""):
+    if fmt.harmony:
         stream = HarmonyStream()
     else:
-        tags = adapter.reasoning_tags
-        thinking = tags is not None and prompt_text.rstrip().endswith(tags.open)
-        stream = TaggedStream(tags, thinking, tools, adapter.tool_call_open,
+        stream = TaggedStream(fmt.reasoning, fmt.reasoning_started, tools, fmt.tool_call_open,
                               adapter.parse_tool_calls)  # fmt: skip
     return ChatOutput(tokenizer, stream, list(stops or []))

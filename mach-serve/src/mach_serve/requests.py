@@ -12,7 +12,9 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from mach.decode.grammar import Grammar, GrammarError, GrammarTokenizer
 from mach.decode.params import SamplingParams
+from mach.decode.structured import reply_format, reply_grammar, tool_specs
 from mach.tokenizer.tokenizer import ChatTemplateError
 from mach_serve.decoding import decode_body
 from mach_serve.errors import APIError
@@ -20,7 +22,6 @@ from mach_serve.schemas import ChatCompletionRequest, CompletionRequest, Message
 from mach_serve.state import ServerState
 
 Request = TypeVar("Request", bound=SamplingFields)
-JSON_HINT = "Respond with one valid JSON object and nothing else."
 MAX_SEED = 2**64 - 1
 PIECE_CHARS = 2**15
 CUT_ALLOWANCE = 8
@@ -54,7 +55,9 @@ def prepare_chat(state: ServerState, body: bytes) -> tuple[ChatCompletionRequest
     field = "max_completion_tokens"
     if limit is None:
         limit, field = req.max_tokens, "max_tokens"
-    return req, Prepared(prompt, sampling(state, req, prompt, limit, logprobs, field), text)
+    params = sampling(state, req, prompt, limit, logprobs, field)
+    params.grammar = reply_constraint(state, req, text)
+    return req, Prepared(prompt, params, text)
 
 
 def prepare_completion(state: ServerState, body: bytes) -> tuple[CompletionRequest, Prepared]:
@@ -75,6 +78,66 @@ def check_model(state: ServerState, model: str | None) -> None:
             param="model",
             code="model_not_found",
         )
+
+
+TOOL_CHOICES = '\'none\', \'auto\', \'required\' or {"type": "function", "function": {"name": ...}}'
+
+
+def forced_tool(req: ChatCompletionRequest) -> tuple[bool, str | None]:
+    """Whether ``tool_choice`` demands a call, and of which function (``None``: any)."""
+    choice = req.tool_choice
+    if choice is None or choice in ("auto", "none"):
+        return False, None
+    if choice == "required":
+        return True, None
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str):
+        raise APIError(400, f"tool_choice must be {TOOL_CHOICES}", param="tool_choice")
+    return True, name
+
+
+def response_schema(req: ChatCompletionRequest) -> tuple[bool, dict[str, Any] | None, str]:
+    """Whether the answer must be JSON, the schema it must follow, and its name."""
+    fmt = req.response_format
+    if fmt is None or fmt.type == "text":
+        return False, None, "response_format"
+    if fmt.type == "json_object":
+        return True, None, "response_format json_object"
+    spec = fmt.json_schema
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        raise APIError(400, "response_format json_schema needs json_schema.schema, a JSON "
+                       "schema object", param="response_format.json_schema")  # fmt: skip
+    name = spec.get("name") if isinstance(spec, dict) else None
+    return True, schema, f"response_format json_schema {name or 'schema'!r}"
+
+
+def reply_constraint(state: ServerState, req: ChatCompletionRequest,
+                     prompt_text: str) -> Grammar | None:  # fmt: skip
+    """The grammar ``response_format`` and ``tool_choice`` impose, compiled once to check it."""
+    must_call, name = forced_tool(req)
+    json_answer, schema, label = response_schema(req)
+    if not (must_call or json_answer):
+        return None
+    param = "tool_choice" if must_call else "response_format"
+    try:
+        tools = tool_specs(req.tools or []) if req.tool_choice != "none" else []
+        if name is not None:
+            tools = [t for t in tools if t.name == name]
+            if not tools:
+                raise APIError(400, f"tool_choice names {name!r}, which is not in tools",
+                               param="tool_choice")  # fmt: skip
+        fmt = reply_format(state.adapter, state.tokenizer.chat_template, prompt_text)
+        grammar = reply_grammar(GrammarTokenizer.of(state.tokenizer), fmt, schema, json_answer,
+                                tools, must_call, parallel=name is None
+                                and req.parallel_tool_calls is not False,
+                                name="tool_choice" if must_call else label)  # fmt: skip
+        if grammar is not None:
+            GrammarTokenizer.of(state.tokenizer).check(grammar)
+    except GrammarError as exc:
+        raise APIError(400, str(exc), param=param) from None
+    return grammar
 
 
 def check_fields(req: SamplingFields) -> None:
@@ -166,12 +229,6 @@ def chat_prompt(state: ServerState, req: ChatCompletionRequest) -> tuple[list[in
     size = sum(len(m["content"].encode()) for m in messages)
     check_prompt_bytes(state, size + len(msgspec.json.encode(tools)) if tools else size,
                        "messages")  # fmt: skip
-    if req.response_format is not None and req.response_format.type != "text":
-        # Best effort: ask for JSON in words; output is not constrained.
-        if messages[0]["role"] == "system":
-            messages[0]["content"] = f"{messages[0]['content']}\n\n{JSON_HINT}".strip()
-        else:
-            messages.insert(0, {"role": "system", "content": JSON_HINT})
     try:
         text = state.tokenizer.apply_chat_template(messages, tools=tools)
     except ChatTemplateError as exc:

@@ -42,8 +42,8 @@ class ContinuousBatchScheduler(DecodeEngine):
     the batch with its last prompt token, which the next decode step feeds. Sampling settings,
     stop strings and tokens, token limits and logprobs are per sequence; events and statistics
     are those of ``TargetEngine``. A step with a grammar-constrained row reads the previous
-    step back before it is queued (the row's mask needs that token). With a streaming ``store``, each decode step's expert reads
-    are recorded against its batch size.
+    step back before it is queued (the row's mask needs that token). With a streaming
+    ``store``, each decode step's expert reads are recorded against its batch size.
     """
 
     def __init__(

@@ -11,7 +11,7 @@ import json
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import mlx.core as mx
 import numpy as np
@@ -19,7 +19,11 @@ import numpy as np
 from mach.errors import MachError
 from mach.tokenizer.tokenizer import Tokenizer
 
-JSON_OPTIONS = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
+JSON_OPTIONS: dict[str, Any] = {
+    "whitespace_flexible": False,
+    "key_separator": ": ",
+    "item_separator": ", ",
+}
 """One space after ``:`` and ``,``, none elsewhere: a model cannot pad its output forever."""
 WORD_BITS = 32
 
@@ -57,7 +61,7 @@ class Grammar:
 
 def json_rule(schema: Mapping[str, Any] | None) -> str:
     """A Lark expression for one JSON value valid for ``schema`` (an object when ``None``)."""
-    body = dict(schema) if schema is not None else {"type": "object"}
+    body: dict[str, Any] = dict(schema) if schema is not None else {"type": "object"}
     body["x-guidance"] = {**JSON_OPTIONS, **body.get("x-guidance", {})}
     return f"%json {json.dumps(body)}"
 
@@ -66,13 +70,16 @@ class GrammarTokenizer:
     """A checkpoint tokenizer as llguidance sees it; built once per tokenizer (it reads every
     token's bytes) and shared by all matchers."""
 
-    _built: weakref.WeakKeyDictionary[Tokenizer, GrammarTokenizer] = weakref.WeakKeyDictionary()
+    _built: ClassVar[weakref.WeakKeyDictionary[Tokenizer, GrammarTokenizer]] = (
+        weakref.WeakKeyDictionary()
+    )
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         llg = _llguidance()
         if not tokenizer.eos_token_ids:
             raise GrammarError("structured output needs the tokenizer's end-of-sequence token; "
-                               "this checkpoint names none (eos_token_id in config.json)")  # fmt: skip
+                               "this checkpoint names none (eos_token_id in "
+                               "config.json)")  # fmt: skip
         self.tokenizer = tokenizer
         self.llg = llg.LLTokenizer(tokenizer.backend.to_str(),
                                    eos_token=sorted(tokenizer.eos_token_ids))  # fmt: skip
@@ -125,7 +132,7 @@ class GrammarMatcher:
         self.grammar = grammar
         self._matcher = llg.LLMatcher(tokenizer.llg, grammar.lark, log_level=0)
         if self._matcher.is_error():
-            raise GrammarError(f"{grammar.name}: {self._matcher.get_error()}")
+            raise GrammarError(f"{grammar.name}: {first_line(self._matcher.get_error())}")
         self._words = np.zeros(tokenizer.mask_words + 1, dtype=np.int32)
         """The mask, one bit per token, and a last word of zeros for padded vocabulary rows."""
 
@@ -141,7 +148,7 @@ class GrammarMatcher:
         view = self._words[None, :-1]
         fill_next_token_bitmask(self._matcher, view)
         if self._matcher.is_error():
-            raise GrammarError(f"{self.grammar.name}: {self._matcher.get_error()}")
+            raise GrammarError(f"{self.grammar.name}: {first_line(self._matcher.get_error())}")
         word, bit = self.tokenizer.bit_index(width)
         words = mx.array(self._words.view(np.uint32))
         return (((words[word] >> bit) & 1) == 1)[None]
@@ -156,7 +163,12 @@ class GrammarMatcher:
             return
         if not self._matcher.consume_token(token):
             raise GrammarError(f"{self.grammar.name}: token {token} is outside the grammar "
-                               f"({self._matcher.get_error()})")  # fmt: skip
+                               f"({first_line(self._matcher.get_error())})")  # fmt: skip
+
+
+def first_line(error: str) -> str:
+    """llguidance's message without the parser state it appends."""
+    return error.strip().split("\n", 1)[0]
 
 
 def sequence_matcher(grammar: Grammar | None, tokenizer: Tokenizer | None) -> GrammarMatcher | None:
