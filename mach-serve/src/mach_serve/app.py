@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -23,12 +24,12 @@ from mach.chat.tool_calls import TOOL_CALL_OPEN
 from mach.decode.events import GenerationStats, TokenEvent
 from mach.decode.structured import reply_format
 from mach.registry import arch_summary
-from mach_serve.delivery import first_event, record_stats, rest, run_to_end, sse
+from mach_serve.delivery import first_events, merged, record_stats, rest, run_to_end, sse
 from mach_serve.errors import APIError, internal_error
 from mach_serve.guards import HostAllowList, require_json
 from mach_serve.memory import LARGE_REQUEST_BYTES, release_freed_memory
-from mach_serve.output import Delta, chat_output
-from mach_serve.requests import Prepared, prepare_chat, prepare_completion
+from mach_serve.output import ChatOutput, Delta, chat_output
+from mach_serve.requests import MAX_SEED, Prepared, prepare_chat, prepare_completion
 from mach_serve.responses import (
     chat_logprobs,
     chunk,
@@ -128,100 +129,137 @@ def create_app(
         return Route(f"/{endpoint}" if endpoint == "health" else f"/v1/{endpoint}",
                      wrapped, methods=methods)  # fmt: skip
 
-    def new_job(prepared: Prepared) -> Job:
-        return Job(prepared.prompt, prepared.params, asyncio.get_running_loop())
+    def new_jobs(prepared: Prepared, n: int) -> list[Job]:
+        """One job per choice; a seeded request's choice ``i`` draws with ``seed + i``."""
+        loop, params = asyncio.get_running_loop(), prepared.params
+        jobs = []
+        for i in range(n):
+            seed = None if params.seed is None else (params.seed + i) % (MAX_SEED + 1)
+            choice = params if i == 0 else dataclasses.replace(params, seed=seed)
+            jobs.append(Job(prepared.prompt, choice, loop))
+        return jobs
+
+    def finished(events: list[TokenEvent]) -> GenerationStats:
+        return events[-1].stats or GenerationStats()
 
     async def chat(request: Request) -> Response:
         req, prepared = await prepare(request, state, prepare_chat)
         params, prompt_text = prepared.params, prepared.text
-        job = new_job(prepared)
+        jobs = new_jobs(prepared, req.n)
         cid, created, model = new_id("chatcmpl"), now(), state.model_id
         tools = bool(req.tools) and req.tool_choice != "none"
-        if not req.stream:
-            events = await run_to_end(state, request, job)
-            last = events[-1]
-            output = chat_output(state.adapter, state.tokenizer, prompt_text, tools, params.stop)
-            parts = [output.feed(e) for e in events] + [output.finish()]
+
+        def output() -> ChatOutput:
+            return chat_output(state.adapter, state.tokenizer, prompt_text, tools, params.stop)
+
+        def choice(index: int, events: list[TokenEvent]) -> dict[str, Any]:
+            out = output()
+            parts = [out.feed(e) for e in events] + [out.finish()]
             reasoning = "".join(p.reasoning for p in parts)
             content = "".join(p.content for p in parts)
-            calls = output.calls
             message: dict[str, Any] = {"role": "assistant", "content": content or None}
             if reasoning:
                 message["reasoning_content"] = reasoning
-            if calls:
-                message["tool_calls"] = tool_calls_json(calls)
-            finish = "tool_calls" if calls else last.finish_reason
-            body = {"id": cid, "object": "chat.completion", "created": created, "model": model,
-                    "choices": [{"index": 0, "message": message, "finish_reason": finish,
-                                 "logprobs": chat_logprobs(state.tokenizer, events)
-                                 if req.logprobs else None}],
-                    "usage": usage(last.stats or GenerationStats())}  # fmt: skip
-            return JSONResponse(body)
-        first = await first_event(state, request, job)
-        include_usage = req.stream_options is not None and req.stream_options.include_usage
+            if out.calls:
+                message["tool_calls"] = tool_calls_json(out.calls)
+            finish = "tool_calls" if out.calls else events[-1].finish_reason
+            return {"index": index, "message": message, "finish_reason": finish,
+                    "logprobs": chat_logprobs(state.tokenizer, events) if req.logprobs
+                    else None}  # fmt: skip
 
-        async def pieces() -> AsyncIterator[str]:
-            yield chunk(cid, model, created, {"role": "assistant", "content": ""}, None)
-            output = chat_output(state.adapter, state.tokenizer, prompt_text, tools, params.stop)
+        if not req.stream:
+            runs = await run_to_end(state, request, jobs)
+            return JSONResponse({"id": cid, "object": "chat.completion", "created": created,
+                                 "model": model,
+                                 "choices": [choice(i, events) for i, events in enumerate(runs)],
+                                 "usage": usage(*(finished(e) for e in runs))})  # fmt: skip
+        firsts = await first_events(state, request, jobs)
+        include_usage = req.stream_options is not None and req.stream_options.include_usage
+        stats: list[GenerationStats] = []
+
+        async def choice_pieces(index: int, first: TokenEvent, job: Job) -> AsyncIterator[str]:
+            def piece(delta: dict[str, Any], finish: str | None = None,
+                      logprobs: dict[str, Any] | None = None) -> str:  # fmt: skip
+                return chunk(cid, model, created, delta, finish, logprobs, index)
+
+            yield piece({"role": "assistant", "content": ""})
+            out = output()
             async for event in rest(first, job):
-                delta = output.feed(event)
+                delta = out.feed(event)
                 if event.finish_reason is not None:
-                    tail = output.finish()
+                    tail = out.finish()
                     delta = Delta(delta.reasoning + tail.reasoning, delta.content + tail.content)
                 if delta.reasoning:
-                    yield chunk(cid, model, created, {"reasoning_content": delta.reasoning}, None)
+                    yield piece({"reasoning_content": delta.reasoning})
                 logprobs = chat_logprobs(state.tokenizer, [event]) if req.logprobs else None
                 if delta.content or (logprobs and logprobs["content"]):
-                    yield chunk(cid, model, created, {"content": delta.content}, None, logprobs)
+                    yield piece({"content": delta.content}, None, logprobs)
                 if event.finish_reason is None:
                     continue
                 record_stats(state, event)
+                stats.append(event.stats or GenerationStats())
                 finish: str = event.finish_reason
-                if output.calls:
-                    calls_delta = {"tool_calls": tool_calls_json(output.calls)}
-                    yield chunk(cid, model, created, calls_delta, None)
+                if out.calls:
+                    yield piece({"tool_calls": tool_calls_json(out.calls)})
                     finish = "tool_calls"
-                yield chunk(cid, model, created, {}, finish)
-                if include_usage and event.stats is not None:
-                    yield usage_chunk(cid, "chat.completion.chunk", created, model, event.stats)
+                yield piece({}, finish)
 
-        return sse(state, job, pieces())
+        async def pieces() -> AsyncIterator[str]:
+            pairs = enumerate(zip(firsts, jobs, strict=True))
+            streams = [choice_pieces(i, first, job) for i, (first, job) in pairs]
+            async for piece in merged(streams):
+                yield piece
+            if include_usage and stats:
+                yield usage_chunk(cid, "chat.completion.chunk", created, model, stats)
+
+        return sse(state, jobs, pieces())
 
     async def completions(request: Request) -> Response:
         req, prepared = await prepare(request, state, prepare_completion)
-        job = new_job(prepared)
+        jobs = new_jobs(prepared, req.n)
         cid, created, model = new_id("cmpl"), now(), state.model_id
         echo = prepared.text
 
-        def body(text: str, finish: str | None, events: list[TokenEvent]) -> dict[str, Any]:
+        def body(text: str, finish: str | None, events: list[TokenEvent],
+                 index: int = 0) -> dict[str, Any]:  # fmt: skip
             logprobs = completion_logprobs(state.tokenizer, events) if req.logprobs is not None \
                 else None  # fmt: skip
             return {"id": cid, "object": "text_completion", "created": created, "model": model,
-                    "choices": [{"index": 0, "text": text, "finish_reason": finish,
+                    "choices": [{"index": index, "text": text, "finish_reason": finish,
                                  "logprobs": logprobs}]}  # fmt: skip
 
         if not req.stream:
-            events = await run_to_end(state, request, job)
-            last = events[-1]
-            text = "".join(e.text for e in events)
-            result = body(echo + text, last.finish_reason, events)
-            result["usage"] = usage(last.stats or GenerationStats())
+            runs = await run_to_end(state, request, jobs)
+            choices = [body(echo + "".join(e.text for e in events), events[-1].finish_reason,
+                            events, i)["choices"][0] for i, events in enumerate(runs)]  # fmt: skip
+            result = body("", None, [])
+            result["choices"] = choices
+            result["usage"] = usage(*(finished(e) for e in runs))
             return JSONResponse(result)
-        first = await first_event(state, request, job)
+        firsts = await first_events(state, request, jobs)
         include_usage = req.stream_options is not None and req.stream_options.include_usage
+        stats: list[GenerationStats] = []
 
-        async def pieces() -> AsyncIterator[str]:
+        async def choice_pieces(index: int, first: TokenEvent, job: Job) -> AsyncIterator[str]:
             if echo:
-                yield f"data: {json.dumps(body(echo, None, []))}\n\n"
+                yield f"data: {json.dumps(body(echo, None, [], index))}\n\n"
             async for event in rest(first, job):
                 if event.text or event.finish_reason is not None:
-                    yield f"data: {json.dumps(body(event.text, event.finish_reason, [event]))}\n\n"
+                    piece = body(event.text, event.finish_reason, [event], index)
+                    yield f"data: {json.dumps(piece)}\n\n"
                 if event.finish_reason is not None:
                     record_stats(state, event)
-                    if include_usage and event.stats is not None:
-                        yield usage_chunk(cid, "text_completion", created, model, event.stats)
+                    stats.append(event.stats or GenerationStats())
 
-        return sse(state, job, pieces())
+        async def pieces() -> AsyncIterator[str]:
+            pairs = enumerate(zip(firsts, jobs, strict=True))
+            streams = [choice_pieces(i, first, job) for i, (first, job) in pairs]
+            async for piece in merged(streams):
+                yield piece
+            if include_usage and stats:
+                yield usage_chunk(cid, "text_completion", created, model, stats)
+
+        return sse(state, jobs, pieces())
 
     def model_entry() -> dict[str, Any]:
         return {"id": state.model_id, "object": "model", "created": state.created,

@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
@@ -29,6 +30,7 @@ from mach_serve.worker import (
 )
 
 logger = logging.getLogger("mach_serve")
+T = TypeVar("T")
 
 
 def outcome_of(exc: BaseException) -> Outcome:
@@ -51,29 +53,33 @@ def api_error(exc: BaseException) -> APIError:
     return internal_error()
 
 
-async def _watch(request: Request, job: Job) -> None:
+async def _watch(request: Request, jobs: list[Job]) -> None:
     # Once the body is read, uvicorn's receive() returns only when the client disconnects.
     while (await request.receive())["type"] != "http.disconnect":
         pass
-    job.abandon()
+    for job in jobs:
+        job.abandon()
 
 
 @contextlib.asynccontextmanager
-async def submitted(state: ServerState, request: Request, job: Job) -> AsyncIterator[Job]:
-    """Queue ``job`` while watching for its client to leave; counts its outcome if it ends here.
+async def submitted(state: ServerState, request: Request, jobs: list[Job]) -> AsyncIterator[None]:
+    """Queue ``jobs`` (a request's choices) while watching for the client to leave; counts the
+    request's outcome if it ends here.
 
     The watch stops when the block exits, before a response is sent: a completed response
     also wakes ``receive()``.
     """
-    watch = asyncio.create_task(_watch(request, job))
+    watch = asyncio.create_task(_watch(request, jobs))
     try:
         await asyncio.sleep(0)  # let the watch see a client that left during preparation
-        if not job.cancelled.is_set():
-            state.worker.submit(job)
-            state.metrics.prompt_tokens += len(job.prompt)
-        yield job
+        for job in jobs:
+            if not job.cancelled.is_set():
+                state.worker.submit(job)
+                state.metrics.prompt_tokens += len(job.prompt)
+        yield
     except BaseException as exc:
-        job.cancelled.set()  # nobody will read the rest
+        for job in jobs:
+            job.cancelled.set()  # nobody will read the rest
         state.metrics.outcomes[outcome_of(exc)] += 1
         if isinstance(exc, ClientGoneError | asyncio.CancelledError):
             raise
@@ -84,19 +90,36 @@ async def submitted(state: ServerState, request: Request, job: Job) -> AsyncIter
             await watch
 
 
-async def run_to_end(state: ServerState, request: Request, job: Job) -> list[TokenEvent]:
-    """Every event of a non-streaming job; the last one has the finish reason and stats."""
-    async with submitted(state, request, job):
-        events = [event async for event in job.stream()]
+async def each(awaitables: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """All results, in order; the first failure cancels the rest and is raised."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _all_events(job: Job) -> list[TokenEvent]:
+    return [event async for event in job.stream()]
+
+
+async def run_to_end(
+    state: ServerState, request: Request, jobs: list[Job]
+) -> list[list[TokenEvent]]:
+    """Every event of each non-streaming job; each list's last event has the finish reason."""
+    async with submitted(state, request, jobs):
+        runs = await each([_all_events(job) for job in jobs])
     state.metrics.outcomes["completed"] += 1
-    record_stats(state, events[-1])
-    return events
+    for events in runs:
+        record_stats(state, events[-1])
+    return runs
 
 
-async def first_event(state: ServerState, request: Request, job: Job) -> TokenEvent:
-    """The first event of a streaming job: until it comes, errors are still HTTP statuses."""
-    async with submitted(state, request, job):
-        return await job.next()
+async def first_events(state: ServerState, request: Request, jobs: list[Job]) -> list[TokenEvent]:
+    """The first event of each streaming job: until they come, errors are still HTTP statuses."""
+    async with submitted(state, request, jobs):
+        return await each([job.next() for job in jobs])
 
 
 async def rest(first: TokenEvent, job: Job) -> AsyncIterator[TokenEvent]:
@@ -105,6 +128,38 @@ async def rest(first: TokenEvent, job: Job) -> AsyncIterator[TokenEvent]:
     if first.finish_reason is None:
         async for event in job.stream():
             yield event
+
+
+async def merged(streams: list[AsyncIterator[str]]) -> AsyncIterator[str]:
+    """The items of every stream as each produces them (a request's choices interleaved)."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield item
+        return
+    queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
+
+    async def pump(stream: AsyncIterator[str]) -> None:
+        try:
+            async for item in stream:
+                queue.put_nowait(item)
+            queue.put_nowait(None)
+        except Exception as exc:  # handed to the consumer, which raises it
+            queue.put_nowait(exc)
+
+    tasks = [asyncio.ensure_future(pump(stream)) for stream in streams]
+    try:
+        left = len(tasks)
+        while left:
+            got = await queue.get()
+            if got is None:
+                left -= 1
+            elif isinstance(got, BaseException):
+                raise got
+            else:
+                yield got
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def record_stats(state: ServerState, last: TokenEvent) -> None:
@@ -122,7 +177,7 @@ def record_stats(state: ServerState, last: TokenEvent) -> None:
     )  # fmt: skip
 
 
-def sse(state: ServerState, job: Job, pieces: AsyncIterator[str]) -> StreamingResponse:
+def sse(state: ServerState, jobs: list[Job], pieces: AsyncIterator[str]) -> StreamingResponse:
     """Server-sent events from ``pieces``, always closed by ``[DONE]`` unless the client left."""
 
     async def body() -> AsyncIterator[str]:
@@ -136,7 +191,8 @@ def sse(state: ServerState, job: Job, pieces: AsyncIterator[str]) -> StreamingRe
             yield f"data: {json.dumps(api_error(exc).body())}\n\n"
         finally:
             state.metrics.outcomes[outcome] += 1
-            job.cancelled.set()
+            for job in jobs:
+                job.cancelled.set()
         yield "data: [DONE]\n\n"
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -23,6 +23,8 @@ from mach_serve.state import ServerState
 
 Request = TypeVar("Request", bound=SamplingFields)
 MAX_SEED = 2**64 - 1
+MAX_CHOICES = 16
+"""Choices per request (``n``); each is a sequence of its own in the queue and the batch."""
 PIECE_CHARS = 2**15
 CUT_ALLOWANCE = 8
 
@@ -142,8 +144,8 @@ def reply_constraint(state: ServerState, req: ChatCompletionRequest,
 
 def check_fields(req: SamplingFields) -> None:
     """Field checks that come before any templating or tokenizing."""
-    if req.n != 1:
-        raise APIError(400, "only n=1 is supported", param="n")
+    if not 1 <= req.n <= MAX_CHOICES:
+        raise APIError(400, f"n must be between 1 and {MAX_CHOICES}, got {req.n}", param="n")
     if req.seed is not None and not 0 <= req.seed <= MAX_SEED:
         raise APIError(400, f"seed must be between 0 and {MAX_SEED} (2**64 - 1), got {req.seed}",
                        param="seed")  # fmt: skip
@@ -249,7 +251,8 @@ def completion_prompt(state: ServerState, req: CompletionRequest) -> list[int]:
             raise APIError(400, "prompt must be a string, a list of strings or a list of token "
                            "ids", param="prompt")  # fmt: skip
         if len(prompt) != 1:
-            raise APIError(400, "send one prompt per request (n=1)", param="prompt")
+            raise APIError(400, "send one prompt per request (use n for several completions)",
+                           param="prompt")  # fmt: skip
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
         raise APIError(400, "prompt must be a non-empty string", param="prompt")

@@ -16,11 +16,14 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(stats: GenerationStats) -> dict[str, Any]:
-    """OpenAI's usage block; ``cached_tokens`` counts prompt tokens restored from the cache."""
-    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generation_tokens,
-            "total_tokens": stats.prompt_tokens + stats.generation_tokens,
-            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}  # fmt: skip
+def usage(*choices: GenerationStats) -> dict[str, Any]:
+    """OpenAI's usage block over a request's choices: the prompt counted once, every choice's
+    tokens; ``cached_tokens`` counts prompt tokens the first restored from the cache."""
+    first = choices[0]
+    generated = sum(stats.generation_tokens for stats in choices)
+    return {"prompt_tokens": first.prompt_tokens, "completion_tokens": generated,
+            "total_tokens": first.prompt_tokens + generated,
+            "prompt_tokens_details": {"cached_tokens": first.cached_tokens}}  # fmt: skip
 
 
 def tool_calls_json(calls: list[ParsedToolCall]) -> list[dict[str, Any]]:
@@ -63,17 +66,18 @@ def completion_logprobs(tokenizer: Tokenizer, events: list[TokenEvent]) -> dict[
 
 
 def chunk(cid: str, model: str, created: int, delta: dict[str, Any], finish: str | None,
-          logprobs: dict[str, Any] | None = None) -> str:  # fmt: skip
+          logprobs: dict[str, Any] | None = None, index: int = 0) -> str:  # fmt: skip
     body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                          "finish_reason": finish}]}  # fmt: skip
     return f"data: {json.dumps(body)}\n\n"
 
 
-def usage_chunk(cid: str, obj: str, created: int, model: str, stats: GenerationStats) -> str:
+def usage_chunk(cid: str, obj: str, created: int, model: str,
+                choices: list[GenerationStats]) -> str:  # fmt: skip
     """The final SSE chunk of ``stream_options.include_usage``: no choices, the usage."""
     body = {"id": cid, "object": obj, "created": created, "model": model, "choices": [],
-            "usage": usage(stats)}  # fmt: skip
+            "usage": usage(*choices)}  # fmt: skip
     return f"data: {json.dumps(body)}\n\n"
 
 

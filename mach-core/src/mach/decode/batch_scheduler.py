@@ -41,9 +41,10 @@ class ContinuousBatchScheduler(DecodeEngine):
     its own cache (from its longest cached prefix when there is a ``prefix_cache``) and joins
     the batch with its last prompt token, which the next decode step feeds. Sampling settings,
     stop strings and tokens, token limits and logprobs are per sequence; events and statistics
-    are those of ``TargetEngine``. A step with a grammar-constrained row reads the previous
-    step back before it is queued (the row's mask needs that token). With a streaming
-    ``store``, each decode step's expert reads are recorded against its batch size.
+    are those of ``TargetEngine``. With a grammar-constrained row, a step's sampling waits for
+    the previous step's tokens (the row's mask needs them), though its forward pass does not.
+    With a streaming ``store``, each decode step's expert reads are recorded against its
+    batch size.
     """
 
     def __init__(
@@ -77,6 +78,7 @@ class ContinuousBatchScheduler(DecodeEngine):
         self._rows: list[BatchSequence] = []
         self._batch = BatchCache(template)
         self._pending: _Step | None = None
+        self._read_before = 0
         self.steps = 0
         """Decode steps run so far."""
 
@@ -122,13 +124,19 @@ class ContinuousBatchScheduler(DecodeEngine):
             self._keep([i for i, gone in enumerate(spent) if not gone])
         previous = self._pending
         touched: list[BatchSequence] = []
-        if previous is not None and any(s.matcher is not None for s in previous.rows):
-            # A grammar's next mask needs the token before it: read the step back first.
-            touched, previous = self._collect(previous), None
-            self._drop_done()
-        self._pending = self._launch() if self._rows else None
-        if previous is not None:
+        if previous is not None and any(s.matcher is not None for s in self._rows):
+            # A grammar's mask needs the previous token on the host: queue the forward pass,
+            # read the previous step back while it runs, then sample (finished rows ride along).
+            rows = list(self._rows)
+            logits = self._forward(rows)
+            mx.async_eval(logits)
             touched = self._collect(previous)
+            self._pending = self._sample(rows, logits)
+        else:
+            self._pending = self._sample(self._rows, self._forward(self._rows)) \
+                if self._rows else None  # fmt: skip
+            if previous is not None:
+                touched = self._collect(previous)
         self._drop_done()
         if not touched:
             return []
@@ -188,27 +196,28 @@ class ContinuousBatchScheduler(DecodeEngine):
             seq.phase = Phase.DECODING
             self._rows.append(seq)
 
-    def _launch(self) -> _Step:
-        """Queue one decode step for every row; the sampled tokens feed the next one."""
-        rows = list(self._rows)
-        before = self.store.bytes_read if self.store is not None else 0
+    def _forward(self, rows: list[BatchSequence]) -> mx.array:
+        """Queue one decode forward pass for ``rows``: ``[rows, vocab]`` logits."""
+        self._read_before = self.store.bytes_read if self.store is not None else 0
         inputs = mx.concatenate([s.next_input for s in rows])[:, None]
-        logits = self.model(inputs, cache=self._batch)[:, -1, :]
-        if any(s.matcher is not None for s in rows):
-            mx.async_eval(logits)  # the forward pass runs while the grammar masks are computed
+        logits: mx.array = self.model(inputs, cache=self._batch)[:, -1, :]
+        return logits
+
+    def _sample(self, rows: list[BatchSequence], logits: mx.array) -> _Step:
+        """Sample every row's next token from ``logits``; the tokens feed the next step."""
+        # Routing reads its expert ids back while the step is built, so the reads are done.
+        read = self.store.bytes_read - self._read_before if self.store is not None else 0
         sampled: list[tuple[mx.array, ...]]
         if all(s.plain_greedy for s in rows):
             sampled = [(t,) for t in mx.split(mx.argmax(logits, axis=-1), len(rows))]
         else:
             sampled = [s.sample(logits[i : i + 1]) for i, s in enumerate(rows)]
         mx.async_eval(sampled)
-        # Routing reads its expert ids back while the step is built, so the reads are done.
-        read = self.store.bytes_read - before if self.store is not None else 0
         for seq, out in zip(rows, sampled, strict=True):
             seq.next_input = out[0].astype(mx.uint32)
             seq.queued += 1
         self.steps += 1
-        return _Step(rows, sampled, read)
+        return _Step(list(rows), sampled, read)
 
     def _collect(self, step: _Step) -> list[BatchSequence]:
         """Hand out a step's tokens to the sequences still running."""

@@ -87,8 +87,8 @@ class TargetEngine(DecodeEngine):
     for the device between tokens. With a ``prefix_cache``, a request starts from its longest
     cached prefix and prefills only the rest; the last prompt token always goes through a
     decode step, so a snapshot never has to cover the whole prompt. With a grammar
-    (``params.grammar``) each step's mask needs the token before it, so steps are not queued
-    ahead; the mask is computed while the device runs the step's forward pass.
+    (``params.grammar``) a step's mask needs the token before it on the host: the forward
+    pass is still queued ahead, and the mask is computed while the device runs it.
     """
 
     def __init__(
@@ -127,13 +127,13 @@ class TargetEngine(DecodeEngine):
         want_logprobs = params.logprobs is not None
         top_n = params.logprobs or 0
 
-        def step(last: mx.array) -> tuple[mx.array, ...]:
+        def forward(last: mx.array) -> mx.array:
+            logits: mx.array = self.model(last[None], cache=cache)[:, -1, :]
+            return logits
+
+        def pick(logits: mx.array) -> tuple[mx.array, ...]:
             nonlocal history
-            logits = self.model(last[None], cache=cache)[:, -1, :]
-            allowed = logits
-            if matcher is not None:
-                mx.async_eval(logits)
-                allowed = matcher.restrict(logits)
+            allowed = matcher.restrict(logits) if matcher is not None else logits
             token = sampler(allowed, history)
             if history is not None:
                 history = mx.concatenate([history, token[None]], axis=1)
@@ -147,21 +147,28 @@ class TargetEngine(DecodeEngine):
             yield TokenEvent(None, "", "length", stats)
             return
         stats.cached_tokens = self._prefill(prompt, cache)
-        pending = step(tokens[-1:])
+        pending = pick(forward(tokens[-1:]))
         mx.async_eval(pending)
+        # With a grammar, the forward pass of the next token is queued as soon as the token is
+        # (on the device); only its sampling waits for the mask, which needs it on the host.
+        logits = forward(pending[0]) if matcher is not None and params.max_tokens > 1 else None
+        if logits is not None:
+            mx.async_eval(logits)
         generated = 0
         decode_start = start
         while generated < params.max_tokens:
             current = pending
-            more = generated + 1 < params.max_tokens
-            if more and matcher is None:
-                pending = step(current[0])
+            if matcher is None and generated + 1 < params.max_tokens:
+                pending = pick(forward(current[0]))
                 mx.async_eval(pending)
             token = int(current[0].item())  # type: ignore[arg-type]
-            if more and matcher is not None and token not in output.stops:
+            if logits is not None and matcher is not None and token not in output.stops:
                 matcher.accept(token)
-                pending = step(current[0])
+                pending = pick(logits)
                 mx.async_eval(pending)
+                logits = forward(pending[0]) if generated + 2 < params.max_tokens else None
+                if logits is not None:
+                    mx.async_eval(logits)
             if generated == 0:
                 decode_start = time.perf_counter()
                 stats.prompt_seconds = stats.time_to_first_token = decode_start - start
