@@ -156,3 +156,18 @@ def test_prompt_from_stdin_equals_the_same_prompt_given_inline() -> None:
     inline = mach("generate", "-p", text, "-n", "6", "--json")
     assert piped.returncode == 0 and inline.returncode == 0, piped.stderr
     assert json.loads(piped.stdout)["tokens"] == json.loads(inline.stdout)["tokens"]
+
+
+def test_check_names_the_expert_kernels_and_structured_output() -> None:
+    from mach.experts.dispatch import dispatch_paths
+
+    quantized = FIXTURE.parent / "mlx-q4"
+    result = mach("check", "--json", str(FIXTURE), str(quantized))
+    assert result.returncode == 0, result.stderr
+    float_report, q4_report = json.loads(result.stdout)["checkpoints"]
+    assert float_report["dispatch"] == dispatch_paths(float_report["experts_per_layer"], False)
+    assert q4_report["dispatch"] == dispatch_paths(q4_report["experts_per_layer"], True)
+    assert float_report["serving"]["structured_output"] is True
+    text = mach("check", str(quantized)).stdout
+    assert f"{quantized}: expert kernels here: decode gather_qmm; prefill dequantized" in text
+    assert "serve chat+json" in text

@@ -84,3 +84,13 @@ def test_decode_sized_calls_stay_on_the_gather_kernels() -> None:
     x, ids = routes(8)
     layer(x, ids)
     assert layer.stats()["grouped_calls"] == 0
+
+
+@pytest.mark.parametrize(("experts", "quantized"), [(16, False), (128, True), (4, True)])
+def test_mach_check_names_the_path_dispatch_takes(experts: int, quantized: bool) -> None:
+    paths = dispatch.dispatch_paths(experts, quantized)
+    rows = int(paths["prefill"].split(" from ")[1].split()[0])
+    kernel = "gather_qmm" if quantized else "gather_mm"
+    assert paths["decode"] == kernel and paths["prefill"].endswith(f"({kernel} below)")
+    assert grouped_on_cpu(rows, experts, quantized) and rows >= dispatch.SORT_THRESHOLD
+    assert not grouped_on_cpu(rows - 1, experts, quantized) or rows - 1 < dispatch.SORT_THRESHOLD

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field, replace
+from importlib.util import find_spec
 from typing import TYPE_CHECKING, Any
 
 from mach.decode.dflash.config import draft_folder
 from mach.errors import MachError, UnknownArchitectureError
+from mach.experts.dispatch import dispatch_paths
 from mach.io.options import LoadOptions
+from mach.io.residency import format_family
 from mach.registry import KNOWN_FAMILIES, arch_summary, install_hint
 
 if TYPE_CHECKING:
@@ -58,6 +61,8 @@ class CheckReport:
     tool_calls: bool = False
     context_length: int | None = None
     serving: dict[str, bool] = field(default_factory=dict)
+    dispatch: dict[str, str] = field(default_factory=dict)
+    """The expert kernels this device runs, for decode steps and prefill chunks."""
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -178,6 +183,8 @@ def fill_report(report: CheckReport, plan: LoadPlan) -> None:
     if plan.switches:
         spec = next(iter(plan.switches.values()))
         report.experts_per_layer, report.top_k = spec.num_experts, spec.top_k
+        quantized = format_family(experts.quantization) != "float"
+        report.dispatch = dispatch_paths(spec.num_experts, quantized)
     report.expert_bytes = experts.expert_bytes
     report.non_expert_bytes = plan.non_expert_bytes
     report.total_bytes = report.expert_bytes + report.non_expert_bytes
@@ -203,6 +210,7 @@ def fill_report(report: CheckReport, plan: LoadPlan) -> None:
         "completions": report.tokenizer,
         "chat_completions": report.chat_template,
         "tools": report.chat_template and report.tool_calls,
+        "structured_output": report.tokenizer and find_spec("llguidance") is not None,
     }
     if not report.tokenizer:
         report.warnings.append(

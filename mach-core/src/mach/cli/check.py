@@ -34,6 +34,8 @@ def _row(r: dict[str, Any]) -> list[str]:
     serve = "chat+tools" if r["serving"]["tools"] else (
         "chat" if r["serving"]["chat_completions"] else (
             "completions" if r["serving"]["completions"] else "no"))  # fmt: skip
+    if r["serving"]["structured_output"]:
+        serve += "+json"
     verdict = f"ok: loads {store['residency']}, {_gb(store['memory_bytes'])}"
     if store.get("budget_bytes"):
         verdict += f" ({store['slots_per_layer']} slots/layer in {_gb(store['budget_bytes'])})"
@@ -88,6 +90,10 @@ def check_command(
         for row in rows:
             cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
             typer.echo("  ".join([*cells, row[-1]]))
+        for r in reports:
+            if r["dispatch"]:
+                typer.echo(f"{r['path']}: expert kernels here: decode {r['dispatch']['decode']}; "
+                           f"prefill {r['dispatch']['prefill']}")  # fmt: skip
     if not all(r["loads"] for r in reports):
         raise typer.Exit(1)
 

@@ -29,6 +29,18 @@ def grouped_on_cpu(routes: int, num_experts: int, quantized: bool) -> bool:
     return routes >= rows * num_experts and mx.default_device() == mx.cpu
 
 
+def dispatch_paths(num_experts: int, quantized: bool) -> dict[str, str]:
+    """Which kernels run a layer's routed experts on the default device, by call size."""
+    kernel = "gather_qmm" if quantized else "gather_mm"
+    if mx.default_device() != mx.cpu:
+        return {"decode": kernel, "prefill": kernel}
+    rows = max(SORT_THRESHOLD, GROUPED_ROWS_PER_EXPERT["quantized" if quantized else "float"]
+               * num_experts)  # fmt: skip
+    dense = "dequantized, then one BLAS matmul" if quantized else "one BLAS matmul"
+    prefill = f"{dense} per expert from {rows} routed rows per call ({kernel} below)"
+    return {"decode": kernel, "prefill": prefill}
+
+
 def _sort_routes(x: mx.array, indices: mx.array) -> tuple[mx.array, mx.array, mx.array]:
     k = indices.shape[-1]
     flat = indices.flatten()
