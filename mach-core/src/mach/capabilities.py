@@ -11,14 +11,15 @@ from typing import Any
 
 from mach.adapter import KvCacheKind
 
-UNAVAILABLE: dict[str, str] = {
-    "quantized_kv": "mach has no quantized KV cache yet",
-}
+UNAVAILABLE: dict[str, str] = {}
 
 OFF_TOGETHER: dict[str, str] = {
     "continuous_batching+speculative_decoding": (
         "a drafting engine decodes one sequence at a time: where requests can batch, mach "
         "serve batches them and drafts only when asked (--draft, or --max-batch 1)"
+    ),
+    "continuous_batching+quantized_kv": (
+        "quantized KV caches have no batched form: with --kv-bits, requests decode one at a time"
     ),
 }
 """Pairs of features that each work but not at once, with what happens instead."""
@@ -26,7 +27,8 @@ OFF_TOGETHER: dict[str, str] = {
 # Which cache kinds each feature can work with once it exists; ``None`` means unknown until a
 # checkpoint's caches are built (a rotating cache batches only when it keeps no prefix;
 # ``mach check`` and the server verify it). Prefix reuse restores whole per-layer snapshots, so
-# it works for every kind, sliding windows included.
+# it works for every kind, sliding windows included. Quantized KV replaces full-attention
+# caches (sliding windows and GDN state stay as they are); a compressed cache has none.
 _BY_CACHE_KIND: dict[str, dict[str, bool | None]] = {
     "continuous_batching": {"standard": True, "hybrid_gdn": True, "compressed": False,
                             "rotating": None},

@@ -33,6 +33,7 @@ def model_fingerprint(loaded: LoadedModel) -> str:
         "dtype": loaded.options.dtype,
         "residency": loaded.experts.residency,
         "quantization": loaded.experts.quantization,
+        "kv": [loaded.options.kv_format, loaded.options.kv_bits],
         "tensors": tensors,
     }
     digest.update(json.dumps(identity, sort_keys=True, default=str).encode())

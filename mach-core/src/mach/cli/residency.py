@@ -75,6 +75,18 @@ Residency = Annotated[
         "streamed into bfloat16 banks).",
     ),
 ]
+KVBits = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option(
+        "--kv-bits",
+        help="Store full-attention keys and values in this many bits: 2, 3 or 4 (TurboQuant), "
+        "or 4 or 8 with --kv-format affine. Default: the model's dtype.",
+    ),
+]
+KVFormat = Annotated[
+    str,
+    typer.Option("--kv-format", help="Quantized KV format for --kv-bits: turboquant or affine."),
+]
 
 
 _LOAD_FLAGS: dict[str, tuple[Any, Any]] = {
@@ -86,6 +98,8 @@ _LOAD_FLAGS: dict[str, tuple[Any, Any]] = {
     "prefill": (Prefill, "transient"),
     "streaming_embedding": (StreamingEmbedding, False),
     "draft_path": (DraftPath, None),
+    "kv_bits": (KVBits, None),
+    "kv_format": (KVFormat, "turboquant"),
 }
 
 F = TypeVar("F", bound=Callable[..., Any])

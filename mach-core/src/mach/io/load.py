@@ -15,6 +15,7 @@ import mlx.nn as nn
 
 from mach.adapter import MoeArchAdapter
 from mach.cache.base import LayerCache, SequenceCache
+from mach.cache.kv_quant import quantized_kv
 from mach.errors import AdapterError, OptionsError
 from mach.experts.store import ExpertStore
 from mach.experts.swap import swap_switch_mlp
@@ -106,11 +107,24 @@ def load_plan(plan: LoadPlan, progress: Callable[[int, int], None] | None = None
             stacklevel=3,
         )
 
-    def factory() -> list[LayerCache]:
+    options = plan.options
+
+    def family_caches() -> list[LayerCache]:
         return adapter.make_cache(model)
 
+    def factory() -> list[LayerCache]:
+        caches = family_caches()
+        if options.kv_bits is None:
+            return caches
+        return quantized_kv(caches, options.kv_format, options.kv_bits)
+
+    _check_caches(adapter, family_caches())
     caches = factory()
-    _check_caches(adapter, caches)
+    swapped = [type(c) is not type(f) for c, f in zip(caches, family_caches(), strict=True)]
+    if options.kv_bits is not None and not any(swapped):
+        raise OptionsError(f"{adapter.name}: kv_bits quantizes full-attention KV caches, and "
+                           f"this model has none ({adapter.kv_cache_kind} caches); leave "
+                           "--kv-bits off")  # fmt: skip
     return LoadedModel(model, plan.tokenizer, store, SequenceCache(caches, factory), adapter, ckpt,
                        plan.options, plan)  # fmt: skip
 

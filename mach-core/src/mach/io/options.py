@@ -59,6 +59,10 @@ class LoadOptions:
     """Leave an untied, unquantized token embedding on disk and read rows on demand."""
     draft_path: str | None = None
     """A draft checkpoint folder (DFlash) to use instead of the one beside the checkpoint."""
+    kv_bits: int | None = None
+    """Store full-attention keys and values in this many bits (``None``: the model's dtype)."""
+    kv_format: str = "turboquant"
+    """``turboquant`` (2, 3 or 4 bits) or ``affine`` (4 or 8 bits), with ``kv_bits``."""
 
     def __post_init__(self) -> None:
         if self.arch is not None and (not isinstance(self.arch, str) or not self.arch):
@@ -72,6 +76,13 @@ class LoadOptions:
         _flag("gather_dispatch", self.gather_dispatch, optional=True)
         _flag("verify_experts", self.verify_experts, optional=False)
         _flag("streaming_embedding", self.streaming_embedding, optional=False)
+        from mach.cache.kv_quant import KV_FORMATS
+
+        _choice("kv_format", self.kv_format, tuple(KV_FORMATS), optional=False)
+        allowed = KV_FORMATS[self.kv_format]
+        if self.kv_bits is not None and self.kv_bits not in allowed:
+            raise OptionsError(f"kv_bits for {self.kv_format} must be one of "
+                               f"{', '.join(map(str, allowed))}, got {self.kv_bits!r}")  # fmt: skip
         if self.draft_path is not None and (not isinstance(self.draft_path, str)
                                             or not self.draft_path):  # fmt: skip
             raise OptionsError(f"draft_path must be a folder path, got {self.draft_path!r}")

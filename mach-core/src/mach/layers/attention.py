@@ -6,9 +6,11 @@ from typing import Any
 
 import mlx.core as mx
 
+from mach.cache.affine_kv import AffineKVCache
 from mach.cache.batch_kv import BatchKVCache, BatchRotatingKVCache
 from mach.cache.kv import KVCache
 from mach.cache.rotating import RotatingKVCache
+from mach.cache.turboquant import TurboQuantKVCache
 
 
 def window_mask(queries: int, first_query: int, keys: int, first_key: int, window: int) -> mx.array:
@@ -41,6 +43,11 @@ def attend(
         return mx.fast.scaled_dot_product_attention(
             queries, keys, values, scale=scale, mask=visible, sinks=sinks
         )
+    if isinstance(cache, TurboQuantKVCache | AffineKVCache):
+        if window is not None:
+            raise ValueError("quantized KV caches serve full-attention layers only")
+        return cache.attend(queries, keys, values, scale, "causal" if length > 1 else None,
+                            sinks)  # fmt: skip
     first_query = cache.offset if cache is not None else 0
     first_key = 0
     if isinstance(cache, RotatingKVCache):

@@ -1,0 +1,287 @@
+"""TurboQuant: keys and values stored as a norm and a few bits per coordinate.
+
+Each head vector is rotated by a seeded random-sign Hadamard transform, which makes its
+coordinates nearly independent and Gaussian, whatever the vector's outliers. Each rotated
+coordinate is then rounded to the nearest centroid of the Lloyd-Max quantizer for that Gaussian
+(2, 3 or 4 bits), and the vector's norm is kept, corrected so the reconstruction has the
+original length. Attention runs in the rotated space: the rotation is orthogonal, so
+``<q, k> = <Πq, Πk>``; queries are rotated once per step, keys and values are expanded from
+their centroids only for the step, and the output is rotated back once.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+
+import mlx.core as mx
+import numpy as np
+
+from mach.cache.affine_kv import compute_dtype
+from mach.cache.snapshot import LayerState, check_kind, present
+
+BITS = (2, 3, 4)
+LLOYD_ITERATIONS = 400
+
+
+def _normal_pdf(x: np.ndarray) -> np.ndarray:
+    return np.asarray(np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi))
+
+
+def _normal_cdf(x: np.ndarray) -> np.ndarray:
+    return np.asarray(0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2))))
+
+
+@cache
+def lloyd_max(bits: int) -> np.ndarray:
+    """The ``2**bits`` centroids of the mean-squared-error optimal quantizer of N(0, 1).
+
+    Lloyd's iteration: thresholds at the midpoints of neighbouring centroids, each centroid at
+    the mean of the Gaussian between its thresholds (``(pdf(a) - pdf(b)) / (cdf(b) - cdf(a))``).
+    """
+    if bits not in BITS:
+        raise ValueError(f"TurboQuant stores 2, 3 or 4 bits per coordinate, not {bits}")
+    levels = 2**bits
+    centroids = np.linspace(-2.5, 2.5, levels)
+    for _ in range(LLOYD_ITERATIONS):
+        edges = np.concatenate([[-np.inf], (centroids[1:] + centroids[:-1]) / 2, [np.inf]])
+        low, high = edges[:-1], edges[1:]
+        mass = _normal_cdf(high) - _normal_cdf(low)
+        centroids = (_normal_pdf(low) - _normal_pdf(high)) / mass
+    return centroids.astype(np.float32)
+
+
+def distortion(bits: int) -> float:
+    """Mean squared error per coordinate of :func:`lloyd_max` on N(0, 1), by integration."""
+    grid = np.linspace(-8, 8, 200001)
+    centroids = lloyd_max(bits)
+    nearest = centroids[np.abs(grid[:, None] - centroids[None]).argmin(axis=1)]
+    weight = _normal_pdf(grid)
+    return float(np.sum((grid - nearest) ** 2 * weight) / np.sum(weight))
+
+
+class TurboQuantCodec:
+    """Encode ``[..., dim]`` vectors to packed centroid indices and norms, and back.
+
+    ``seed`` fixes the rotation's signs; keys and values use different seeds.
+    """
+
+    def __init__(self, dim: int, bits: int, seed: int) -> None:
+        if dim & (dim - 1) or dim < 16:
+            raise ValueError(f"TurboQuant needs a power-of-two head_dim of at least 16, got {dim}")
+        self.dim, self.bits = dim, bits
+        self.per_word = 32 // bits
+        self.words = -(-dim // self.per_word)
+        signs = np.random.default_rng(seed).integers(0, 2, dim) * 2 - 1
+        self.signs = mx.array(signs.astype(np.float32))
+        centroids = lloyd_max(bits)
+        self.centroids = mx.array(centroids / math.sqrt(dim))
+        """In the orthonormal rotated space, where a unit vector's coordinates have variance
+        ``1 / dim``."""
+        self.thresholds = mx.array((centroids[1:] + centroids[:-1]) / 2 / math.sqrt(dim))
+        pad = self.words * self.per_word - dim
+        self._pad = pad
+        self._shifts = mx.array(np.arange(self.per_word, dtype=np.uint32) * bits)
+
+    def rotate(self, x: mx.array) -> mx.array:
+        """``Πx``: random signs, then the orthonormal Hadamard transform."""
+        return mx.hadamard_transform(x.astype(mx.float32) * self.signs)
+
+    def unrotate(self, y: mx.array) -> mx.array:
+        """``Πᵀy``."""
+        return mx.hadamard_transform(y.astype(mx.float32)) * self.signs
+
+    def encode(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """``(packed uint32 [..., words], corrected norm float32 [...])`` of ``x [..., dim]``."""
+        norm = mx.linalg.norm(x.astype(mx.float32), axis=-1)
+        unit = self.rotate(x) / mx.maximum(norm, 1e-12)[..., None]
+        idx = (unit[..., None] > self.thresholds).sum(axis=-1).astype(mx.uint32)
+        rebuilt = mx.linalg.norm(self.centroids[idx], axis=-1)
+        return self.pack(idx), norm / mx.maximum(rebuilt, 1e-12)
+
+    def decode_rotated(self, packed: mx.array, norm: mx.array) -> mx.array:
+        """The vectors in the rotated space, ``n · c[idx]`` (``[..., dim]`` float32)."""
+        return self.centroids[self.unpack(packed)] * norm[..., None]
+
+    def decode(self, packed: mx.array, norm: mx.array) -> mx.array:
+        return self.unrotate(self.decode_rotated(packed, norm))
+
+    def pack(self, idx: mx.array) -> mx.array:
+        if self._pad:
+            idx = mx.concatenate([idx, mx.zeros((*idx.shape[:-1], self._pad), mx.uint32)], -1)
+        grouped = idx.reshape(*idx.shape[:-1], self.words, self.per_word)
+        return (grouped << self._shifts).sum(axis=-1).astype(mx.uint32)
+
+    def unpack(self, packed: mx.array) -> mx.array:
+        mask = (1 << self.bits) - 1
+        idx = (packed[..., None] >> self._shifts) & mask
+        return idx.reshape(*packed.shape[:-1], self.words * self.per_word)[..., : self.dim]
+
+    def nbytes_per_vector(self) -> int:
+        return 4 * self.words + 4
+
+
+KEY_SEED, VALUE_SEED = 0x7B5EED, 0x7B5EEE
+STATE = ("k_codes", "k_norms", "v_codes", "v_norms")
+
+
+def _grow(held: mx.array | None, new_shape: tuple[int, ...], dtype: mx.Dtype, used: int,
+          need: int, step: int) -> mx.array:  # fmt: skip
+    """``held`` with room for ``need`` positions along axis 2 (grown in ``step`` chunks)."""
+    if held is not None and held.shape[2] >= need:
+        return held
+    size = -(-need // step) * step
+    fresh = mx.zeros((*new_shape[:2], size, *new_shape[3:]), dtype)
+    if held is not None and used:
+        fresh[:, :, :used] = held[:, :, :used]
+    return fresh
+
+
+class TurboQuantKVCache:
+    """A full-attention layer's keys and values as TurboQuant codes (``bits`` per coordinate).
+
+    Every position is quantized as it is written, so prefill, decode and a prefix restored from
+    the cache all attend over the same stored codes.
+    """
+
+    kind = "turboquant"
+    step = 256
+
+    def __init__(self, bits: int = 3) -> None:
+        lloyd_max(bits)  # checks bits
+        self.bits = bits
+        self._offset = 0
+        self.k_codes: mx.array | None = None
+        self.k_norms: mx.array | None = None
+        self.v_codes: mx.array | None = None
+        self.v_norms: mx.array | None = None
+        self._codecs: tuple[TurboQuantCodec, TurboQuantCodec] | None = None
+
+    @property
+    def offset(self) -> int:
+        return self._offset
+
+    def codecs(self, dim: int) -> tuple[TurboQuantCodec, TurboQuantCodec]:
+        if self._codecs is None or self._codecs[0].dim != dim:
+            self._codecs = (_codec(dim, self.bits, KEY_SEED), _codec(dim, self.bits, VALUE_SEED))
+        return self._codecs
+
+    def update(self, keys: mx.array, values: mx.array) -> None:
+        """Quantize and append ``[B, H, L, D]`` keys and values."""
+        kc, vc = self.codecs(keys.shape[-1])
+        b, h, new, _ = keys.shape
+        if new == 0:
+            return
+        prev, end = self._offset, self._offset + new
+        k_codes, k_norms = kc.encode(keys)
+        v_codes, v_norms = vc.encode(values)
+        self.k_codes = _grow(self.k_codes, (b, h, 0, kc.words), mx.uint32, prev, end, self.step)
+        self.v_codes = _grow(self.v_codes, (b, h, 0, vc.words), mx.uint32, prev, end, self.step)
+        self.k_norms = _grow(self.k_norms, (b, h, 0), mx.float32, prev, end, self.step)
+        self.v_norms = _grow(self.v_norms, (b, h, 0), mx.float32, prev, end, self.step)
+        self.k_codes[:, :, prev:end] = k_codes
+        self.v_codes[:, :, prev:end] = v_codes
+        self.k_norms[:, :, prev:end] = k_norms
+        self.v_norms[:, :, prev:end] = v_norms
+        self._offset = end
+
+    def attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float,
+               mask: str | mx.array | None, sinks: mx.array | None = None) -> mx.array:  # fmt: skip
+        """Append the new keys and values, then attention of ``queries`` over every stored
+        position, computed in the rotated space."""
+        self.update(keys, values)
+        kc, vc = self.codecs(keys.shape[-1])
+        assert self.k_codes is not None and self.v_codes is not None
+        assert self.k_norms is not None and self.v_norms is not None
+        end = self._offset
+        dtype = compute_dtype(queries.dtype)
+        k_rot = kc.decode_rotated(self.k_codes[:, :, :end], self.k_norms[:, :, :end])
+        v_rot = vc.decode_rotated(self.v_codes[:, :, :end], self.v_norms[:, :, :end])
+        out = mx.fast.scaled_dot_product_attention(
+            kc.rotate(queries).astype(dtype), k_rot.astype(dtype), v_rot.astype(dtype),
+            scale=scale, mask=mask, sinks=sinks,
+        )  # fmt: skip
+        return vc.unrotate(out).astype(queries.dtype)
+
+    def dequantized(self) -> tuple[mx.array, mx.array]:
+        """Keys and values as attention sees them, back in the model's space (for tests)."""
+        assert self.k_codes is not None and self.v_codes is not None
+        assert self.k_norms is not None and self.v_norms is not None
+        kc, vc = self._codecs or self.codecs(0)
+        end = self._offset
+        return (kc.decode(self.k_codes[:, :, :end], self.k_norms[:, :, :end]),
+                vc.decode(self.v_codes[:, :, :end], self.v_norms[:, :, :end]))  # fmt: skip
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        n = min(self._offset, n)
+        self._offset -= n
+        return n
+
+    def snapshot(self) -> int:
+        """Written positions never change, so the offset is the whole snapshot."""
+        return self._offset
+
+    def restore(self, snapshot: int) -> None:
+        if snapshot > self._offset:
+            raise ValueError(f"cannot restore a TurboQuant cache forward (snapshot at "
+                             f"{snapshot}, cache at {self._offset})")  # fmt: skip
+        self._offset = snapshot
+
+    def export_state(self) -> LayerState:
+        end = self._offset
+        arrays = {}
+        if end and self.k_codes is not None:
+            assert self.k_norms is not None and self.v_codes is not None
+            assert self.v_norms is not None
+            held = (self.k_codes, self.k_norms, self.v_codes, self.v_norms)
+            arrays = {n: a[:, :, :end] for n, a in zip(STATE, held, strict=True)}
+        dim = self._codecs[0].dim if self._codecs is not None else 0
+        return LayerState(self.kind, present(**arrays),
+                          {"offset": end, "bits": self.bits, "head_dim": dim})  # fmt: skip
+
+    def load_state(self, state: LayerState) -> None:
+        check_kind(state, self.kind)
+        if state.meta["bits"] != self.bits:
+            raise ValueError(f"a {state.meta['bits']}-bit TurboQuant state cannot load into a "
+                             f"{self.bits}-bit cache")  # fmt: skip
+        self._offset = end = int(state.meta["offset"])
+        self.k_codes = self.k_norms = self.v_codes = self.v_norms = None
+        if not end:
+            return
+        self.codecs(int(state.meta["head_dim"]))
+        a = state.arrays
+        b, h = a["k_codes"].shape[:2]
+        # Copied into fresh buffers, so later writes never reach the stored snapshot.
+        for name in ("k_codes", "k_norms", "v_codes", "v_norms"):
+            held = _grow(None, (b, h, 0, *a[name].shape[3:]), a[name].dtype, 0, end, self.step)
+            held[:, :, :end] = a[name]
+            setattr(self, name, held)
+
+    @property
+    def state(self) -> tuple[mx.array, ...] | None:
+        if self.k_codes is None:
+            return None
+        return tuple(getattr(self, n)[:, :, : self._offset] for n in
+                     ("k_codes", "k_norms", "v_codes", "v_norms"))  # fmt: skip
+
+    @property
+    def nbytes(self) -> int:
+        held = [self.k_codes, self.k_norms, self.v_codes, self.v_norms]
+        return sum(a.nbytes for a in held if a is not None)
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of the positions held (``nbytes`` counts the grown buffers)."""
+        if self._codecs is None:
+            return 0
+        per = sum(c.nbytes_per_vector() for c in self._codecs)
+        assert self.k_codes is not None
+        return per * self.k_codes.shape[0] * self.k_codes.shape[1] * self._offset
+
+
+@cache
+def _codec(dim: int, bits: int, seed: int) -> TurboQuantCodec:
+    return TurboQuantCodec(dim, bits, seed)
