@@ -1,8 +1,8 @@
 """``AffineKVCache``: keys and values in MLX's affine 4- or 8-bit format, the plain baseline.
 
 Each group of ``group_size`` coordinates keeps a scale and a bias. A decode step's scores and
-output are MLX's fused quantized matmuls over the stored codes; a prefill chunk dequantizes
-them for one fused attention call.
+output are MLX's fused quantized matmuls over the stored codes (where MLX has them, see
+``fused_decode``); a prefill chunk dequantizes them for one fused attention call.
 """
 
 from __future__ import annotations
@@ -18,6 +18,12 @@ AFFINE_BITS = (4, 8)
 def compute_dtype(dtype: mx.Dtype) -> mx.Dtype:
     """float32 on a CPU, whose quantized kernels are several times slower in half precision."""
     return mx.float32 if mx.default_device() == mx.cpu else dtype
+
+
+def fused_decode() -> bool:
+    """Whether MLX has quantized matmuls over batched, cached keys here (its CUDA backend
+    does not yet; there a step dequantizes for one fused attention call instead)."""
+    return mx.default_device() == mx.cpu or mx.metal.is_available()
 
 
 PARTS = ("k_q", "k_scales", "k_biases", "v_q", "v_scales", "v_biases")
@@ -74,7 +80,7 @@ class AffineKVCache:
         v = [self._held[n][:, :, :end] for n in PARTS[3:]]
         b, heads, length, dim = queries.shape
         kv_heads = k[0].shape[1]
-        if length > 1:
+        if length > 1 or not fused_decode():
             full_k = mx.dequantize(k[0], k[1], k[2], group, self.bits).astype(queries.dtype)
             full_v = mx.dequantize(v[0], v[1], v[2], group, self.bits).astype(queries.dtype)
             return mx.fast.scaled_dot_product_attention(queries, full_k, full_v, scale=scale,
