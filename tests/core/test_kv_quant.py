@@ -266,3 +266,12 @@ def test_affine_needs_head_dims_of_whole_groups(fixtures_dir: Path) -> None:
     engine = TargetEngine(loaded.model, None, loaded.cache.new)
     with pytest.raises(OptionsError, match=r"multiple of 32 .* use --kv-format turboquant"):
         engine.generate([1, 2, 3], SamplingParams(max_tokens=2))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("dim", [64, 128])
+def test_the_run_table_expands_codes_exactly(bits: int, dim: int) -> None:
+    codec = TurboQuantCodec(dim, bits, seed=0)
+    packed, norm = codec.encode(vectors((3, 50, dim)))
+    one_by_one = codec.centroids[codec.unpack(packed)] * norm[..., None]
+    assert mx.array_equal(codec.decode_rotated(packed, norm), one_by_one).item()
