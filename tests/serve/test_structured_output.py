@@ -151,3 +151,14 @@ def test_capabilities_list_what_is_enforced(served: Running) -> None:
     server = httpx.get(f"{served.url}/v1/capabilities", timeout=10).json()["server"]
     assert server["response_format"] == ["text", "json_object", "json_schema"]
     assert server["tool_choice"] == ["none", "auto", "required", "function"]
+
+
+def test_the_grammar_tokenizer_is_built_before_the_first_request() -> None:
+    from mach.decode.grammar import GrammarTokenizer
+    from mach_serve import build_state
+
+    state = build_state(None)
+    try:
+        assert state.tokenizer in GrammarTokenizer._built
+    finally:
+        state.worker.shutdown()

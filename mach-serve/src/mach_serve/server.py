@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -18,6 +19,7 @@ from mach.cache.prefix import PrefixCache
 from mach.check import CheckReport, fill_report
 from mach.decode.batch_scheduler import ContinuousBatchScheduler
 from mach.decode.engine import DecodeEngine
+from mach.decode.grammar import GrammarError, GrammarTokenizer
 from mach.decode.select import batching_blocker, build_engine
 from mach.errors import MachError
 from mach.io.load import LoadedModel, load_moe
@@ -82,6 +84,10 @@ def build_state(
     loaded = load_moe(path, options=options, progress=progress)
     if loaded.tokenizer is None:
         raise MachError(f"{path}: tokenizer.json is missing; the server needs it to read text")
+    with contextlib.suppress(GrammarError):
+        # Reading every token's bytes takes about a second at 150k tokens: do it before the
+        # first structured request rather than during it. Requests report what is missing.
+        GrammarTokenizer.of(loaded.tokenizer)
     prefix_cache = None
     if prompt_cache_bytes is not None:
         prefix_cache = PrefixCache.for_model(loaded, prompt_cache_bytes, prompt_cache_dir,
