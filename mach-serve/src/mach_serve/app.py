@@ -139,6 +139,17 @@ def create_app(
             jobs.append(Job(prepared.prompt, choice, loop))
         return jobs
 
+    async def choices_then_usage(
+        streams: list[AsyncIterator[str]],
+        stats: list[GenerationStats],
+        usage_piece: Callable[[], str] | None,
+    ) -> AsyncIterator[str]:
+        """Every choice's chunks as they come, then the usage chunk when asked for."""
+        async for piece in merged(streams):
+            yield piece
+        if usage_piece is not None and stats:
+            yield usage_piece()
+
     def finished(events: list[TokenEvent]) -> GenerationStats:
         return events[-1].stats or GenerationStats()
 
@@ -204,15 +215,11 @@ def create_app(
                     finish = "tool_calls"
                 yield piece({}, finish)
 
-        async def pieces() -> AsyncIterator[str]:
-            pairs = enumerate(zip(firsts, jobs, strict=True))
-            streams = [choice_pieces(i, first, job) for i, (first, job) in pairs]
-            async for piece in merged(streams):
-                yield piece
-            if include_usage and stats:
-                yield usage_chunk(cid, "chat.completion.chunk", created, model, stats)
-
-        return sse(state, jobs, pieces())
+        streams = [choice_pieces(i, first, job) for i, (first, job) in
+                   enumerate(zip(firsts, jobs, strict=True))]  # fmt: skip
+        usage_piece = (lambda: usage_chunk(cid, "chat.completion.chunk", created, model, stats)) \
+            if include_usage else None  # fmt: skip
+        return sse(state, jobs, choices_then_usage(streams, stats, usage_piece))
 
     async def completions(request: Request) -> Response:
         req, prepared = await prepare(request, state, prepare_completion)
@@ -251,15 +258,11 @@ def create_app(
                     record_stats(state, event)
                     stats.append(event.stats or GenerationStats())
 
-        async def pieces() -> AsyncIterator[str]:
-            pairs = enumerate(zip(firsts, jobs, strict=True))
-            streams = [choice_pieces(i, first, job) for i, (first, job) in pairs]
-            async for piece in merged(streams):
-                yield piece
-            if include_usage and stats:
-                yield usage_chunk(cid, "text_completion", created, model, stats)
-
-        return sse(state, jobs, pieces())
+        streams = [choice_pieces(i, first, job) for i, (first, job) in
+                   enumerate(zip(firsts, jobs, strict=True))]  # fmt: skip
+        usage_piece = (lambda: usage_chunk(cid, "text_completion", created, model, stats)) \
+            if include_usage else None  # fmt: skip
+        return sse(state, jobs, choices_then_usage(streams, stats, usage_piece))
 
     def model_entry() -> dict[str, Any]:
         return {"id": state.model_id, "object": "model", "created": state.created,

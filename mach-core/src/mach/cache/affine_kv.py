@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from mach.cache.positions import AppendOnlyPositions
 from mach.cache.snapshot import LayerState, check_kind, present
 from mach.errors import OptionsError
 
@@ -29,7 +30,8 @@ def fused_decode() -> bool:
 PARTS = ("k_q", "k_scales", "k_biases", "v_q", "v_scales", "v_biases")
 
 
-class AffineKVCache:
+class AffineKVCache(AppendOnlyPositions):
+    label = "affine KV cache"
     kind = "affine_kv"
     step = 256
 
@@ -39,10 +41,6 @@ class AffineKVCache:
         self.bits, self.group_size = bits, group_size
         self._offset = 0
         self._held: dict[str, mx.array] = {}
-
-    @property
-    def offset(self) -> int:
-        return self._offset
 
     def _group(self, dim: int) -> int:
         if dim % 32:
@@ -97,23 +95,6 @@ class AffineKVCache:
         weights = mx.softmax(scores, axis=-1)[..., -end:].astype(work)
         out = mx.quantized_matmul(weights, v[0], v[1], v[2], False, group, self.bits)
         return out.reshape(b, heads, 1, dim).astype(queries.dtype)
-
-    def is_trimmable(self) -> bool:
-        return True
-
-    def trim(self, n: int) -> int:
-        n = min(self._offset, n)
-        self._offset -= n
-        return n
-
-    def snapshot(self) -> int:
-        return self._offset
-
-    def restore(self, snapshot: int) -> None:
-        if snapshot > self._offset:
-            raise ValueError(f"cannot restore an affine KV cache forward (snapshot at "
-                             f"{snapshot}, cache at {self._offset})")  # fmt: skip
-        self._offset = snapshot
 
     def export_state(self) -> LayerState:
         end = self._offset

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from mach.cache.positions import AppendOnlyPositions
 from mach.cache.snapshot import LayerState, check_kind, present
 
 
-class KVCache:
+class KVCache(AppendOnlyPositions):
     """Keys/values ``[batch, kv_heads, positions, head_dim]`` for one attention layer."""
 
+    label = "KV cache"
     kind = "kv"
 
     step = 256
@@ -18,10 +20,6 @@ class KVCache:
         self.keys: mx.array | None = None
         self.values: mx.array | None = None
         self._offset = 0
-
-    @property
-    def offset(self) -> int:
-        return self._offset
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Append new positions and return all keys and values held so far."""
@@ -41,27 +39,6 @@ class KVCache:
         self.keys[..., prev : self._offset, :] = keys
         self.values[..., prev : self._offset, :] = values
         return self.keys[..., : self._offset, :], self.values[..., : self._offset, :]
-
-    def is_trimmable(self) -> bool:
-        return True
-
-    def trim(self, n: int) -> int:
-        n = min(self._offset, n)
-        self._offset -= n
-        return n
-
-    def snapshot(self) -> int:
-        """Earlier positions are never rewritten, so the offset is the whole snapshot."""
-        return self._offset
-
-    def restore(self, snapshot: int) -> None:
-        """Go back to an earlier snapshot (positions after it are dropped)."""
-        if snapshot > self._offset:
-            raise ValueError(
-                f"cannot restore a KV cache forward (snapshot at {snapshot}, "
-                f"cache at {self._offset})"
-            )
-        self._offset = snapshot
 
     def export_state(self) -> LayerState:
         held = self.state

@@ -18,6 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from mach.cache.affine_kv import compute_dtype
+from mach.cache.positions import AppendOnlyPositions
 from mach.cache.snapshot import LayerState, check_kind, present
 
 BITS = (2, 3, 4)
@@ -149,13 +150,14 @@ def _grow(held: mx.array | None, new_shape: tuple[int, ...], dtype: mx.Dtype, us
     return fresh
 
 
-class TurboQuantKVCache:
+class TurboQuantKVCache(AppendOnlyPositions):
     """A full-attention layer's keys and values as TurboQuant codes (``bits`` per coordinate).
 
     Every position is quantized as it is written, so prefill, decode and a prefix restored from
     the cache all attend over the same stored codes.
     """
 
+    label = "TurboQuant cache"
     kind = "turboquant"
     step = 256
 
@@ -168,10 +170,6 @@ class TurboQuantKVCache:
         self.v_codes: mx.array | None = None
         self.v_norms: mx.array | None = None
         self._codecs: tuple[TurboQuantCodec, TurboQuantCodec] | None = None
-
-    @property
-    def offset(self) -> int:
-        return self._offset
 
     def codecs(self, dim: int) -> tuple[TurboQuantCodec, TurboQuantCodec]:
         if self._codecs is None or self._codecs[0].dim != dim:
@@ -223,24 +221,6 @@ class TurboQuantKVCache:
         end = self._offset
         return (kc.decode(self.k_codes[:, :, :end], self.k_norms[:, :, :end]),
                 vc.decode(self.v_codes[:, :, :end], self.v_norms[:, :, :end]))  # fmt: skip
-
-    def is_trimmable(self) -> bool:
-        return True
-
-    def trim(self, n: int) -> int:
-        n = min(self._offset, n)
-        self._offset -= n
-        return n
-
-    def snapshot(self) -> int:
-        """Written positions never change, so the offset is the whole snapshot."""
-        return self._offset
-
-    def restore(self, snapshot: int) -> None:
-        if snapshot > self._offset:
-            raise ValueError(f"cannot restore a TurboQuant cache forward (snapshot at "
-                             f"{snapshot}, cache at {self._offset})")  # fmt: skip
-        self._offset = snapshot
 
     def export_state(self) -> LayerState:
         end = self._offset
