@@ -181,7 +181,9 @@ class LayerExpertBank(LayerExperts):
             target = self._targets[name]
             parts.setdefault(target.name, []).append((target.row, value))
         return {
-            name: mx.concatenate([value for _, value in sorted(found, key=lambda item: item[0])])
+            name: found[0][1]
+            if len(found) == 1
+            else mx.concatenate([value for _, value in sorted(found, key=lambda item: item[0])])
             for name, found in parts.items()
         }
 
@@ -224,31 +226,37 @@ class LayerExpertBank(LayerExperts):
         """The call's experts as a temporary stack; ``keep`` also puts what was read into the
         slots of experts the call does not need, least recently used first."""
         self.transient_calls += 1
+        held = [e for e in wanted if e in self._slot_of]
         missing = [e for e in wanted if e not in self._slot_of]
-        self.hits += len(wanted) - len(missing)
+        self.hits += len(held)
         self.misses += len(missing)
         read = dict(zip(missing, self.reader.read(self.source, missing), strict=True))
-        columns: dict[str, list[mx.array]] = {name: [] for name in self.arrays}
-        for expert in wanted:
-            if expert in read:
-                arrays = self._expert_arrays(read[expert])
-            else:
-                slot = self._slot_of[expert]
-                arrays = {name: bank[slot] for name, bank in self.arrays.items()}
-            for name in columns:
-                columns[name].append(arrays[name])
-        stacked = {name: mx.stack(values) for name, values in columns.items()}
+        # One take per bank array for the experts already held (not a slice per expert), then
+        # the ones just read: a decode step over a large batch builds its set in a few ops.
+        parts: dict[str, list[mx.array]] = {name: [] for name in self.arrays}
+        if held:
+            slots = mx.array([self._slot_of[e] for e in held], dtype=mx.uint32)
+            for name, bank in self.arrays.items():
+                parts[name].append(mx.take(bank, slots, axis=0))
+        fresh = {e: self._expert_arrays(read[e]) for e in missing}
+        if fresh:
+            for name in parts:
+                parts[name].append(mx.stack([arrays[name] for arrays in fresh.values()]))
+        stacked = {
+            name: values[0] if len(values) == 1 else mx.concatenate(values)
+            for name, values in parts.items()
+        }
         lut = np.zeros(self.source.spec.num_experts, dtype=np.uint32)
-        lut[wanted] = np.arange(len(wanted), dtype=np.uint32)
+        lut[held + missing] = np.arange(len(wanted), dtype=np.uint32)
         if keep:
-            self._keep_read(read, set(wanted))
+            self._keep_read(fresh, set(wanted))
         return self._compute(stacked), mx.array(lut[ids])
 
-    def _keep_read(self, read: Mapping[int, Mapping[str, memoryview]], wanted: set[int]) -> None:
+    def _keep_read(self, fresh: Mapping[int, Mapping[str, mx.array]], wanted: set[int]) -> None:
         for e in wanted:
             if e in self._slot_of:
                 self._slot_of.move_to_end(e)
-        for expert, raw in read.items():
+        for expert, arrays in fresh.items():
             if self._free:
                 slot = self._free.pop()
             else:
@@ -257,7 +265,8 @@ class LayerExpertBank(LayerExperts):
                     return
                 slot = self._slot_of.pop(victim)
                 self.evictions += 1
-            self._write(slot, raw)
+            for name, value in arrays.items():
+                self.arrays[name][slot] = value
             self._slot_of[expert] = slot
             self._lut[expert] = slot
 
