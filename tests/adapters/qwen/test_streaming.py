@@ -95,6 +95,12 @@ def test_prefill_modes_agree(prefill: str, sidecars: dict[str, Path]) -> None:
     stats = store.stats()
     assert stats["misses"] > 0 and stats["bytes_read"] > 0
     assert (stats["transient_calls"] > 0) == (prefill == "transient")
+    # Prefill and decode are counted apart, and together they are every lookup and read.
+    phases = stats["prefill"], stats["decode"]
+    assert sum(p["bytes_read"] for p in phases) == stats["bytes_read"]
+    assert sum(p["hits"] for p in phases) == stats["hits"]
+    assert sum(p["misses"] for p in phases) == stats["misses"]
+    assert all(p["hits"] + p["misses"] > 0 for p in phases)
 
 
 def test_stacked_streaming_prints_the_guard() -> None:

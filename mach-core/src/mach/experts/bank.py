@@ -29,6 +29,20 @@ class BudgetError(MachError):
     """The expert budget cannot hold the experts one token needs."""
 
 
+@dataclass
+class PhaseCounts:
+    """Bank lookups and disk reads of one phase (prefill chunks or decode steps)."""
+
+    hits: int = 0
+    misses: int = 0
+    bytes_read: int = 0
+
+    def report(self) -> dict[str, Any]:
+        looked_up = self.hits + self.misses
+        return {"hits": self.hits, "misses": self.misses, "bytes_read": self.bytes_read,
+                "hit_rate": self.hits / looked_up if looked_up else 0.0}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class _Target:
     """Where a piece lands in the bank: array name and first row."""
@@ -122,6 +136,15 @@ class LayerExpertBank(LayerExperts):
         self._lut = np.zeros(spec.num_experts, dtype=np.uint32)
         self._free = list(range(slots))
         self.hits = self.misses = self.evictions = self.transient_calls = 0
+        self.phases = {"prefill": PhaseCounts(), "decode": PhaseCounts()}
+
+    def _count(self, prefill: bool, hits: int, misses: int) -> None:
+        self.hits += hits
+        self.misses += misses
+        phase = self.phases["prefill" if prefill else "decode"]
+        phase.hits += hits
+        phase.misses += misses
+        phase.bytes_read += misses * self.source.expert_bytes
 
     def _weights(self, arrays: Mapping[str, mx.array]) -> ExpertWeights:
         def matrix(prefix: str, proj: str) -> ExpertMatrix:
@@ -193,12 +216,11 @@ class LayerExpertBank(LayerExperts):
         per_sequence = ids.shape[-2] if ids.ndim >= 2 else 1
         prefill = per_sequence > DECODE_TOKENS
         if prefill and self.prefill == "transient":
-            return self._transient(wanted, ids, keep=False)
+            return self._transient(wanted, ids, prefill, keep=False)
         if len(wanted) > self.slots:
-            return self._transient(wanted, ids, keep=not prefill)
+            return self._transient(wanted, ids, prefill, keep=not prefill)
         missing = [e for e in wanted if e not in self._slot_of]
-        self.hits += len(wanted) - len(missing)
-        self.misses += len(missing)
+        self._count(prefill, len(wanted) - len(missing), len(missing))
         for e in wanted:
             if e in self._slot_of:
                 self._slot_of.move_to_end(e)
@@ -221,15 +243,14 @@ class LayerExpertBank(LayerExperts):
         return self._compute(self.arrays), mx.array(self._lut[ids])
 
     def _transient(
-        self, wanted: list[int], ids: np.ndarray, keep: bool
+        self, wanted: list[int], ids: np.ndarray, prefill: bool, keep: bool
     ) -> tuple[ExpertWeights, mx.array]:
         """The call's experts as a temporary stack; ``keep`` also puts what was read into the
         slots of experts the call does not need, least recently used first."""
         self.transient_calls += 1
         held = [e for e in wanted if e in self._slot_of]
         missing = [e for e in wanted if e not in self._slot_of]
-        self.hits += len(held)
-        self.misses += len(missing)
+        self._count(prefill, len(held), len(missing))
         read = dict(zip(missing, self.reader.read(self.source, missing), strict=True))
         # One take per bank array for the experts already held (not a slice per expert), then
         # the ones just read: a decode step over a large batch builds its set in a few ops.
@@ -269,6 +290,11 @@ class LayerExpertBank(LayerExperts):
                 self.arrays[name][slot] = value
             self._slot_of[expert] = slot
             self._lut[expert] = slot
+
+
+def sum_phases(counts: list[PhaseCounts]) -> PhaseCounts:
+    return PhaseCounts(sum(c.hits for c in counts), sum(c.misses for c in counts),
+                       sum(c.bytes_read for c in counts))  # fmt: skip
 
 
 def parse_size(value: int | str, what: str = "expert budget") -> int:
@@ -379,6 +405,10 @@ class BankCache(ExpertStore):
             "read_seconds": read.seconds,
             "read_gbps": read.bytes / read.seconds / 1e9 if read.seconds else 0.0,
             "decode_reads_by_batch": self.decode_reads.report(),
+            **{
+                phase: sum_phases([b.phases[phase] for b in self.layers.values()]).report()
+                for phase in ("prefill", "decode")
+            },
         }
 
     def close(self) -> None:
