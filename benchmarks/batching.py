@@ -39,7 +39,7 @@ import httpx
 
 import mach  # noqa: F401 - gives MLX the system BLAS before anything imports it
 from mach.check import check_checkpoint
-from mach.default_model import write_random_qwen3_moe
+from mach.default_model import default_model_path, write_random_qwen3_moe
 
 sys.path.insert(0, str(Path(__file__).parent))
 import itertools
@@ -101,7 +101,20 @@ def start(name: str, args: list[str], port: int) -> Engine:
     raise SystemExit(f"{name} did not start")
 
 
-def prompt(rng: random.Random, words: int) -> str:
+NAMES = ["parse", "read", "write", "open", "close", "format", "check", "build", "load", "split",
+         "join", "merge", "encode", "decode", "find", "update"]  # fmt: skip
+THINGS = ["header", "path", "buffer", "record", "token", "line", "value", "entry", "block", "name",
+          "field", "item"]  # fmt: skip
+
+
+def prompt(rng: random.Random, words: int, code: bool = False) -> str:
+    """Words for the random models; for a trained checkpoint (the default model writes Python),
+    the start of a Python function, so its routing is the routing of real use."""
+    if code:
+        name, thing = rng.choice(NAMES), rng.choice(THINGS)
+        args = ", ".join(rng.sample(THINGS, 2))
+        return (f"def {name}_{thing}_{rng.randrange(1000)}(self, {args}):\n"
+                f'    """{name.capitalize()} the {thing} from {args.split(", ")[0]}."""\n    ')
     return " ".join(rng.choice(WORDS) for _ in range(words)) + f" {rng.randrange(10**9)}"
 
 
@@ -129,13 +142,13 @@ async def one(client: httpx.AsyncClient, text: str, tokens: int) -> tuple[float,
 
 
 async def load(engine: Engine, concurrency: int, requests: int, tokens: int, words: int,
-               seed: int) -> Round:  # fmt: skip
+               seed: int, code: bool = False) -> Round:  # fmt: skip
     """``concurrency`` clients, each sending ``requests`` completions back to back."""
 
     async def client_loop(index: int) -> list[tuple[float, list[float], int]]:
         rng = random.Random(seed * 1000 + index)
         async with httpx.AsyncClient(base_url=engine.url, timeout=600) as client:
-            return [await one(client, prompt(rng, words), tokens) for _ in range(requests)]
+            return [await one(client, prompt(rng, words, code), tokens) for _ in range(requests)]
 
     before = expert_reads(engine)
     start = time.perf_counter()
@@ -184,13 +197,18 @@ def main() -> None:
     parser.add_argument("--budget-fraction", type=float, nargs="+", default=[0.5])
     parser.add_argument("--no-peer", action="store_true", help="skip mlx_lm.server")
     parser.add_argument("--no-resident", action="store_true", help="skip resident mach")
+    parser.add_argument("--checkpoint", help="serve this checkpoint instead of a random one; "
+                        "'default' is the embedded default model, prompted with Python")  # fmt: skip
     args = parser.parse_args()
     # Stopped from outside, still stop the servers it started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     with tempfile.TemporaryDirectory() as tmp:
         # Every token id is one of the tokenizer's bytes, so each streamed token carries text.
         shape = {**PRESETS[args.preset], "vocab_size": BYTE_VOCAB}
-        path = write_random_qwen3_moe(Path(tmp) / "model", shape, bits=4)
+        if args.checkpoint:
+            path = default_model_path() if args.checkpoint == "default" else Path(args.checkpoint)
+        else:
+            path = write_random_qwen3_moe(Path(tmp) / "model", shape, bits=4)
         experts = check_checkpoint(path).expert_bytes
         mach_serve = [sys.executable, "-m", "mach", "serve", str(path), "--max-batch",
                       str(max(args.concurrency))]  # fmt: skip
@@ -217,13 +235,15 @@ def main() -> None:
 
 def run(engines: list[Engine], args: argparse.Namespace) -> None:
     for engine in engines:  # warm-up: first calls of every kernel, the expert banks filled
-        asyncio.run(load(engine, 2, 1, 8, args.prompt_words, seed=10**6))
+        asyncio.run(load(engine, 2, 1, 8, args.prompt_words, seed=10**6,
+                         code=bool(args.checkpoint)))  # fmt: skip
     for r in range(args.rounds):
         for c in args.concurrency:
             order = engines[r % len(engines) :] + engines[: r % len(engines)]
             for engine in order:
                 result = asyncio.run(load(engine, c, args.requests, args.tokens,
-                                          args.prompt_words, seed=r * 100 + c))  # fmt: skip
+                                          args.prompt_words, seed=r * 100 + c,
+                                          code=bool(args.checkpoint)))  # fmt: skip
                 engine.rounds.setdefault(c, []).append(result)
                 print(f"round {r + 1} c={c:<3} {engine.name:<15} {result.tps:7.1f} tok/s",
                       file=sys.stderr, flush=True)  # fmt: skip
@@ -232,7 +252,8 @@ def run(engines: list[Engine], args: argparse.Namespace) -> None:
 def report(engines: list[Engine], args: argparse.Namespace) -> None:
     import mlx.core as mx
 
-    print(f"preset={args.preset} 4-bit  device={mx.default_device()}  rounds={args.rounds}  "
+    model = args.checkpoint or f"preset={args.preset} 4-bit"
+    print(f"{model}  device={mx.default_device()}  rounds={args.rounds}  "
           f"{args.requests} requests/client x {args.tokens} tokens, "
           f"prompts of ~{args.prompt_words} words")  # fmt: skip
     print("| engine | concurrency | total tok/s, median (range) | TTFT p50 / p99 | "
@@ -262,7 +283,8 @@ def report(engines: list[Engine], args: argparse.Namespace) -> None:
             parts.append(f"mach / mach c={first_c} x{spread(scaling, '{:.2f}')}")
             if "mlx_lm.server" in by_name:
                 peer = by_name["mlx_lm.server"].rounds[c]
-                ratio = [a.tps / b.tps for a, b in zip(mach_rounds[c], peer, strict=True)]
+                ratio = [a.tps / b.tps if b.tps else float("nan")
+                         for a, b in zip(mach_rounds[c], peer, strict=True)]  # fmt: skip
                 parts.append(f"mach / mlx_lm.server x{spread(ratio, '{:.2f}')}")
         for name, engine in by_name.items():
             if not name.startswith("mach streaming"):
