@@ -61,6 +61,11 @@ class Round:
     gaps: list[float]
     tokens: int
     bytes_per_token: float | None = None
+    distinct: float | None = None
+    """Distinct experts a decode layer call looked up, on average."""
+    floor_per_token: float | None = None
+    """Bytes per token any policy must read: a call needing more experts than the bank's slots
+    reads the rest whatever the bank kept (from the average call, so a lower bound)."""
     failed: int = 0
     """Requests that ended in an HTTP error."""
 
@@ -70,6 +75,8 @@ class Engine:
     name: str
     url: str
     process: subprocess.Popen[bytes]
+    expert_bytes: float = 0.0
+    """Bytes of one expert of one layer."""
     rounds: dict[int, list[Round]] = field(default_factory=dict)
 
 
@@ -113,8 +120,10 @@ def prompt(rng: random.Random, words: int, code: bool = False) -> str:
     if code:
         name, thing = rng.choice(NAMES), rng.choice(THINGS)
         args = ", ".join(rng.sample(THINGS, 2))
-        return (f"def {name}_{thing}_{rng.randrange(1000)}(self, {args}):\n"
-                f'    """{name.capitalize()} the {thing} from {args.split(", ")[0]}."""\n    ')
+        return (
+            f"def {name}_{thing}_{rng.randrange(1000)}(self, {args}):\n"
+            f'    """{name.capitalize()} the {thing} from {args.split(", ")[0]}."""\n    '
+        )
     return " ".join(rng.choice(WORDS) for _ in range(words)) + f" {rng.randrange(10**9)}"
 
 
@@ -157,23 +166,36 @@ async def load(engine: Engine, concurrency: int, requests: int, tokens: int, wor
     flat = [r for rs in results for r in rs]
     total = sum(max(0, r[2]) for r in flat)
     after = expert_reads(engine)
-    per_token = None
-    if before is not None and after is not None and after[1] > before[1]:
-        per_token = (after[0] - before[0]) / (after[1] - before[1])
-    return Round(total / wall, [r[0] for r in flat], [g for r in flat for g in r[1]], total,
-                 per_token, sum(r[2] < 0 for r in flat))  # fmt: skip
+    out = Round(total / wall, [r[0] for r in flat], [g for r in flat for g in r[1]], total,
+                failed=sum(r[2] < 0 for r in flat))  # fmt: skip
+    if before is not None and after is not None and after["tokens"] > before["tokens"]:
+        delta = {k: after[k] - before[k] for k in after}
+        out.bytes_per_token = delta["bytes"] / delta["tokens"]
+        if delta["calls"]:
+            out.distinct = delta["lookups"] / delta["calls"]
+            short = max(0.0, out.distinct - after["slots"]) * delta["calls"]
+            out.floor_per_token = short * engine.expert_bytes / delta["tokens"]
+    return out
 
 
-def expert_reads(engine: Engine) -> tuple[int, int] | None:
-    """``(decode bytes read, decode tokens)`` summed over batch sizes, for mach streaming."""
+def expert_reads(engine: Engine) -> dict[str, float] | None:
+    """Decode bytes read, tokens, layer calls, experts looked up and slots per layer, for mach
+    streaming (from the server's ``/metrics``)."""
     if not engine.name.startswith("mach"):
         return None
     text = httpx.get(f"{engine.url}/metrics", timeout=10).text
 
-    def total(name: str) -> int:
-        return sum(int(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} (\d+)", text, re.M))
+    def total(name: str, labels: str = "[^}]*") -> int:
+        return sum(int(v) for v in re.findall(rf"^{name}\{{{labels}\}} (\d+)", text, re.M))
 
-    return total("mach_expert_decode_bytes_read_total"), total("mach_decode_tokens_total")
+    slots = re.search(r"^mach_expert_slots_per_layer (\d+)", text, re.M)
+    decode = 'phase="decode"'
+    return {"bytes": total("mach_expert_decode_bytes_read_total"),
+            "tokens": total("mach_decode_tokens_total"),
+            "calls": total("mach_expert_layer_calls_total", decode),
+            "lookups": total("mach_expert_hits_total", decode)
+            + total("mach_expert_misses_total", decode),
+            "slots": int(slots.group(1)) if slots else 0}  # fmt: skip
 
 
 def pct(values: list[float], q: float) -> float:
@@ -197,8 +219,9 @@ def main() -> None:
     parser.add_argument("--budget-fraction", type=float, nargs="+", default=[0.5])
     parser.add_argument("--no-peer", action="store_true", help="skip mlx_lm.server")
     parser.add_argument("--no-resident", action="store_true", help="skip resident mach")
-    parser.add_argument("--checkpoint", help="serve this checkpoint instead of a random one; "
-                        "'default' is the embedded default model, prompted with Python")  # fmt: skip
+    parser.add_argument("--checkpoint",
+                        help="serve this checkpoint instead of a random one; 'default' is the "
+                        "embedded default model, prompted with Python")  # fmt: skip
     args = parser.parse_args()
     # Stopped from outside, still stop the servers it started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
@@ -210,6 +233,8 @@ def main() -> None:
         else:
             path = write_random_qwen3_moe(Path(tmp) / "model", shape, bits=4)
         experts = check_checkpoint(path).expert_bytes
+        config = json.loads((path / "config.json").read_text())
+        per_expert = experts / (config["num_experts"] * config["num_hidden_layers"])
         mach_serve = [sys.executable, "-m", "mach", "serve", str(path), "--max-batch",
                       str(max(args.concurrency))]  # fmt: skip
         specs = {} if args.no_resident else {"mach": [*mach_serve, "--no-streaming"]}
@@ -225,6 +250,7 @@ def main() -> None:
             for name, command in specs.items():
                 port = free_port()
                 engines.append(start(name, [*command, "--port", str(port)], port))
+                engines[-1].expert_bytes = per_expert
             run(engines, args)
         finally:
             for engine in engines:
@@ -265,6 +291,11 @@ def report(engines: list[Engine], args: argparse.Namespace) -> None:
             gaps = [g for r in rounds for g in r.gaps]
             per = [r.bytes_per_token for r in rounds if r.bytes_per_token is not None]
             reads = f"{statistics.median(per) / 1e3:.1f} kB" if per else "-"
+            floor = [r.floor_per_token for r in rounds if r.floor_per_token is not None]
+            distinct = [r.distinct for r in rounds if r.distinct is not None]
+            if floor and distinct:
+                reads += (f" (floor {statistics.median(floor) / 1e3:.1f} kB; "
+                          f"{statistics.median(distinct):.1f} experts / layer step)")  # fmt: skip
             failed = sum(r.failed for r in rounds)
             reads += f" ({failed} requests failed)" if failed else ""
             print(

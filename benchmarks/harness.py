@@ -115,7 +115,8 @@ def alternate(engines: Sequence[Engine], rounds: int, warmups: int = 1) -> dict[
             result = run()
             results[name].append(result)
             print(f"round {r + 1}  {name:<24} prefill {result.prefill_tps:9.1f} tok/s  "
-                  f"decode {result.decode_tps:8.2f} tok/s", file=sys.stderr, flush=True)  # fmt: skip
+                  f"decode {result.decode_tps:8.2f} tok/s",
+                  file=sys.stderr, flush=True)  # fmt: skip
     return results
 
 

@@ -180,6 +180,17 @@ def test_streaming_metrics_report_expert_reads_by_batch_size(streamed: Running) 
     for b, r in reads.items():
         assert f'mach_decode_tokens_total{{batch="{b}"}} {r["tokens"]}' in metrics
         assert f'mach_expert_decode_bytes_read_total{{batch="{b}"}} {r["bytes_read"]}' in metrics
+    stats = streamed.state.store.stats()
+    assert f"mach_expert_slots_per_layer {stats['slots_per_layer']}" in metrics
+    assert stats["decode"]["calls"] > 0
+    for phase in ("prefill", "decode"):
+        counts = stats[phase]
+        assert counts["hits"] + counts["misses"] >= counts["calls"]
+        for name in ("calls", "hits", "misses"):
+            assert (
+                f"mach_expert_{'layer_' if name == 'calls' else ''}{name}_total"
+                f'{{phase="{phase}"}} {counts[name]}' in metrics
+            )
 
 
 def test_shutdown_gives_the_whole_batch_its_grace_then_ends_each_stream() -> None:

@@ -76,7 +76,28 @@ class Metrics:
         for name, kind, help_text, value in rows:
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
         lines += _by_batch(store.get("decode_reads_by_batch", {}))
+        lines += _by_phase(store, store.get("slots_per_layer"))
         return "\n".join(lines) + "\n"
+
+
+def _by_phase(store: dict[str, Any], slots: int | None) -> list[str]:
+    """Layer calls, distinct experts looked up and misses, for prefill and decode apart: the
+    distinct experts a call needs, less the slots, is what it must read whatever the policy."""
+    if "decode" not in store:
+        return []
+    lines = [
+        "# HELP mach_expert_slots_per_layer Expert slots in each layer's bank.",
+        "# TYPE mach_expert_slots_per_layer gauge",
+        f"mach_expert_slots_per_layer {slots}",
+    ]
+    for field_name, name, help_text in (
+        ("calls", "mach_expert_layer_calls_total", "MoE layer calls through the banks."),
+        ("hits", "mach_expert_hits_total", "Distinct experts a call found in its bank."),
+        ("misses", "mach_expert_misses_total", "Distinct experts a call read from disk."),
+    ):  # fmt: skip
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
+        lines += [f'{name}{{phase="{p}"}} {store[p][field_name]}' for p in ("prefill", "decode")]
+    return lines
 
 
 def _by_batch(reads: dict[str, dict[str, Any]]) -> list[str]:

@@ -33,13 +33,16 @@ class BudgetError(MachError):
 class PhaseCounts:
     """Bank lookups and disk reads of one phase (prefill chunks or decode steps)."""
 
+    calls: int = 0
+    """Layer calls; each looks up the distinct experts its tokens route to."""
     hits: int = 0
     misses: int = 0
     bytes_read: int = 0
 
     def report(self) -> dict[str, Any]:
         looked_up = self.hits + self.misses
-        return {"hits": self.hits, "misses": self.misses, "bytes_read": self.bytes_read,
+        return {"calls": self.calls, "hits": self.hits, "misses": self.misses,
+                "bytes_read": self.bytes_read,
                 "hit_rate": self.hits / looked_up if looked_up else 0.0}  # fmt: skip
 
 
@@ -142,6 +145,7 @@ class LayerExpertBank(LayerExperts):
         self.hits += hits
         self.misses += misses
         phase = self.phases["prefill" if prefill else "decode"]
+        phase.calls += 1
         phase.hits += hits
         phase.misses += misses
         phase.bytes_read += misses * self.source.expert_bytes
@@ -293,8 +297,12 @@ class LayerExpertBank(LayerExperts):
 
 
 def sum_phases(counts: list[PhaseCounts]) -> PhaseCounts:
-    return PhaseCounts(sum(c.hits for c in counts), sum(c.misses for c in counts),
-                       sum(c.bytes_read for c in counts))  # fmt: skip
+    return PhaseCounts(
+        sum(c.calls for c in counts),
+        sum(c.hits for c in counts),
+        sum(c.misses for c in counts),
+        sum(c.bytes_read for c in counts),
+    )
 
 
 def parse_size(value: int | str, what: str = "expert budget") -> int:
