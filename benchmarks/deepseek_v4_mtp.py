@@ -16,9 +16,10 @@ touches and does not hold is a disk read ("load").
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import mach  # noqa: F401 - first: on Linux it picks the BLAS MLX binds to (mach/_blas.py)
@@ -38,6 +39,9 @@ from mach.decode.speculative import Draft, Drafter, DraftGate, SpecDecEngine
 from mach.io.checkpoint import open_checkpoint
 from mach.io.convert import convert
 from mach_adapter_deepseek.mtp import MtpDrafter, load_mtp
+
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import Run, alternate, per_round_ratio, report, spread
 
 FIXTURE = Path(__file__).parents[1] / "tests" / "fixtures" / "deepseek_v4" / "upstream-fp8"
 
@@ -126,25 +130,34 @@ class OracleDrafter(Drafter):
         return Draft(drafted, None, [1.0] * k)
 
 
-def run(engine: object, store: object, prompts: list[list[int]], tokens: int) -> dict[str, float]:
+def run(engine: object, store: object, prompts: list[list[int]], tokens: int) -> Run:
+    """Every prompt through ``engine``; a pass is a target forward that yields tokens: the
+    prefill (its first token) and then each decode step or draft-verify cycle."""
     params = SamplingParams(max_tokens=tokens, temperature=0.0)
-    before = store.stats()["misses"]  # type: ignore[attr-defined]
-    generated = passes = accepted = drafted = 0
-    start = time.perf_counter()
+    before = store.stats()["decode"]  # type: ignore[attr-defined]
+    ids: list[int] = []
+    generated = passes = accepted = drafted = prompt_tokens = 0
+    prefill_s = decode_s = 0.0
     for prompt in prompts:
         drafter = getattr(engine, "drafter", None)
         if isinstance(drafter, OracleDrafter):
             drafter.first = prompt[0]
-        stats = engine.generate(prompt, params).stats  # type: ignore[attr-defined]
+        result = engine.generate(prompt, params)  # type: ignore[attr-defined]
+        stats = result.stats
+        ids += result.tokens
+        prompt_tokens += stats.prompt_tokens
         generated += stats.generation_tokens
-        passes += stats.verify_passes or stats.generation_tokens
+        passes += 1 + stats.verify_passes if stats.verify_passes else stats.generation_tokens
         accepted += stats.accepted_tokens
         drafted += stats.draft_tokens
-    seconds = time.perf_counter() - start
-    loads = store.stats()["misses"] - before  # type: ignore[attr-defined]
-    return {"tokens": generated, "passes_per_token": passes / generated,
-            "acceptance_length": generated / passes, "accept_rate": accepted / max(drafted, 1),
-            "loads_per_token": loads / generated, "tps": generated / seconds}  # fmt: skip
+        prefill_s += stats.prompt_seconds
+        decode_s += stats.generation_seconds
+    loads = store.stats()["decode"]["misses"] - before["misses"]  # type: ignore[attr-defined]
+    out = Run(prompt_tokens, ids, prefill_s, decode_s, streams=len(prompts))
+    out.figures = {"tokens_per_pass": generated / passes,
+                   "accept_rate": accepted / drafted if drafted else float("nan"),
+                   "decode_loads_per_token": loads / generated}  # fmt: skip
+    return out
 
 
 def main() -> None:
@@ -152,6 +165,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--batch", type=int, default=64, help="Sequences per distillation step.")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         sidecar = Path(tmp) / "sidecar"
@@ -165,28 +179,30 @@ def main() -> None:
               f"({len(tree_flatten(mtp.trainable_parameters()))} trained tensors)")  # fmt: skip
         rng = np.random.default_rng(1)
         prompts = [rng.integers(3, 500, size=12).tolist() for _ in range(4)]
-        base = run(TargetEngine(model, None, cache.new), store, prompts, args.tokens)
-        print(f"{'engine':28} {'tok/pass':>8} {'accept':>7} {'loads/tok':>9} {'tok/s':>7} "
-              f"{'loads ratio':>11}")  # fmt: skip
-        print(f"{'target only':28} {1.0:8.2f} {'-':>7} {base['loads_per_token']:9.2f} "
-              f"{base['tps']:7.1f} {1.0:11.2f}")  # fmt: skip
-
-        def row(name: str, engine: SpecDecEngine) -> None:
-            r = run(engine, store, prompts, args.tokens)
-            print(f"{name:28} {r['acceptance_length']:8.2f} {r['accept_rate']:7.2f} "
-                  f"{r['loads_per_token']:9.2f} {r['tps']:7.1f} "
-                  f"{r['loads_per_token'] / base['loads_per_token']:11.2f}")  # fmt: skip
-
+        engines: list[tuple[str, object]] = [("target only", TargetEngine(model, None, cache.new))]
         shadow, _, _, _ = load_moe(FIXTURE)
         for alpha in (1.0, 0.7):
             for k in (1, 3):
                 oracle = OracleDrafter(shadow, alpha)
-                row(f"oracle a={alpha} k={k}", SpecDecEngine(model, None, cache.new, oracle, k))
+                engines.append((f"oracle a={alpha} k={k}",
+                                SpecDecEngine(model, None, cache.new, oracle, k)))  # fmt: skip
         for k in (1, 3):
             for rho in (0.0, 0.3, 0.6):
                 gate = DraftGate(rho, 0 if rho else 1)
-                drafter = MtpDrafter(model, mtp)
-                row(f"MTP k={k} rho={rho}", SpecDecEngine(model, None, cache.new, drafter, k, gate))
+                mtp_engine = SpecDecEngine(model, None, cache.new, MtpDrafter(model, mtp), k, gate)
+                engines.append((f"MTP k={k} rho={rho}", mtp_engine))
+        # Every engine shares the one bank, so each is warmed up and measured in turn, round
+        # by round: none of them meets a colder bank than another.
+        results = alternate(
+            [(name, functools.partial(run, e, store, prompts, args.tokens)) for name, e in engines],
+            args.rounds,
+        )
+        report(results, "target only", f"deepseek_v4 fixture, bank of 70 KB, {len(prompts)} "
+               f"prompts x {args.tokens} tokens")  # fmt: skip
+        base = results["target only"]
+        for name, runs in results.items():
+            ratio = per_round_ratio(runs, base, "decode_loads_per_token")
+            print(f"    {name}: decode loads per token x{spread(ratio, '{:.2f}')} of target only")
     os.environ.pop("LME_RHO_GATE", None)
 
 

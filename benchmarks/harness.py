@@ -37,6 +37,8 @@ class Run:
     decode_s: float
     figures: dict[str, float] = field(default_factory=dict)
     """Further per-run figures, e.g. ``decode_mb_per_token`` or ``tokens_per_pass``."""
+    streams: int = 1
+    """Generations the run holds; the first token of each is prefill's."""
 
     @property
     def prefill_tps(self) -> float:
@@ -44,7 +46,8 @@ class Run:
 
     @property
     def decode_tps(self) -> float:
-        return (len(self.tokens) - 1) / self.decode_s if self.decode_s else float("nan")
+        decoded = len(self.tokens) - self.streams
+        return decoded / self.decode_s if self.decode_s else float("nan")
 
     def value(self, name: str) -> float:
         if name in ("prefill_tps", "decode_tps"):
@@ -74,12 +77,12 @@ def seeded(seed: int) -> Iterator[None]:
     yield
 
 
-def store_window(store: Any) -> Callable[[], dict[str, float]]:
-    """Snapshot a store's counters now; calling the result gives the figures since then, with
-    prefill and decode apart. A resident store gives none."""
+def store_window(store: Any) -> Callable[[int], dict[str, float]]:
+    """Snapshot a store's counters now; ``since(tokens)`` gives the figures of the generation
+    of ``tokens`` tokens since then, with prefill and decode apart. A resident store has none."""
     before = store.stats() if store is not None else {}
-    if before.get("kind") not in ("streaming", "bf16_streaming"):
-        return dict
+    if "decode" not in before:
+        return lambda tokens: {}
 
     def since(tokens: int) -> dict[str, float]:
         after = store.stats()
@@ -96,7 +99,7 @@ def store_window(store: Any) -> Callable[[], dict[str, float]]:
         out["read_gbps"] = total / seconds / 1e9 if seconds else float("nan")
         return out
 
-    return since  # type: ignore[return-value]
+    return since
 
 
 Engine = tuple[str, Callable[[], Run]]
@@ -148,7 +151,10 @@ FIGURES = {
     "prefill_mb": ("prefill MB read", "{:.1f}"),
     "decode_mb_per_token": ("decode MB read / token", "{:.2f}"),
     "read_gbps": ("read GB/s", "{:.2f}"),
+    "read_bound_share": ("share of read bound", "{:.0%}"),
     "tokens_per_pass": ("tokens / pass", "{:.2f}"),
+    "accept_rate": ("accepted / drafted", "{:.2f}"),
+    "decode_loads_per_token": ("decode loads / token", "{:.2f}"),
     "peak_gb": ("peak GB", "{:.2f}"),
 }
 

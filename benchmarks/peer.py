@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,37 +23,50 @@ from mach.decode.engine import TargetEngine
 from mach.decode.params import SamplingParams
 from mach.default_model.random_qwen3_moe import _tokenizer_json
 
-
-def timed(tokens: Iterable[int]) -> tuple[list[int], float]:
-    """Token ids and decode tokens/s, timed from the first token (prefill excluded)."""
-    ids, stamps = [], []
-    for token in tokens:
-        ids.append(token)
-        stamps.append(time.perf_counter())
-    return ids, (len(ids) - 1) / (stamps[-1] - stamps[0])
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import Run, alternate, report, seeded, store_window, timed
 
 
-def compare_decode(path: Path, prompt: list[int], tokens: int, title: str) -> None:
-    """Greedy decode with mlx-lm, then mach (one warm-up each); print tok/s and the ratio."""
+def mlx_lm_engine(path: Path, prompt: list[int], tokens: int, **step: Any) -> Callable[[], Run]:
+    """mlx-lm on ``path``: each call is one timed greedy generation of ``prompt``."""
     from mlx_lm import load
     from mlx_lm.generate import generate_step
 
-    peer, _ = load(str(path))
-    list(generate_step(mx.array(prompt[:8]), peer, max_tokens=4))
-    peer_ids, peer_tps = timed(
-        int(t) for t, _ in generate_step(mx.array(prompt), peer, max_tokens=tokens)
-    )
-    model, _, _, cache = load_moe(path)
-    engine = TargetEngine(model, None, cache.new)
-    engine.generate(prompt[:8], SamplingParams(max_tokens=4))
-    stream = engine.stream(prompt, SamplingParams(max_tokens=tokens))
-    ids, tps = timed(e.token for e in stream if e.token is not None)
-    same = next((i for i, (a, b) in enumerate(zip(ids, peer_ids, strict=False)) if a != b),
-                len(ids))  # fmt: skip
-    print(f"{mx.default_device()}  {title}  prompt {len(prompt)}  decode {tokens}")
-    print(f"  mach    decode {tps:8.1f} tok/s")
-    print(f"  mlx_lm  decode {peer_tps:8.1f} tok/s")
-    print(f"  mach / mlx-lm: decode x{tps / peer_tps:.3f}  same greedy prefix: {same}/{len(ids)}")
+    model, _ = load(str(path))
+
+    def once() -> Run:
+        steps = generate_step(mx.array(prompt), model, max_tokens=tokens, **step)
+        return timed((int(t) for t, _ in steps), len(prompt))
+
+    return once
+
+
+def mach_engine(
+    path: Path, prompt: list[int], tokens: int, prefill_step_size: int = 512, **options: Any
+) -> Callable[[], Run]:
+    """mach on ``path`` (``options`` go to ``load_moe``): each call is one timed greedy
+    generation, with the streaming store's prefill and decode figures."""
+    loaded = load_moe(path, **options)
+    engine = TargetEngine(loaded.model, None, loaded.cache.new,
+                          prefill_step_size=prefill_step_size)  # fmt: skip
+    params = SamplingParams(max_tokens=tokens)
+
+    def once() -> Run:
+        since = store_window(loaded.store)
+        run = timed((e.token for e in engine.stream(prompt, params) if e.token is not None),
+                    len(prompt))  # fmt: skip
+        run.figures.update(since(len(run.tokens)))
+        return run
+
+    return once
+
+
+def compare_decode(path: Path, prompt: list[int], tokens: int, title: str, rounds: int) -> None:
+    """mlx-lm and mach on one checkpoint, alternating round by round; print the table."""
+    engines = [("mlx-lm", mlx_lm_engine(path, prompt, tokens)),
+               ("mach", mach_engine(path, prompt, tokens))]  # fmt: skip
+    results = alternate(engines, rounds)
+    report(results, "mlx-lm", f"{title}  prompt {len(prompt)}  decode {tokens}")
 
 
 def save_peer_model(
@@ -85,8 +98,10 @@ def run_synthetic(
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--prompt-tokens", type=int, default=prompt_tokens)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_model(Path(tmp) / "model")
+        with seeded(0):
+            path = write_model(Path(tmp) / "model")
         prompt = np.random.default_rng(0).integers(0, 256, args.prompt_tokens).tolist()
-        compare_decode(path, prompt, args.tokens, title)
+        compare_decode(path, prompt, args.tokens, title, args.rounds)

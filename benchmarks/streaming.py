@@ -4,9 +4,13 @@ Writes a random-weight qwen3_moe (128 experts, top-8, 4-bit, several GB of exper
 mlx-community style sharded checkpoint, converts it to mach's sidecar format, then measures in
 one process:
 
-- mlx-lm and mach with every expert resident (decode tok/s, ratio, peak memory);
-- mach streaming at 50%, 25% and 10% of the expert bytes: tok/s, hit rate, bytes read per
-  token, achieved read GB/s and the fraction of the I/O bound (read GB/s / bytes per token).
+- mlx-lm and mach with every expert resident (prefill and decode tok/s, ratio);
+- mach streaming at 50%, 25% and 10% of the expert bytes: tok/s, hit rate and bytes read for
+  prefill and decode apart, achieved read GB/s and the share of the read bound (decode tok/s
+  against read GB/s / decode bytes per token).
+
+The engines alternate round by round (``harness.alternate``) and every figure is a median with
+its range over rounds.
 
     uv run --group bench python benchmarks/streaming.py --layers 24
     uv run --group bench python benchmarks/streaming.py --layers 4 --quick   # a smoke run
@@ -21,10 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import mach  # noqa: F401 - first: on Linux it picks the BLAS MLX binds to (mach/_blas.py)
 
@@ -33,11 +37,12 @@ import mlx.core as mx
 import numpy as np
 from safetensors.numpy import save_file
 
-from mach import load_moe
-from mach.decode.engine import TargetEngine
-from mach.decode.params import SamplingParams
 from mach.default_model.random_qwen3_moe import CHAT_TEMPLATE, SPECIALS, _tokenizer_json
 from mach.io.convert import convert
+
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import Run, alternate, report
+from peer import mach_engine, mlx_lm_engine
 
 
 def write_model(root: Path, layers: int, hidden: int, experts: int, inter: int) -> Path:
@@ -119,61 +124,6 @@ def drop_cache(folder: Path) -> None:
                 os.close(fd)
 
 
-def decode_tps(step_tokens: list[float]) -> float:
-    return (len(step_tokens) - 1) / (step_tokens[-1] - step_tokens[0])
-
-
-def timed(tokens: Any) -> tuple[list[int], float]:
-    ids, stamps = [], []
-    for t in tokens:
-        ids.append(t)
-        stamps.append(time.perf_counter())
-    return ids, decode_tps(stamps)
-
-
-def run_mach(path: Path, prompt: list[int], n: int, **kwargs: Any) -> dict[str, Any]:
-    mx.synchronize()
-    mx.clear_cache()
-    mx.reset_peak_memory()
-    model, _, store, cache = load_moe(path, **kwargs)
-    engine = TargetEngine(model, None, cache.new)
-    params = SamplingParams(max_tokens=n)
-    engine.generate(prompt[:8], SamplingParams(max_tokens=4))
-    before = store.stats()
-    ids, tps = timed(e.token for e in engine.stream(prompt, params) if e.token is not None)
-    after = store.stats()
-    peak = mx.get_peak_memory() / 1e9
-    result: dict[str, Any] = {"decode_tps": tps, "tokens": ids, "peak_gb": peak}
-    if after["kind"] == "streaming":
-        hits, misses = after["hits"] - before["hits"], after["misses"] - before["misses"]
-        read = after["bytes_read"] - before["bytes_read"]
-        seconds = after["read_seconds"] - before["read_seconds"]
-        per_token = read / (len(prompt) + n)
-        gbps = read / seconds / 1e9 if seconds else 0.0
-        bound = gbps * 1e9 / per_token if per_token else float("inf")
-        result.update(hit_rate=hits / (hits + misses), mb_per_token=per_token / 1e6,
-                      read_gbps=gbps, io_bound_tps=bound, fraction_of_bound=tps / bound,
-                      slots=after["slots_per_layer"])  # fmt: skip
-    del model, store, cache, engine
-    return result
-
-
-def run_mlx_lm(path: Path, prompt: list[int], n: int) -> dict[str, Any]:
-    from mlx_lm import load
-    from mlx_lm.generate import generate_step
-
-    mx.synchronize()
-    mx.clear_cache()
-    mx.reset_peak_memory()
-    model, _ = load(str(path))
-    for _ in generate_step(mx.array(prompt[:8]), model, max_tokens=4):
-        pass
-    ids, tps = timed(int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=n))
-    result = {"decode_tps": tps, "tokens": ids, "peak_gb": mx.get_peak_memory() / 1e9}
-    del model
-    return result
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=24)
@@ -182,6 +132,7 @@ def main() -> None:
     parser.add_argument("--moe-intermediate", type=int, default=384)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--drop-cache", action="store_true")
     parser.add_argument("--quick", action="store_true", help="skip mlx-lm and the 50%% budget")
     parser.add_argument("--dir", help="reuse or keep the synthetic model here")
@@ -196,33 +147,36 @@ def main() -> None:
         convert(stacked, sidecar)
     expert_bytes = sum(p.stat().st_size for p in (sidecar / "expert_sidecar").glob("*.bin"))
     prompt = np.random.default_rng(1).integers(3, 250, args.prompt_tokens).tolist()
-    print(f"{mx.default_device()}  layers={args.layers} experts={args.experts} top-8 4-bit  "
-          f"expert bytes {expert_bytes / 1e9:.2f} GB  prompt {args.prompt_tokens}  "
-          f"decode {args.tokens}", flush=True)  # fmt: skip
 
-    rows: list[tuple[str, dict[str, Any]]] = []
+    engines: list[tuple[str, Callable[[], Run]]] = []
     if not args.quick:
-        rows.append(("mlx-lm resident", run_mlx_lm(stacked, prompt, args.tokens)))
-    rows.append(("mach resident", run_mach(sidecar, prompt, args.tokens, streaming=False)))
+        engines.append(("mlx-lm resident", mlx_lm_engine(stacked, prompt, args.tokens)))
+    engines.append(("mach resident", mach_engine(sidecar, prompt, args.tokens, streaming=False)))
     for share in [0.25, 0.10] if args.quick else [0.5, 0.25, 0.10]:
-        if args.drop_cache:
-            drop_cache(sidecar)
-        budget = int(expert_bytes * share)
-        rows.append((f"mach streaming {share:.0%}",
-                     run_mach(sidecar, prompt, args.tokens, expert_budget=budget)))  # fmt: skip
-
-    baseline = rows[0][1]
-    for name, r in rows:
-        same = sum(1 for a, b in zip(r["tokens"], baseline["tokens"], strict=False) if a == b)
-        ratio = r["decode_tps"] / baseline["decode_tps"]
-        line = (f"{name:22s} decode {r['decode_tps']:7.2f} tok/s  x{ratio:.2f}"
-                f"  peak {r['peak_gb']:.2f} GB  same tokens {same}/{len(r['tokens'])}")  # fmt: skip
-        if "hit_rate" in r:
-            line += (f"  hit {r['hit_rate']:.1%}  {r['mb_per_token']:.1f} MB/token  "
-                     f"{r['read_gbps']:.2f} GB/s  bound {r['io_bound_tps']:.1f} tok/s "
-                     f"({r['fraction_of_bound']:.0%})  slots {r['slots']}")  # fmt: skip
-        print(line, flush=True)
+        once = mach_engine(sidecar, prompt, args.tokens, expert_budget=int(expert_bytes * share))
+        engines.append((f"mach streaming {share:.0%}", with_bound(once, args.drop_cache, sidecar)))
+    results = alternate(engines, args.rounds)
+    report(results, engines[0][0], f"layers={args.layers} experts={args.experts} top-8 4-bit  "
+           f"expert bytes {expert_bytes / 1e9:.2f} GB  prompt {args.prompt_tokens}  "
+           f"decode {args.tokens}")  # fmt: skip
     tmp.cleanup()
+
+
+def with_bound(once: Callable[[], Run], cold: bool, folder: Path) -> Callable[[], Run]:
+    """A streaming run, from a cold page cache when ``cold``, with the share of the read bound
+    it reached: decode tok/s against what the achieved read rate allows at its bytes/token."""
+
+    def run() -> Run:
+        if cold:
+            drop_cache(folder)
+        out = once()
+        per_token = out.figures["decode_mb_per_token"] * 1e6
+        if per_token:
+            bound = out.figures["read_gbps"] * 1e9 / per_token
+            out.figures["read_bound_share"] = out.decode_tps / bound
+        return out
+
+    return run
 
 
 if __name__ == "__main__":
