@@ -137,9 +137,13 @@ class LayerExpertBank(LayerExperts):
         )
         self._slot_of: OrderedDict[int, int] = OrderedDict()
         self._lut = np.zeros(spec.num_experts, dtype=np.uint32)
+        # The expert -> slot table on the device, uploaded again only after a slot changes: a
+        # step whose experts are all resident maps ids to slots without sending ids back.
+        self._lut_device = mx.array(self._lut)
         self._free = list(range(slots))
         self.hits = self.misses = self.evictions = self.transient_calls = 0
         self.phases = {"prefill": PhaseCounts(), "decode": PhaseCounts()}
+        self._expert_bytes = source.expert_bytes
 
     def _count(self, prefill: bool, hits: int, misses: int) -> None:
         self.hits += hits
@@ -148,7 +152,7 @@ class LayerExpertBank(LayerExperts):
         phase.calls += 1
         phase.hits += hits
         phase.misses += misses
-        phase.bytes_read += misses * self.source.expert_bytes
+        phase.bytes_read += misses * self._expert_bytes
 
     def _weights(self, arrays: Mapping[str, mx.array]) -> ExpertWeights:
         def matrix(prefix: str, proj: str) -> ExpertMatrix:
@@ -244,7 +248,8 @@ class LayerExpertBank(LayerExperts):
                 self._write(slot, raw)
                 self._slot_of[expert] = slot
                 self._lut[expert] = slot
-        return self._compute(self.arrays), mx.array(self._lut[ids])
+            self._lut_device = mx.array(self._lut)
+        return self._compute(self.arrays), self._lut_device[indices]
 
     def _transient(
         self, wanted: list[int], ids: np.ndarray, prefill: bool, keep: bool
@@ -287,13 +292,14 @@ class LayerExpertBank(LayerExperts):
             else:
                 victim = next((e for e in self._slot_of if e not in wanted), None)
                 if victim is None:
-                    return
+                    break
                 slot = self._slot_of.pop(victim)
                 self.evictions += 1
             for name, value in arrays.items():
                 self.arrays[name][slot] = value
             self._slot_of[expert] = slot
             self._lut[expert] = slot
+        self._lut_device = mx.array(self._lut)
 
 
 def sum_phases(counts: list[PhaseCounts]) -> PhaseCounts:
