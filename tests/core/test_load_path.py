@@ -108,6 +108,7 @@ def test_loaded_model_unpacks_and_carries_the_plan() -> None:
         ({"streaming": False, "expert_budget": "1GB"}, "applies only to streaming"),
         ({"streaming": False, "expert_residency": "streaming"}, "contradicts"),
         ({"verify_experts": 1}, "verify_experts must be True or False"),
+        ({"prewarm": "yes"}, "prewarm must be True or False"),
         ({"arch": ""}, "arch must be an architecture key"),
         ({"prefil": "resident"}, "unknown load option(s) prefil"),
     ],

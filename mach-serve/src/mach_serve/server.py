@@ -70,7 +70,7 @@ def build_state(
     batch and no draft was asked for; otherwise requests run one at a time, and the capability
     report says why. ``progress(done, total)`` follows the bytes of weights read.
     """
-    options = options or LoadOptions()
+    options = (options or LoadOptions()).with_defaults(prewarm=True)
     if model is None:
         from mach.default_model import DEFAULT_MODEL_NAME, default_model_path
 

@@ -87,6 +87,14 @@ KVFormat = Annotated[
     str,
     typer.Option("--kv-format", help="Quantized KV format for --kv-bits: turboquant or affine."),
 ]
+Prewarm = Annotated[
+    Optional[bool],  # noqa: UP045
+    typer.Option(
+        "--prewarm/--no-prewarm",
+        help="Run a short forward at load, so the first request finds its kernels built and "
+        "the weights in memory. Default: on for serve, off otherwise.",
+    ),
+]
 
 
 _LOAD_FLAGS: dict[str, tuple[Any, Any]] = {
@@ -100,6 +108,7 @@ _LOAD_FLAGS: dict[str, tuple[Any, Any]] = {
     "draft_path": (DraftPath, None),
     "kv_bits": (KVBits, None),
     "kv_format": (KVFormat, "turboquant"),
+    "prewarm": (Prewarm, None),
 }
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -23,6 +23,7 @@ from mach.io.checkpoint import Checkpoint
 from mach.io.options import LoadOptions
 from mach.io.paths import resolve_model_path
 from mach.io.plan import LoadPlan, plan_load
+from mach.io.prewarm import prewarm
 from mach.io.residency import ExpertPlan, build_store
 from mach.registry import arch_summary
 from mach.tokenizer.tokenizer import Tokenizer
@@ -51,6 +52,8 @@ class LoadedModel:
     checkpoint: Checkpoint
     options: LoadOptions
     plan: LoadPlan = field(repr=False)
+    prewarm_seconds: float | None = None
+    """Seconds the load spent prewarming (``None``: it did not)."""
 
     @property
     def experts(self) -> ExpertPlan:
@@ -125,8 +128,9 @@ def load_plan(plan: LoadPlan, progress: Callable[[int, int], None] | None = None
         raise OptionsError(f"{adapter.name}: kv_bits quantizes full-attention KV caches, and "
                            f"this model has none ({adapter.kv_cache_kind} caches); leave "
                            "--kv-bits off")  # fmt: skip
+    warm = prewarm(model, factory) if options.prewarm else None
     return LoadedModel(model, plan.tokenizer, store, SequenceCache(caches, factory), adapter, ckpt,
-                       plan.options, plan)  # fmt: skip
+                       plan.options, plan, warm)  # fmt: skip
 
 
 def load_moe(
@@ -168,6 +172,9 @@ def load_moe(
         plan.adapter.name, experts.layout, experts.quantization, experts.residency,
         _size(plan.memory_bytes), time.perf_counter() - start,
     )  # fmt: skip
+    if loaded.prewarm_seconds is not None:
+        log.info("prewarmed in %.2f s (one prompt chunk and one decode step)",
+                 loaded.prewarm_seconds)  # fmt: skip
     return loaded
 
 

@@ -63,6 +63,9 @@ class LoadOptions:
     """Store full-attention keys and values in this many bits (``None``: the model's dtype)."""
     kv_format: str = "turboquant"
     """``turboquant`` (2, 3 or 4 bits) or ``affine`` (4 or 8 bits), with ``kv_bits``."""
+    prewarm: bool | None = None
+    """Run a short forward at load (``mach.io.prewarm``); ``None`` leaves it to the command
+    (``mach serve`` prewarms, the others do not)."""
 
     def __post_init__(self) -> None:
         if self.arch is not None and (not isinstance(self.arch, str) or not self.arch):
@@ -76,6 +79,7 @@ class LoadOptions:
         _flag("gather_dispatch", self.gather_dispatch, optional=True)
         _flag("verify_experts", self.verify_experts, optional=False)
         _flag("streaming_embedding", self.streaming_embedding, optional=False)
+        _flag("prewarm", self.prewarm, optional=True)
         from mach.cache.kv_quant import KV_FORMATS
 
         _choice("kv_format", self.kv_format, tuple(KV_FORMATS), optional=False)
