@@ -36,13 +36,20 @@ import mach  # noqa: F401 - first: on Linux it picks the BLAS MLX binds to (mach
 import mlx.core as mx
 import numpy as np
 from safetensors.numpy import save_file
+from tokenizers import Tokenizer
 
+from mach.default_model import default_model_path
 from mach.default_model.random_qwen3_moe import CHAT_TEMPLATE, SPECIALS, _tokenizer_json
+from mach.experts.bank import BudgetError
 from mach.io.convert import convert
 
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import Run, alternate, report
 from peer import mach_engine, mlx_lm_engine
+
+PYTHON_PROMPT = '''def parse_header(self, buffer, offset=0):
+    """Read one record header from buffer, starting at offset."""
+    '''
 
 
 def write_model(root: Path, layers: int, hidden: int, experts: int, inter: int) -> Path:
@@ -136,29 +143,49 @@ def main() -> None:
     parser.add_argument("--drop-cache", action="store_true")
     parser.add_argument("--quick", action="store_true", help="skip mlx-lm and the 50%% budget")
     parser.add_argument("--dir", help="reuse or keep the synthetic model here")
+    parser.add_argument("--checkpoint",
+                        help="stream this checkpoint instead of a random one; 'default' is the "
+                        "embedded default model, prompted with Python")  # fmt: skip
+    parser.add_argument("--shared", action="store_true",
+                        help="also stream through one slot pool shared by all layers")  # fmt: skip
+    parser.add_argument("--no-peer", action="store_true", help="skip mlx-lm")
     args = parser.parse_args()
 
     tmp = tempfile.TemporaryDirectory()
     root = Path(args.dir) if args.dir else Path(tmp.name)
     stacked, sidecar = root / "stacked", root / "sidecar"
-    if not stacked.exists():
-        write_model(stacked, args.layers, args.hidden, args.experts, args.moe_intermediate)
+    if args.checkpoint:
+        stacked = default_model_path() if args.checkpoint == "default" else Path(args.checkpoint)
+        text = Tokenizer.from_file(str(stacked / "tokenizer.json"))
+        prompt = text.encode(PYTHON_PROMPT).ids[: args.prompt_tokens]
+    else:
+        if not stacked.exists():
+            write_model(stacked, args.layers, args.hidden, args.experts, args.moe_intermediate)
+        prompt = np.random.default_rng(1).integers(3, 250, args.prompt_tokens).tolist()
     if not sidecar.exists():
         convert(stacked, sidecar)
     expert_bytes = sum(p.stat().st_size for p in (sidecar / "expert_sidecar").glob("*.bin"))
-    prompt = np.random.default_rng(1).integers(3, 250, args.prompt_tokens).tolist()
 
     engines: list[tuple[str, Callable[[], Run]]] = []
-    if not args.quick:
+    if not (args.quick or args.no_peer):
         engines.append(("mlx-lm resident", mlx_lm_engine(stacked, prompt, args.tokens)))
     engines.append(("mach resident", mach_engine(sidecar, prompt, args.tokens, streaming=False)))
     for share in [0.25, 0.10] if args.quick else [0.5, 0.25, 0.10]:
-        once = mach_engine(sidecar, prompt, args.tokens, expert_budget=int(expert_bytes * share))
-        engines.append((f"mach streaming {share:.0%}", with_bound(once, args.drop_cache, sidecar)))
+        budget = int(expert_bytes * share)
+        pools = ["layer", "shared"] if args.shared else ["layer"]
+        for pool in pools:
+            name = f"mach streaming {share:.0%}" + (" shared" if pool == "shared" else "")
+            try:
+                once = mach_engine(sidecar, prompt, args.tokens, expert_budget=budget,
+                                   slot_pool=pool)  # fmt: skip
+            except BudgetError as exc:  # e.g. float experts, widened to float32 on a CPU
+                print(f"{name}: skipped, {exc}", file=sys.stderr)
+                continue
+            engines.append((name, with_bound(once, args.drop_cache, sidecar)))
     results = alternate(engines, args.rounds)
-    report(results, engines[0][0], f"layers={args.layers} experts={args.experts} top-8 4-bit  "
-           f"expert bytes {expert_bytes / 1e9:.2f} GB  prompt {args.prompt_tokens}  "
-           f"decode {args.tokens}")  # fmt: skip
+    model = args.checkpoint or (f"layers={args.layers} experts={args.experts} top-8 4-bit")
+    report(results, engines[0][0], f"{model}  expert bytes {expert_bytes / 1e9:.3f} GB  "
+           f"prompt {len(prompt)}  decode {args.tokens}")  # fmt: skip
     tmp.cleanup()
 
 

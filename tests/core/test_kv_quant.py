@@ -138,7 +138,9 @@ def test_affine_decode_takes_attention_sinks() -> None:
     expected = mx.fast.scaled_dot_product_attention(
         q1, mx.dequantize(*parts[:3], group_size=64, bits=8),
         mx.dequantize(*parts[3:], group_size=64, bits=8), scale=0.125, sinks=sinks)  # fmt: skip
-    np.testing.assert_allclose(np.array(out), np.array(expected), atol=2e-5)
+    # Two float32 paths (fused quantized matmuls against dequantize + SDPA) differ by a few
+    # 1e-5 depending on kernel choice; sinks handled wrong would be off by 1e-2 or more.
+    np.testing.assert_allclose(np.array(out), np.array(expected), atol=1e-4)
 
 
 def test_turboquant_attention_stays_close_to_full_precision() -> None:

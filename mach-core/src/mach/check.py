@@ -125,7 +125,9 @@ def _store_figures(plan: LoadPlan) -> dict[str, Any]:
         figures.update(
             budget_bytes=experts.budget_bytes,
             minimum_budget_bytes=experts.slot_bytes * top_k,
+            slot_pool=experts.slot_pool,
             slots_per_layer=experts.slots_per_layer,
+            pool_slots=experts.pool_slots,
             transient_prefill_bytes=one_layer if plan.options.prefill == "transient" else 0,
             reads="one record per expert" if experts.layout == "sidecar"
             else "per-expert slices at file offsets",
@@ -140,7 +142,7 @@ def _alternatives(path: str | os.PathLike[str], plan: LoadPlan) -> dict[str, dic
 
     base = replace(plan.options, streaming=None, expert_residency=None)
     wanted = {
-        "resident": replace(base, expert_budget=None, streaming=False),
+        "resident": replace(base, expert_budget=None, streaming=False, slot_pool="layer"),
         "streaming": replace(base, expert_residency="streaming"),
         "bf16_streaming": replace(base, expert_residency="bf16_streaming"),
     }

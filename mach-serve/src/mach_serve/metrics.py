@@ -85,11 +85,13 @@ def _by_phase(store: dict[str, Any], slots: int | None) -> list[str]:
     distinct experts a call needs, less the slots, is what it must read whatever the policy."""
     if "decode" not in store:
         return []
-    lines = [
-        "# HELP mach_expert_slots_per_layer Expert slots in each layer's bank.",
-        "# TYPE mach_expert_slots_per_layer gauge",
-        f"mach_expert_slots_per_layer {slots}",
-    ]
+    lines = []
+    if slots is not None:  # a shared pool has no per-layer count
+        lines = [
+            "# HELP mach_expert_slots_per_layer Expert slots in each layer's bank.",
+            "# TYPE mach_expert_slots_per_layer gauge",
+            f"mach_expert_slots_per_layer {slots}",
+        ]
     for field_name, name, help_text in (
         ("calls", "mach_expert_layer_calls_total", "MoE layer calls through the banks."),
         ("hits", "mach_expert_hits_total", "Distinct experts a call found in its bank."),

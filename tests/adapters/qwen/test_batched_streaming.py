@@ -37,15 +37,15 @@ def test_a_wide_batched_step_keeps_what_it_read(bank: LayerExpertBank) -> None:
     step = [[[e % 8, (e + 1) % 8]] for e in range(16)]
     assert misses_of(bank, step) == 8
     assert bank.transient_calls == 1
-    kept = sorted(bank._slot_of)
+    kept = bank.held()
     assert len(kept) == 4
     assert misses_of(bank, [[kept[:2]]]) == 0
 
 
 def test_a_prompt_chunk_leaves_the_bank_alone(bank: LayerExpertBank) -> None:
-    held = sorted(bank._slot_of)
+    held = bank.held()
     others = [e for e in range(8) if e not in held][:2]
     chunk = [[others] * 16]  # one sequence, 16 tokens
     assert misses_of(bank, chunk) == 2
-    assert sorted(bank._slot_of) == held
+    assert bank.held() == held
     assert misses_of(bank, [[others]]) == 2

@@ -38,7 +38,9 @@ def _row(r: dict[str, Any]) -> list[str]:
         serve += "+json"
     verdict = f"ok: loads {store['residency']}, {_gb(store['memory_bytes'])}"
     if store.get("budget_bytes"):
-        verdict += f" ({store['slots_per_layer']} slots/layer in {_gb(store['budget_bytes'])})"
+        slots = (f"{store['pool_slots']} shared slots" if store.get("slot_pool") == "shared"
+                 else f"{store['slots_per_layer']} slots/layer")  # fmt: skip
+        verdict += f" ({slots} in {_gb(store['budget_bytes'])})"
     if r["warnings"]:
         verdict += f" ({'; '.join(r['warnings'])})"
     spec = r["specdec_kind"] or "no"

@@ -87,6 +87,14 @@ KVFormat = Annotated[
     str,
     typer.Option("--kv-format", help="Quantized KV format for --kv-bits: turboquant or affine."),
 ]
+SlotPool = Annotated[
+    str,
+    typer.Option(
+        "--slot-pool",
+        help="Streaming slots: layer (a bank per MoE layer) or shared (one pool for every "
+        "layer, least recently used across them).",
+    ),
+]
 Prewarm = Annotated[
     Optional[bool],  # noqa: UP045
     typer.Option(
@@ -108,6 +116,7 @@ _LOAD_FLAGS: dict[str, tuple[Any, Any]] = {
     "draft_path": (DraftPath, None),
     "kv_bits": (KVBits, None),
     "kv_format": (KVFormat, "turboquant"),
+    "slot_pool": (SlotPool, "layer"),
     "prewarm": (Prewarm, None),
 }
 
@@ -234,7 +243,9 @@ def store_report(stats: dict[str, Any], tokens: int) -> dict[str, Any]:
         "bytes_read": stats["bytes_read"],
         "bytes_read_per_token": stats["bytes_read"] / tokens if tokens else 0.0,
         "read_gbps": stats["read_gbps"],
+        "slot_pool": stats["slot_pool"],
         "slots_per_layer": stats["slots_per_layer"],
+        "slots": stats["slots"],
         "budget_bytes": stats["budget_bytes"],
         "expert_bytes_on_disk": stats["expert_bytes_on_disk"],
     }
@@ -244,5 +255,11 @@ def store_line(report: dict[str, Any]) -> str:
     return (
         f"experts: hit rate {report['hit_rate']:.1%} | read {report['bytes_read'] / 1e6:.1f} MB "
         f"({report['bytes_read_per_token'] / 1e6:.2f} MB/token) at {report['read_gbps']:.2f} GB/s "
-        f"| {report['slots_per_layer']} slots/layer in {report['budget_bytes'] / 1e9:.3f} GB"
+        f"| {slots_text(report)} in {report['budget_bytes'] / 1e9:.3f} GB"
     )
+
+
+def slots_text(report: dict[str, Any]) -> str:
+    if report.get("slot_pool") == "shared":
+        return f"{report['slots']} shared slots"
+    return f"{report['slots_per_layer']} slots/layer"

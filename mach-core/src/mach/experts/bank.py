@@ -18,6 +18,8 @@ from mach.experts.sources import DTYPES, LayerSource, Piece
 from mach.experts.store import ExpertStore, LayerExperts
 
 PrefillMode = Literal["transient", "resident"]
+SlotPoolMode = Literal["layer", "shared"]
+SLOT_POOLS: tuple[SlotPoolMode, ...] = ("layer", "shared")
 
 DECODE_TOKENS = 8
 """Calls of at most this many tokens per sequence are decode steps (a speculative verify pass is
@@ -73,6 +75,40 @@ def _bank_dtype(piece: Piece, quantized: bool, float_dtype: mx.Dtype | None = No
     return mx.float32 if widen and mx.default_device() == mx.cpu else dtype
 
 
+Shapes = dict[str, tuple[tuple[int, ...], mx.Dtype]]
+
+
+class SlotPool:
+    """Expert slots, one array per bank tensor, and which ``(layer, expert)`` each holds, least
+    recently used first. A per-layer bank owns its pool; a shared pool serves every layer, so
+    the budget goes to whichever layers' routing needs it."""
+
+    def __init__(self, shapes: Shapes, slots: int) -> None:
+        self.shapes = dict(shapes)
+        self.slots = slots
+        self.arrays = {name: mx.zeros((slots, *shape), dtype)
+                       for name, (shape, dtype) in shapes.items()}  # fmt: skip
+        mx.eval(list(self.arrays.values()))
+        self.slot_of: OrderedDict[tuple[str, int], int] = OrderedDict()
+        self.free = list(range(slots))
+        self.evictions = 0
+
+    def claim(self, keep: set[tuple[str, int]]) -> int | None:
+        """A free slot, else the least recently used one not in ``keep``; ``None`` when every
+        slot holds an expert of ``keep``."""
+        if self.free:
+            return self.free.pop()
+        victim = next((key for key in self.slot_of if key not in keep), None)
+        if victim is None:
+            return None
+        self.evictions += 1
+        return self.slot_of.pop(victim)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+
 class LayerExpertBank(LayerExperts):
     """A fixed number of expert slots for one layer; misses are read from disk.
 
@@ -89,13 +125,12 @@ class LayerExpertBank(LayerExperts):
     def __init__(
         self,
         source: LayerSource,
-        slots: int,
+        slots: int | SlotPool,
         reader: ExpertReader,
         prefill: PrefillMode = "transient",
         float_dtype: mx.Dtype | None = None,
     ) -> None:
         self.source = source
-        self.slots = slots
         self.reader = reader
         self.prefill = prefill
         spec = source.spec
@@ -125,25 +160,45 @@ class LayerExpertBank(LayerExperts):
             self._targets[name] = _Target(bank_name, row)
         self._fused = fuse
         self._formats = formats
-        self.arrays = {
-            name: mx.zeros((slots, *shape), dtype) for name, (shape, dtype) in self._shapes.items()
-        }
-        mx.eval(list(self.arrays.values()))
+        if isinstance(slots, SlotPool):
+            if slots.shapes != self._shapes:
+                raise OptionsError(
+                    f"{source.prefix}: a shared slot pool needs every MoE layer's experts in one "
+                    "shape and format, and this layer's differ; use per-layer banks "
+                    "(slot_pool='layer')"
+                )
+            self.pool = slots
+        else:
+            self.pool = SlotPool(self._shapes, slots)
         self.weights = self._weights(self.arrays)
         # MLX's CPU gather kernel computes in float32 only: half-precision banks are widened
         # for each call there, keeping the memory saving; other devices use them as they are.
         self._widen = (
             float_dtype is not None and float_dtype != mx.float32 and mx.default_device() == mx.cpu
         )
-        self._slot_of: OrderedDict[int, int] = OrderedDict()
         self._lut = np.zeros(spec.num_experts, dtype=np.uint32)
         # The expert -> slot table on the device, uploaded again only after a slot changes: a
         # step whose experts are all resident maps ids to slots without sending ids back.
         self._lut_device = mx.array(self._lut)
-        self._free = list(range(slots))
-        self.hits = self.misses = self.evictions = self.transient_calls = 0
+        self.hits = self.misses = self.transient_calls = 0
         self.phases = {"prefill": PhaseCounts(), "decode": PhaseCounts()}
         self._expert_bytes = source.expert_bytes
+
+    @property
+    def arrays(self) -> dict[str, mx.array]:
+        return self.pool.arrays
+
+    @property
+    def slots(self) -> int:
+        return self.pool.slots
+
+    def held(self) -> list[int]:
+        """The experts of this layer in slots now, in id order."""
+        prefix = self.source.prefix
+        return sorted(e for layer, e in self.pool.slot_of if layer == prefix)
+
+    def _key(self, expert: int) -> tuple[str, int]:
+        return (self.source.prefix, expert)
 
     def _count(self, prefill: bool, hits: int, misses: int) -> None:
         self.hits += hits
@@ -191,7 +246,7 @@ class LayerExpertBank(LayerExperts):
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays.values())
+        return self.pool.nbytes
 
     def _pieces(self, raw: Mapping[str, memoryview]) -> dict[str, mx.array]:
         out = {}
@@ -227,29 +282,32 @@ class LayerExpertBank(LayerExperts):
             return self._transient(wanted, ids, prefill, keep=False)
         if len(wanted) > self.slots:
             return self._transient(wanted, ids, prefill, keep=not prefill)
-        missing = [e for e in wanted if e not in self._slot_of]
+        slot_of, key = self.pool.slot_of, self._key
+        missing = [e for e in wanted if key(e) not in slot_of]
         self._count(prefill, len(wanted) - len(missing), len(missing))
         for e in wanted:
-            if e in self._slot_of:
-                self._slot_of.move_to_end(e)
+            if key(e) in slot_of:
+                slot_of.move_to_end(key(e))
         if missing:
-            keep = set(wanted)
-            free = []
-            for _ in missing:
-                if self._free:
-                    free.append(self._free.pop())
-                    continue
-                victim = next(e for e in self._slot_of if e not in keep)
-                free.append(self._slot_of.pop(victim))
-                self.evictions += 1
+            keep = {key(e) for e in wanted}
+            # At most ``slots`` experts are wanted, so enough slots lie outside ``keep``.
+            free = [self.pool.claim(keep) for _ in missing]
             for expert, slot, raw in zip(
                 missing, free, self.reader.read(self.source, missing), strict=True
             ):
+                assert slot is not None
                 self._write(slot, raw)
-                self._slot_of[expert] = slot
-                self._lut[expert] = slot
-            self._lut_device = mx.array(self._lut)
+                slot_of[key(expert)] = slot
+        self._sync_lut(wanted)
         return self._compute(self.arrays), self._lut_device[indices]
+
+    def _sync_lut(self, experts: list[int]) -> None:
+        """Point the slot table at where ``experts`` now live (a shared pool may have moved
+        them since this layer's last call); upload it only when an entry changed."""
+        slots = [self.pool.slot_of[self._key(e)] for e in experts]
+        if (self._lut[experts] != slots).any():
+            self._lut[experts] = slots
+            self._lut_device = mx.array(self._lut)
 
     def _transient(
         self, wanted: list[int], ids: np.ndarray, prefill: bool, keep: bool
@@ -257,15 +315,16 @@ class LayerExpertBank(LayerExperts):
         """The call's experts as a temporary stack; ``keep`` also puts what was read into the
         slots of experts the call does not need, least recently used first."""
         self.transient_calls += 1
-        held = [e for e in wanted if e in self._slot_of]
-        missing = [e for e in wanted if e not in self._slot_of]
+        slot_of, key = self.pool.slot_of, self._key
+        held = [e for e in wanted if key(e) in slot_of]
+        missing = [e for e in wanted if key(e) not in slot_of]
         self._count(prefill, len(held), len(missing))
         read = dict(zip(missing, self.reader.read(self.source, missing), strict=True))
         # One take per bank array for the experts already held (not a slice per expert), then
         # the ones just read: a decode step over a large batch builds its set in a few ops.
         parts: dict[str, list[mx.array]] = {name: [] for name in self.arrays}
         if held:
-            slots = mx.array([self._slot_of[e] for e in held], dtype=mx.uint32)
+            slots = mx.array([slot_of[key(e)] for e in held], dtype=mx.uint32)
             for name, bank in self.arrays.items():
                 parts[name].append(mx.take(bank, slots, axis=0))
         fresh = {e: self._expert_arrays(read[e]) for e in missing}
@@ -279,27 +338,23 @@ class LayerExpertBank(LayerExperts):
         lut = np.zeros(self.source.spec.num_experts, dtype=np.uint32)
         lut[held + missing] = np.arange(len(wanted), dtype=np.uint32)
         if keep:
-            self._keep_read(fresh, set(wanted))
+            self._keep_read(fresh, wanted)
         return self._compute(stacked), mx.array(lut[ids])
 
-    def _keep_read(self, fresh: Mapping[int, Mapping[str, mx.array]], wanted: set[int]) -> None:
+    def _keep_read(self, fresh: Mapping[int, Mapping[str, mx.array]], wanted: list[int]) -> None:
+        slot_of, key = self.pool.slot_of, self._key
         for e in wanted:
-            if e in self._slot_of:
-                self._slot_of.move_to_end(e)
+            if key(e) in slot_of:
+                slot_of.move_to_end(key(e))
+        keep = {key(e) for e in wanted}
         for expert, arrays in fresh.items():
-            if self._free:
-                slot = self._free.pop()
-            else:
-                victim = next((e for e in self._slot_of if e not in wanted), None)
-                if victim is None:
-                    break
-                slot = self._slot_of.pop(victim)
-                self.evictions += 1
+            slot = self.pool.claim(keep)
+            if slot is None:
+                break
             for name, value in arrays.items():
                 self.arrays[name][slot] = value
-            self._slot_of[expert] = slot
-            self._lut[expert] = slot
-        self._lut_device = mx.array(self._lut)
+            slot_of[key(expert)] = slot
+        self._sync_lut([e for e in wanted if key(e) in slot_of])
 
 
 def sum_phases(counts: list[PhaseCounts]) -> PhaseCounts:
@@ -340,23 +395,53 @@ def parse_size(value: int | str, what: str = "expert budget") -> int:
 
 
 def check_budget(
-    budget: int, sources: Mapping[str, LayerSource], float_dtype: mx.Dtype | None = None
+    budget: int,
+    sources: Mapping[str, LayerSource],
+    float_dtype: mx.Dtype | None = None,
+    slot_pool: SlotPoolMode = "layer",
 ) -> int:
-    """Slots per layer that ``budget`` buys (at most every expert), or ``BudgetError``."""
-    per_slot = sum(slot_bytes(s, float_dtype) for s in sources.values())
-    slots = slots_for(budget, sources, float_dtype)
+    """Slots that ``budget`` buys, or ``BudgetError``: per layer (at most every expert of a
+    layer), or for a shared pool in all (at most every expert of every layer)."""
     top_k = max((s.spec.top_k for s in sources.values()), default=1)
+    if slot_pool == "shared":
+        per_slot = max((slot_bytes(s, float_dtype) for s in sources.values()), default=0)
+        slots = budget // per_slot if per_slot else 0
+        where, cap = "in the shared pool", sum(s.spec.num_experts for s in sources.values())
+    else:
+        per_slot = sum(slot_bytes(s, float_dtype) for s in sources.values())
+        slots = slots_for(budget, sources, float_dtype)
+        where, cap = "per layer", max((s.spec.num_experts for s in sources.values()), default=1)
     if slots < top_k:
         need = per_slot * top_k
         raise BudgetError(
-            f"expert budget {budget:,} bytes holds {slots} expert(s) per layer, but each token "
+            f"expert budget {budget:,} bytes holds {slots} expert(s) {where}, but each token "
             f"routes to {top_k}; give at least {need:,} bytes (--expert-budget {need})"
         )
-    return min(slots, max((s.spec.num_experts for s in sources.values()), default=1))
+    return min(slots, max(cap, 1))
+
+
+def check_shared_pool(sources: Mapping[str, LayerSource]) -> None:
+    """A shared pool holds any layer's expert in any slot: every layer's must look alike."""
+    items = iter(sources.items())
+    first = next(items, None)
+    if first is None:
+        return
+    shape = {name: (p.dtype, p.shape) for name, p in first[1].pieces.items()}
+    for prefix, source in items:
+        if {name: (p.dtype, p.shape) for name, p in source.pieces.items()} != shape:
+            raise OptionsError(
+                f"slot_pool='shared' holds every MoE layer's experts in one pool, and the "
+                f"experts of {prefix} differ in shape or format from those of {first[0]}; use "
+                "per-layer banks (slot_pool='layer')"
+            )
 
 
 class BankCache(ExpertStore):
     """Streaming expert store: one ``LayerExpertBank`` per MoE layer within a byte budget.
+
+    ``slot_pool="layer"`` gives each layer its own slots (the budget split evenly);
+    ``"shared"`` gives every layer one pool, least recently used across layers, so layers whose
+    routing spreads wider take more of it, and the smallest budget is one layer's top-k.
 
     ``float_dtype`` (``bf16_streaming``: ``mx.bfloat16``) is the dtype float experts take in
     the banks, whatever their stored precision; quantized experts keep their format.
@@ -370,17 +455,27 @@ class BankCache(ExpertStore):
         prefill: PrefillMode = "transient",
         float_dtype: mx.Dtype | None = None,
         kind: str = "streaming",
+        slot_pool: SlotPoolMode = "layer",
     ) -> None:
         self.kind = kind
         self.reader = reader or ExpertReader()
         self.budget = budget
-        self.slot_bytes = sum(slot_bytes(s, float_dtype) for s in sources.values())
-        self.slots = check_budget(budget, sources, float_dtype)
-        self.layers = {
-            p: LayerExpertBank(s, min(self.slots, s.spec.num_experts), self.reader, prefill,
-                               float_dtype)
-            for p, s in sources.items()
-        }  # fmt: skip
+        self.slot_pool = slot_pool
+        sizes = [slot_bytes(s, float_dtype) for s in sources.values()]
+        self.slot_bytes = max(sizes, default=0) if slot_pool == "shared" else sum(sizes)
+        self.slots = check_budget(budget, sources, float_dtype, slot_pool)
+        self.layers: dict[str, LayerExpertBank] = {}
+        shared: SlotPool | None = None
+        if slot_pool == "shared":
+            check_shared_pool(sources)
+        for p, s in sources.items():
+            slots = shared or (self.slots if slot_pool == "shared"
+                               else min(self.slots, s.spec.num_experts))  # fmt: skip
+            bank = LayerExpertBank(s, slots, self.reader, prefill, float_dtype)
+            self.layers[p] = bank
+            if slot_pool == "shared":
+                shared = bank.pool
+        self.pools = list({id(b.pool): b.pool for b in self.layers.values()}.values())
         self.expert_bytes = sum(s.expert_bytes * s.spec.num_experts for s in sources.values())
         self.decode_reads = DecodeReads()
 
@@ -396,7 +491,7 @@ class BankCache(ExpertStore):
 
     @property
     def nbytes(self) -> int:
-        return sum(b.nbytes for b in self.layers.values())
+        return sum(pool.nbytes for pool in self.pools)
 
     def stats(self) -> dict[str, Any]:
         hits = sum(b.hits for b in self.layers.values())
@@ -405,7 +500,9 @@ class BankCache(ExpertStore):
         return {
             "kind": self.kind,
             "layers": len(self.layers),
-            "slots_per_layer": self.slots,
+            "slot_pool": self.slot_pool,
+            "slots_per_layer": None if self.slot_pool == "shared" else self.slots,
+            "slots": sum(pool.slots for pool in self.pools),
             "bytes_per_slot": self.slot_bytes,
             "budget_bytes": self.budget,
             "bytes_resident": self.nbytes,
@@ -413,7 +510,7 @@ class BankCache(ExpertStore):
             "hits": hits,
             "misses": misses,
             "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
-            "evictions": sum(b.evictions for b in self.layers.values()),
+            "evictions": sum(pool.evictions for pool in self.pools),
             "transient_calls": sum(b.transient_calls for b in self.layers.values()),
             "bytes_read": read.bytes,
             "read_seconds": read.seconds,

@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
 
 from mach.errors import OptionsError
-from mach.experts.bank import PrefillMode, parse_size
+from mach.experts.bank import SLOT_POOLS, PrefillMode, SlotPoolMode, parse_size
 
 DType = Literal["float32", "float16", "bfloat16"]
 Residency = Literal["resident", "streaming", "bf16_streaming"]
@@ -63,6 +63,8 @@ class LoadOptions:
     """Store full-attention keys and values in this many bits (``None``: the model's dtype)."""
     kv_format: str = "turboquant"
     """``turboquant`` (2, 3 or 4 bits) or ``affine`` (4 or 8 bits), with ``kv_bits``."""
+    slot_pool: SlotPoolMode = "layer"
+    """Streaming slots: ``layer`` gives each MoE layer its own bank, ``shared`` one pool for all."""
     prewarm: bool | None = None
     """Run a short forward at load (``mach.io.prewarm``); ``None`` leaves it to the command
     (``mach serve`` prewarms, the others do not)."""
@@ -80,6 +82,7 @@ class LoadOptions:
         _flag("verify_experts", self.verify_experts, optional=False)
         _flag("streaming_embedding", self.streaming_embedding, optional=False)
         _flag("prewarm", self.prewarm, optional=True)
+        _choice("slot_pool", self.slot_pool, SLOT_POOLS, optional=False)
         from mach.cache.kv_quant import KV_FORMATS
 
         _choice("kv_format", self.kv_format, tuple(KV_FORMATS), optional=False)
@@ -101,6 +104,8 @@ class LoadOptions:
             raise OptionsError(
                 "an expert budget applies only to streaming; drop the budget or stream"
             )
+        if wants_resident and self.slot_pool != "layer":
+            raise OptionsError("slot_pool applies only to streaming; drop it or stream")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> LoadOptions:

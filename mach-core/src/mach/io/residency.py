@@ -17,7 +17,7 @@ import mlx.core as mx
 from mach.adapter import ExpertLayout, MoeArchAdapter
 from mach.env import env_flag
 from mach.errors import AdapterError, CheckpointError, ShapeMismatchError
-from mach.experts.bank import BankCache, check_budget, slot_bytes
+from mach.experts.bank import BankCache, SlotPoolMode, check_budget, check_shared_pool, slot_bytes
 from mach.experts.reader import ExpertReader
 from mach.experts.sidecar import has_sidecar, read_sidecar
 from mach.experts.sources import PARTS, PROJECTIONS, LayerSource, stacked_source
@@ -68,11 +68,15 @@ class ExpertPlan:
     """Bytes of expert weights the store will hold in memory."""
     budget_bytes: int | None = None
     slots_per_layer: int = 0
+    """Slots in each layer's bank (0 with a shared pool)."""
     slot_bytes: int = 0
-    """Bytes one expert takes in the banks, summed over layers."""
+    """Bytes one slot costs: one expert of every layer, or one expert with a shared pool."""
     sources: dict[str, LayerSource] = field(default_factory=dict, repr=False)
     resident: ResidentStackedExpertCache | None = field(default=None, repr=False)
     """The resident store over lazy arrays (safetensors experts); data is read on materialize."""
+    slot_pool: SlotPoolMode = "layer"
+    pool_slots: int = 0
+    """Slots of the shared pool (0 with per-layer banks)."""
 
     @property
     def streaming(self) -> bool:
@@ -224,7 +228,8 @@ def plan_experts(
             weights.pop(name, None)
         if not sources:
             sources = _stream_sources(ckpt, adapter, switches)
-        plan = _plan_streaming(residency, budget, sources, expert_bytes, str(ckpt.path))
+        plan = _plan_streaming(residency, budget, sources, expert_bytes, str(ckpt.path),
+                               options.slot_pool)  # fmt: skip
     plan.layout = layout
     if switches and format_family(plan.quantization) not in adapter.routed_quantization:
         raise CheckpointError(
@@ -267,6 +272,7 @@ def _plan_streaming(
     sources: dict[str, LayerSource],
     expert_bytes: int,
     path: str,
+    slot_pool: SlotPoolMode = "layer",
 ) -> ExpertPlan:
     assert budget is not None
     first = next(iter(sources.values()), None)
@@ -281,12 +287,17 @@ def _plan_streaming(
         float_dtype = mx.bfloat16
     for prefix, source in sources.items():
         _check_bias(prefix, source.spec, "down_proj.bias" in source.pieces, path)
-    per_slot = sum(slot_bytes(s, float_dtype) for s in sources.values())
-    slots = check_budget(budget, sources, float_dtype)
-    memory = sum(slot_bytes(s, float_dtype) * min(slots, s.spec.num_experts)
-                 for s in sources.values())  # fmt: skip
+    slots = check_budget(budget, sources, float_dtype, slot_pool)
+    sizes = [slot_bytes(s, float_dtype) for s in sources.values()]
+    if slot_pool == "shared":
+        check_shared_pool(sources)
+        per_slot = max(sizes, default=0)
+        return ExpertPlan(residency, "", quantization, expert_bytes, per_slot * slots, budget,
+                          0, per_slot, sources, slot_pool="shared", pool_slots=slots)  # fmt: skip
+    memory = sum(size * min(slots, s.spec.num_experts)
+                 for size, s in zip(sizes, sources.values(), strict=True))  # fmt: skip
     return ExpertPlan(residency, "", quantization, expert_bytes, memory, budget, slots,
-                      per_slot, sources)  # fmt: skip
+                      sum(sizes), sources)  # fmt: skip
 
 
 def build_store(
@@ -308,6 +319,7 @@ def build_store(
         options.prefill,
         float_dtype,
         kind=plan.residency,
+        slot_pool=plan.slot_pool,
     )
 
 
