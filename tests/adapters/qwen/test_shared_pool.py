@@ -95,9 +95,7 @@ def test_the_pool_follows_routing_across_layers(sidecar: Path, one_slot: int) ->
     assert held == 8 and store.stats()["evictions"] == 0
 
 
-def test_batched_steps_through_a_shared_pool_match_sequential(
-    sidecar: Path, one_slot: int
-) -> None:
+def test_batched_steps_through_a_shared_pool_match_sequential(sidecar: Path, one_slot: int) -> None:
     prompts = [[5, 9, 23, 7, 1], [44, 3, 3, 61], [12, 90, 8, 8, 8, 2], [70, 71]]
     params = [SamplingParams(max_tokens=10) for _ in prompts]
     resident = load_moe(sidecar, streaming=False)
