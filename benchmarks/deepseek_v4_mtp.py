@@ -147,7 +147,7 @@ def run(engine: object, store: object, prompts: list[list[int]], tokens: int) ->
         ids += result.tokens
         prompt_tokens += stats.prompt_tokens
         generated += stats.generation_tokens
-        passes += 1 + stats.verify_passes if stats.verify_passes else stats.generation_tokens
+        passes += stats.target_passes
         accepted += stats.accepted_tokens
         drafted += stats.draft_tokens
         prefill_s += stats.prompt_seconds

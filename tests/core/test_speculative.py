@@ -89,6 +89,9 @@ def test_greedy_output_is_target_only_output(loaded: tuple[object, object, Seque
     assert result.tokens == expected
     stats = result.stats
     assert stats.verify_passes > 0 and stats.draft_tokens > 0
+    # Every target pass counts: the prompt's, each verify cycle and any plain step.
+    assert stats.verify_passes < stats.target_passes <= stats.generation_tokens
+    assert stats.generation_tokens <= (k + 1) * stats.target_passes
     if wrong == 0:
         assert stats.accepted_tokens == stats.draft_tokens
         assert stats.acceptance_length > k  # k drafts plus the bonus on almost every pass
@@ -138,6 +141,7 @@ def test_requests_it_cannot_speculate_on_run_target_only(
     params = SamplingParams(max_tokens=8, temperature=0.0, repetition_penalty=1.3)
     result = _engine(loaded, prompt, 0, 2).generate(prompt, params)
     assert result.stats.verify_passes == 0 and len(result.tokens) == 8
+    assert result.stats.target_passes == 8  # one token per pass, the prompt's pass first
 
 
 @pytest.mark.parametrize("wrong", [0, 3])

@@ -75,6 +75,8 @@ class TextOutput:
         tail = self.detok.finalize() if self.detok is not None else ""
         tail = self.matcher.feed(tail) + self.matcher.flush()
         stats.generation_tokens = generated
+        # One token per pass unless the engine counted its own (speculative decoding).
+        stats.target_passes = stats.target_passes or generated
         stats.generation_seconds = time.perf_counter() - decode_start
         stats.peak_memory_bytes = mx.get_peak_memory()
         return TokenEvent(None, tail, self.finish, stats)

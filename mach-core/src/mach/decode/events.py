@@ -24,6 +24,9 @@ class GenerationStats:
     """Proposed tokens the target accepted."""
     verify_passes: int = 0
     """Target forward passes during speculative decoding (one per draft-verify cycle)."""
+    target_passes: int = 0
+    """Target forward passes that produced tokens: the one ending the prompt, then every decode
+    step or draft-verify cycle (tokens per pass = generation_tokens / target_passes)."""
 
     @property
     def prompt_tps(self) -> float:

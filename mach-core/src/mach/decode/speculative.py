@@ -291,6 +291,7 @@ class SpecDecEngine(DecodeEngine):
 
         generated = 0
         pending = [last]
+        stats.target_passes = 1  # the pass that ended the prompt gave ``last``
         while True:
             stopped = False
             for token in pending:
@@ -330,6 +331,7 @@ class SpecDecEngine(DecodeEngine):
                 stats.draft_tokens += len(draft.tokens)
                 stats.accepted_tokens += accepted
                 stats.verify_passes += 1
+            stats.target_passes += 1
             pending = committed
         final = output.final(stats, generated, decode_start)
         if self.prefix_cache is not None:
