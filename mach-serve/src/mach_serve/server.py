@@ -82,6 +82,11 @@ def build_state(
         path = resolve_model_path(model)
         name = model_name or path.name
     loaded = load_moe(path, options=options, progress=progress)
+    if loaded.shard is not None:
+        raise MachError(
+            f"mach serve runs in one process; under mlx.launch ({loaded.shard.size} ranks) "
+            "only `mach generate` shares experts across ranks in this version"
+        )
     if loaded.tokenizer is None:
         raise MachError(f"{path}: tokenizer.json is missing; the server needs it to read text")
     with contextlib.suppress(GrammarError):

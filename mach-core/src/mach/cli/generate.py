@@ -143,10 +143,15 @@ def generate_command(
             disk_bytes=parse_size(prompt_cache_disk_bytes, "--prompt-cache-disk-bytes"),
         )
     engine = build_engine(loaded, draft, draft_tokens, prefix_cache)
+    # Under mlx.launch every rank decodes in lockstep; rank 0 alone speaks.
+    follower = loaded.shard is not None and loaded.shard.rank != 0
     if as_json:
         result = engine.generate(tokens, params)
+        if follower:
+            return
         shown = model if model is not None else str(path)
-        payload = {**result.to_dict(), "model": shown, "default_model": default_model}
+        payload = {**result.to_dict(), "model": shown, "default_model": default_model,
+                   "ranks": 1 if loaded.shard is None else loaded.shard.size}  # fmt: skip
         tags = loaded.adapter.reasoning_tags if chat is not None else None
         if tags is not None:
             started = prompt_text.rstrip().endswith(tags.open)
@@ -157,6 +162,8 @@ def generate_command(
         typer.echo(json.dumps(payload))
         return
     for event in engine.stream(tokens, params):
+        if follower:
+            continue
         if event.text:
             sys.stdout.write(event.text)
             sys.stdout.flush()

@@ -56,10 +56,19 @@ def build_engine(
             f"{adapter.specdec_kind}; the checkpoint may not ship its draft weights, or the "
             "family's draft switch is off)"
         )
+    if loaded.shard is not None and (batches or prefix_cache is not None):
+        raise MachError(
+            f"expert parallelism over {loaded.shard.size} ranks decodes one sequence at a time "
+            "with no prompt cache in this version; use --max-batch 1 and no prompt cache"
+        )
     if drafter is not None:
         gate = DraftGate.from_env(drafter.default_gate)
-        return SpecDecEngine(model, tokenizer, loaded.cache.new, drafter, num_draft_tokens,
-                             gate, prefix_cache=prefix_cache)  # fmt: skip
+        engine = SpecDecEngine(model, tokenizer, loaded.cache.new, drafter, num_draft_tokens,
+                               gate, prefix_cache=prefix_cache)  # fmt: skip
+        if loaded.shard is not None:
+            # Ranks must take the same passes: no switching on each rank's own clock.
+            engine.measure = False
+        return engine
     if batches:
         from mach.decode.batch_scheduler import ContinuousBatchScheduler
 

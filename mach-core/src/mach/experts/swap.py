@@ -11,6 +11,7 @@ from mach.env import env_flag
 from mach.errors import AdapterError
 from mach.experts.activations import GateActivation
 from mach.experts.dispatch import DiskSwitchGLU, GatherSwitchGLU
+from mach.experts.parallel import ExpertShard, ShardedSwitch
 from mach.experts.store import ExpertStore
 from mach.experts.switch import SwitchSpec, UnboundSwitchGLU
 
@@ -69,18 +70,27 @@ def gather_dispatch_enabled() -> bool:
 
 
 def swap_switch_mlp(
-    model: nn.Module, store: ExpertStore, gather: bool | None = None
+    model: nn.Module,
+    store: ExpertStore,
+    gather: bool | None = None,
+    shard: ExpertShard | None = None,
 ) -> list[GatherSwitchGLU | DiskSwitchGLU]:
     """Replace each ``UnboundSwitchGLU`` with a dispatch module bound to ``store``.
 
     ``GatherSwitchGLU`` by default; ``DiskSwitchGLU`` when ``gather`` is false (or, when
-    ``gather`` is ``None``, when ``LME_USE_GATHER_DISPATCH=0``).
+    ``gather`` is ``None``, when ``LME_USE_GATHER_DISPATCH=0``). With a ``shard`` the store
+    holds this rank's experts only, and each block is wrapped in a ``ShardedSwitch``.
     """
     use_gather = gather_dispatch_enabled() if gather is None else gather
     kind = GatherSwitchGLU if use_gather else DiskSwitchGLU
     bound: list[GatherSwitchGLU | DiskSwitchGLU] = []
     for path, spec in find_switches(model).items():
-        module = kind(spec, store.layer(path))
-        set_child(model, path, module)
+        if shard is None:
+            module = kind(spec, store.layer(path))
+            set_child(model, path, module)
+        else:
+            lo, hi = shard.span(spec.num_experts)
+            module = kind(replace(spec, num_experts=hi - lo), store.layer(path))
+            set_child(model, path, ShardedSwitch(module, spec.num_experts, shard))
         bound.append(module)
     return bound

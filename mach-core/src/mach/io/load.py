@@ -17,7 +17,8 @@ from mach.adapter import MoeArchAdapter
 from mach.cache.base import LayerCache, SequenceCache
 from mach.cache.kv_quant import quantized_kv
 from mach.errors import AdapterError, OptionsError
-from mach.experts.store import ExpertStore
+from mach.experts.parallel import ExpertShard, expert_shard, shard_resident
+from mach.experts.store import ExpertStore, ResidentStackedExpertCache
 from mach.experts.swap import swap_switch_mlp
 from mach.io.checkpoint import Checkpoint
 from mach.io.options import LoadOptions
@@ -54,6 +55,8 @@ class LoadedModel:
     plan: LoadPlan = field(repr=False)
     prewarm_seconds: float | None = None
     """Seconds the load spent prewarming (``None``: it did not)."""
+    shard: ExpertShard | None = None
+    """This rank's share of the experts under ``mlx.launch`` (``None``: one process)."""
 
     @property
     def experts(self) -> ExpertPlan:
@@ -88,6 +91,15 @@ def load_plan(plan: LoadPlan, progress: Callable[[int, int], None] | None = None
     """Carry out ``plan``: read the expert store and the weights, build the caches."""
     adapter, ckpt, model = plan.adapter, plan.checkpoint, plan.model
     store = build_store(plan.experts, plan.options, ckpt, adapter)
+    shard = expert_shard()
+    if shard is not None:
+        if not isinstance(store, ResidentStackedExpertCache):
+            raise OptionsError(
+                f"expert parallelism over {shard.size} ranks holds each rank's experts resident, "
+                "and this load streams them; add --no-streaming (streaming per rank is not built "
+                "yet)"
+            )
+        store = shard_resident(store, shard)
     total = sum(info.nbytes for info in ckpt.tensors.values())
     done = 0
 
@@ -98,7 +110,7 @@ def load_plan(plan: LoadPlan, progress: Callable[[int, int], None] | None = None
             progress(done, total)
 
     store.materialize(advance)
-    swap_switch_mlp(model, store, plan.options.gather_dispatch)
+    swap_switch_mlp(model, store, plan.options.gather_dispatch, shard)
     model.load_weights(list(plan.weights.items()), strict=True)
     plan.weights.clear()
     mx.eval(model.parameters())
@@ -130,7 +142,7 @@ def load_plan(plan: LoadPlan, progress: Callable[[int, int], None] | None = None
                            "--kv-bits off")  # fmt: skip
     warm = prewarm(model, factory) if options.prewarm else None
     return LoadedModel(model, plan.tokenizer, store, SequenceCache(caches, factory), adapter, ckpt,
-                       plan.options, plan, warm)  # fmt: skip
+                       plan.options, plan, warm, shard)  # fmt: skip
 
 
 def load_moe(

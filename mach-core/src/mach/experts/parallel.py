@@ -1,0 +1,101 @@
+"""Expert parallelism over ``mlx.core.distributed``: each rank holds a slice of every MoE
+layer's experts, and one decode step exchanges only the routed experts' outputs.
+
+Under ``mlx.launch`` every rank loads the same checkpoint with the same options. Attention,
+norms, embeddings and shared experts are replicated; routed experts ``[lo, hi)`` of each layer
+stay on rank ``r`` (``ExpertShard.span``). A MoE layer runs the routes to its own experts,
+zeroes the others, and an ``all_sum`` gives every rank the outputs of all routes, so the rest
+of the step is the same on every rank and they stay in lockstep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mach.experts.matrix import ExpertMatrix, ExpertWeights
+from mach.experts.store import ExpertStore, LayerExperts, ResidentLayer, ResidentStackedExpertCache
+
+
+@dataclass(frozen=True)
+class ExpertShard:
+    """This process's place among the ranks that share the experts."""
+
+    rank: int
+    size: int
+    group: Any = None
+    """The ``mx.distributed.Group`` the ranks reduce over."""
+
+    def span(self, num_experts: int) -> tuple[int, int]:
+        """The experts ``[lo, hi)`` of a layer this rank holds: contiguous, sizes within one."""
+        return self.rank * num_experts // self.size, (self.rank + 1) * num_experts // self.size
+
+
+def expert_shard() -> ExpertShard | None:
+    """The shard of this process when ``mlx.launch`` started several ranks, else ``None``."""
+    if not mx.distributed.is_available():
+        return None
+    group = mx.distributed.init()
+    if group.size() < 2:
+        return None
+    return ExpertShard(group.rank(), group.size(), group)
+
+
+def _slice(matrix: ExpertMatrix, lo: int, hi: int) -> ExpertMatrix:
+    def rows(a: mx.array | None) -> mx.array | None:
+        return None if a is None else a[lo:hi]
+
+    return replace(matrix, weight=matrix.weight[lo:hi], scales=rows(matrix.scales),
+                   biases=rows(matrix.biases), bias=rows(matrix.bias))  # fmt: skip
+
+
+def _slice_weights(weights: ExpertWeights, lo: int, hi: int) -> ExpertWeights:
+    def part(m: ExpertMatrix | None) -> ExpertMatrix | None:
+        return None if m is None else _slice(m, lo, hi)
+
+    return ExpertWeights(down=_slice(weights.down, lo, hi), gate=part(weights.gate),
+                         up=part(weights.up), gate_up=part(weights.gate_up))  # fmt: skip
+
+
+def shard_resident(store: ResidentStackedExpertCache, shard: ExpertShard) -> ExpertStore:
+    """``store`` cut to this rank's experts; only the slices are read at materialize."""
+    layers: dict[str, ResidentLayer] = {}
+    for prefix, layer in store.layers.items():
+        lo, hi = shard.span(layer.weights.down.num_experts)
+        layers[prefix] = ResidentLayer(_slice_weights(layer.weights, lo, hi))
+    return ResidentStackedExpertCache(layers)
+
+
+class ShardedSwitch(nn.Module):
+    """A routed-expert block on one rank: its own experts' routes, then a sum over ranks.
+
+    ``__call__(x, indices)`` keeps the switch contract (``[..., k, D]``, router weights applied
+    by the caller): routes to other ranks' experts come back as zeros from this rank and as
+    their outputs from the rank that holds them.
+    """
+
+    def __init__(self, inner: nn.Module, num_experts: int, shard: ExpertShard) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.inner = inner
+        self.lo, self.hi = shard.span(num_experts)
+        self.shard = shard
+
+    @property
+    def experts(self) -> LayerExperts:
+        return self.inner.experts  # type: ignore[no-any-return]
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        mine = (indices >= self.lo) & (indices < self.hi)
+        # Another rank's route runs on this rank's first expert and is then dropped.
+        local = mx.where(mine, indices - self.lo, 0).astype(indices.dtype)
+        out = self.inner(x, local) * mine[..., None].astype(x.dtype)
+        return mx.distributed.all_sum(out, group=self.shard.group)
+
+    def stats(self) -> dict[str, Any]:
+        inner = getattr(self.inner, "stats", None)
+        report = inner() if callable(inner) else {}
+        return {**report, "rank": self.shard.rank, "ranks": self.shard.size,
+                "experts": [self.lo, self.hi]}  # fmt: skip

@@ -1,0 +1,79 @@
+"""Expert parallelism under ``mlx.launch`` (ring backend, ranks on this machine's loopback):
+each rank holds a slice of every MoE layer's experts, and the results are those of one process.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mach.default_model import default_model_path
+
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+RANK_MAIN = Path(__file__).with_name("rank_main.py")
+LAUNCH = Path(sys.executable).with_name("mlx.launch")
+CHECKPOINTS = {
+    "default": default_model_path(),
+    "qwen3_moe": FIXTURES / "qwen3_moe" / "mlx-q4",
+    "qwen3_5_moe": FIXTURES / "qwen3_5_moe" / "mlx-q4",
+    "gpt_oss": FIXTURES / "gpt_oss" / "mlx-mxfp4-q8",
+    "gemma4": FIXTURES / "gemma4" / "mlx-q4",
+    "deepseek_v4": FIXTURES / "deepseek_v4" / "hf-fused",
+}
+
+
+def launch(ranks: int, *args: str) -> subprocess.CompletedProcess[str]:
+    # mlx.launch reads its own options first: the program's follow the python executable.
+    return subprocess.run([str(LAUNCH), "-n", str(ranks), "--backend", "ring", sys.executable,
+                           *args], capture_output=True, text=True, timeout=240)  # fmt: skip
+
+
+def run(checkpoint: Path, out: Path, ranks: int) -> dict[str, np.ndarray]:
+    if ranks == 1:
+        done = subprocess.run([sys.executable, str(RANK_MAIN), str(checkpoint), str(out)],
+                              capture_output=True, text=True, timeout=240)  # fmt: skip
+    else:
+        done = launch(ranks, str(RANK_MAIN), str(checkpoint), str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    with np.load(out) as data:
+        return {k: data[k] for k in data.files}
+
+
+@pytest.mark.parametrize(("name", "ranks"), [(name, 2) for name in CHECKPOINTS] + [("default", 4)])
+def test_sharded_experts_give_one_process_results(name: str, ranks: int, tmp_path: Path) -> None:
+    one = run(CHECKPOINTS[name], tmp_path / "one.npz", 1)
+    many = run(CHECKPOINTS[name], tmp_path / "many.npz", ranks)
+    assert int(many["ranks"]) == ranks and int(one["ranks"]) == 1
+    # Each rank holds its slice of every layer's experts.
+    assert (many["held"] * ranks == one["held"]).all()
+    np.testing.assert_array_equal(many["logits"], one["logits"])
+    np.testing.assert_array_equal(many["tokens"], one["tokens"])
+
+
+def test_mach_generate_under_mlx_launch_reports_its_ranks() -> None:
+    args = ["-m", "mach", "generate", "--max-tokens", "6", "--json"]
+    alone = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=240)
+    shared = launch(2, *args)
+    assert alone.returncode == 0 and shared.returncode == 0, shared.stderr
+    lines = [line for line in shared.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, "rank 0 alone prints"
+    one, two = json.loads(alone.stdout), json.loads(lines[0])
+    assert one["ranks"] == 1 and two["ranks"] == 2
+    assert two["tokens"] == one["tokens"]
+
+
+def test_what_does_not_shard_yet_says_so() -> None:
+    # mlx.launch relays each rank's output (either stream), and its own exit status does not
+    # always follow the ranks'; each rank's message is what counts.
+    streamed = launch(2, "-m", "mach", "generate", "--max-tokens", "2", "--streaming")
+    said = streamed.stdout + streamed.stderr
+    assert said.count("error: expert parallelism over 2 ranks") == 2 and "--no-streaming" in said
+    served = launch(2, "-m", "mach", "serve", "--port", "0")
+    said = served.stdout + served.stderr
+    assert said.count("error: mach serve runs in one process") == 2
+    assert "Uvicorn running" not in said
