@@ -77,3 +77,22 @@ def test_what_does_not_shard_yet_says_so() -> None:
     said = served.stdout + served.stderr
     assert said.count("error: mach serve runs in one process") == 2
     assert "Uvicorn running" not in said
+
+
+def test_a_rank_that_stops_ends_the_run_instead_of_hanging() -> None:
+    done = launch(2, str(Path(__file__).with_name("rank_dies.py")))  # 240 s bound, takes ~3 s
+    said = done.stdout + done.stderr
+    assert "rank 0 finished alone" not in said
+    # mlx.launch stops the others when one rank exits; where it cannot, the ring's error
+    # reaches rank 0 as a RankLostError.
+    assert "exited with code" in said or "rank 0 saw: rank 0 of 2" in said
+
+
+def test_a_failed_exchange_is_named() -> None:
+    from mach.experts.parallel import ExpertShard, RankLostError, collective_errors
+
+    named = pytest.raises(RankLostError, match=r"rank 1 of 4: .*peer gone.*that rank's output")
+    with named, collective_errors(ExpertShard(1, 4)):
+        raise RuntimeError("peer gone")
+    with pytest.raises(RuntimeError, match="alone"), collective_errors(None):
+        raise RuntimeError("alone")

@@ -105,6 +105,7 @@ def generate_command(
 ) -> None:
     """Generate text from a prompt with a MoE checkpoint."""
     from mach.decode.select import build_engine
+    from mach.experts.parallel import collective_errors
 
     # "-" reads the text from standard input, so prompts can be piped in.
     if prompt == "-":
@@ -145,35 +146,38 @@ def generate_command(
     engine = build_engine(loaded, draft, draft_tokens, prefix_cache)
     # Under mlx.launch every rank decodes in lockstep; rank 0 alone speaks.
     follower = loaded.shard is not None and loaded.shard.rank != 0
-    if as_json:
-        result = engine.generate(tokens, params)
-        if follower:
-            return
-        shown = model if model is not None else str(path)
-        payload = {**result.to_dict(), "model": shown, "default_model": default_model,
-                   "ranks": 1 if loaded.shard is None else loaded.shard.size}  # fmt: skip
-        tags = loaded.adapter.reasoning_tags if chat is not None else None
-        if tags is not None:
-            started = prompt_text.rstrip().endswith(tags.open)
-            payload["reasoning"], payload["content"] = split_reasoning(result.text, tags, started)
-        report = store_report(store.stats(), result.stats.prompt_tokens + len(result.tokens))
-        if report:
-            payload["experts"] = report
-        typer.echo(json.dumps(payload))
-        return
-    for event in engine.stream(tokens, params):
-        if follower:
-            continue
-        if event.text:
-            sys.stdout.write(event.text)
-            sys.stdout.flush()
-        if event.finish_reason is not None and event.stats is not None:
-            sys.stdout.write("\n")
-            typer.echo(_stats_line(event.stats.to_dict(), event.finish_reason), err=True)
-            total = event.stats.prompt_tokens + event.stats.generation_tokens
-            report = store_report(store.stats(), total)
+    with collective_errors(loaded.shard):
+        if as_json:
+            result = engine.generate(tokens, params)
+            if follower:
+                return
+            shown = model if model is not None else str(path)
+            payload = {**result.to_dict(), "model": shown, "default_model": default_model,
+                       "ranks": 1 if loaded.shard is None else loaded.shard.size}  # fmt: skip
+            tags = loaded.adapter.reasoning_tags if chat is not None else None
+            if tags is not None:
+                started = prompt_text.rstrip().endswith(tags.open)
+                payload["reasoning"], payload["content"] = split_reasoning(
+                    result.text, tags, started
+                )
+            report = store_report(store.stats(), result.stats.prompt_tokens + len(result.tokens))
             if report:
-                typer.echo(store_line(report), err=True)
+                payload["experts"] = report
+            typer.echo(json.dumps(payload))
+            return
+        for event in engine.stream(tokens, params):
+            if follower:
+                continue
+            if event.text:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+            if event.finish_reason is not None and event.stats is not None:
+                sys.stdout.write("\n")
+                typer.echo(_stats_line(event.stats.to_dict(), event.finish_reason), err=True)
+                total = event.stats.prompt_tokens + event.stats.generation_tokens
+                report = store_report(store.stats(), total)
+                if report:
+                    typer.echo(store_line(report), err=True)
 
 
 def register(app: typer.Typer) -> None:

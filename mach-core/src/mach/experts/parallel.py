@@ -10,12 +10,15 @@ of the step is the same on every rank and they stay in lockstep.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from mach.errors import MachError
 from mach.experts.matrix import ExpertMatrix, ExpertWeights
 from mach.experts.store import ExpertStore, LayerExperts, ResidentLayer, ResidentStackedExpertCache
 
@@ -32,6 +35,28 @@ class ExpertShard:
     def span(self, num_experts: int) -> tuple[int, int]:
         """The experts ``[lo, hi)`` of a layer this rank holds: contiguous, sizes within one."""
         return self.rank * num_experts // self.size, (self.rank + 1) * num_experts // self.size
+
+
+class RankLostError(MachError):
+    """A collective failed: another rank stopped, or its host cannot be reached."""
+
+
+@contextmanager
+def collective_errors(shard: ExpertShard | None) -> Iterator[None]:
+    """Turn a failed exchange between ranks into a ``RankLostError`` that says what happened.
+
+    MLX raises ``RuntimeError`` when a peer's connection drops mid-collective; under a shard any
+    ``RuntimeError`` of the step is reported this way, its own text kept.
+    """
+    try:
+        yield
+    except RuntimeError as exc:
+        if shard is None:
+            raise
+        raise RankLostError(
+            f"rank {shard.rank} of {shard.size}: an exchange with the other ranks failed "
+            f"({exc}); a rank stopped or its host is unreachable: see that rank's output"
+        ) from exc
 
 
 def expert_shard() -> ExpertShard | None:
