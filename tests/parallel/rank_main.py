@@ -19,13 +19,22 @@ PROMPT = [5, 9, 200, 17, 3, 44, 101, 7]
 
 def main() -> None:
     checkpoint, out = sys.argv[1], sys.argv[2]
-    loaded = load_moe(checkpoint, dtype="float32", streaming=False)
+    budget = int(sys.argv[3]) if len(sys.argv) > 3 else None
+    residency = {"expert_budget": budget} if budget else {"streaming": False}
+    loaded = load_moe(checkpoint, dtype="float32", **residency)
     logits = loaded.model(mx.array([PROMPT]))
     mx.eval(logits)  # every rank joins every all_sum
     engine = TargetEngine(loaded.model, None, loaded.cache.new)
     tokens = engine.generate(PROMPT, SamplingParams(max_tokens=16)).tokens
     shard = loaded.shard
-    held = [int(loaded.store.layer(p).weights.down.num_experts) for p in loaded.store.layers]
+    held = [
+        int(
+            loaded.store.layer(p).source.spec.num_experts
+            if budget
+            else loaded.store.layer(p).weights.down.num_experts
+        )
+        for p in loaded.store.layers
+    ]
     if shard is None or shard.rank == 0:
         np.savez(
             out,

@@ -17,9 +17,11 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from mach.errors import MachError
 from mach.experts.matrix import ExpertMatrix, ExpertWeights
+from mach.experts.sources import LayerSource
 from mach.experts.store import ExpertStore, LayerExperts, ResidentLayer, ResidentStackedExpertCache
 
 
@@ -94,6 +96,21 @@ def shard_resident(store: ResidentStackedExpertCache, shard: ExpertShard) -> Exp
     return ResidentStackedExpertCache(layers)
 
 
+def shard_sources(sources: dict[str, LayerSource], shard: ExpertShard) -> dict[str, LayerSource]:
+    """Each layer's on-disk experts cut to this rank's: its banks read only those."""
+    out: dict[str, LayerSource] = {}
+    for prefix, source in sources.items():
+        lo, hi = shard.span(source.spec.num_experts)
+        pieces = {name: replace(p, files=p.files[lo:hi], offsets=p.offsets[lo:hi])
+                  for name, p in source.pieces.items()}  # fmt: skip
+        records = source.records
+        if records is not None:
+            records = replace(records, offsets=records.offsets[lo:hi], crc32=records.crc32[lo:hi])
+        out[prefix] = replace(source, spec=replace(source.spec, num_experts=hi - lo),
+                              pieces=pieces, records=records)  # fmt: skip
+    return out
+
+
 class ShardedSwitch(nn.Module):
     """A routed-expert block on one rank: its own experts' routes, then a sum over ranks.
 
@@ -102,11 +119,14 @@ class ShardedSwitch(nn.Module):
     their outputs from the rank that holds them.
     """
 
-    def __init__(self, inner: nn.Module, num_experts: int, shard: ExpertShard) -> None:
+    def __init__(
+        self, inner: nn.Module, num_experts: int, shard: ExpertShard, streamed: bool = False
+    ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.inner = inner
         self.lo, self.hi = shard.span(num_experts)
         self.shard = shard
+        self.streamed = streamed
 
     @property
     def experts(self) -> LayerExperts:
@@ -114,8 +134,18 @@ class ShardedSwitch(nn.Module):
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         mine = (indices >= self.lo) & (indices < self.hi)
-        # Another rank's route runs on this rank's first expert and is then dropped.
-        local = mx.where(mine, indices - self.lo, 0).astype(indices.dtype)
+        # Another rank's route runs on one of this rank's experts and is then dropped: its
+        # first one when all are resident; with a bank, one the call routes to anyway, so the
+        # stand-in costs no read (the bank reads the ids back to the host regardless).
+        fill = 0
+        if self.streamed:
+            ids = np.asarray(indices)
+            routed = ids[(ids >= self.lo) & (ids < self.hi)]
+            if routed.size == 0:
+                nothing = mx.zeros((*indices.shape, x.shape[-1]), dtype=x.dtype)
+                return mx.distributed.all_sum(nothing, group=self.shard.group)
+            fill = int(routed.flat[0]) - self.lo
+        local = mx.where(mine, indices - self.lo, fill).astype(indices.dtype)
         out = self.inner(x, local) * mine[..., None].astype(x.dtype)
         return mx.distributed.all_sum(out, group=self.shard.group)
 

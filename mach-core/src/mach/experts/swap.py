@@ -12,7 +12,7 @@ from mach.errors import AdapterError
 from mach.experts.activations import GateActivation
 from mach.experts.dispatch import DiskSwitchGLU, GatherSwitchGLU
 from mach.experts.parallel import ExpertShard, ShardedSwitch
-from mach.experts.store import ExpertStore
+from mach.experts.store import ExpertStore, ResidentStackedExpertCache
 from mach.experts.switch import SwitchSpec, UnboundSwitchGLU
 
 
@@ -91,6 +91,7 @@ def swap_switch_mlp(
         else:
             lo, hi = shard.span(spec.num_experts)
             module = kind(replace(spec, num_experts=hi - lo), store.layer(path))
-            set_child(model, path, ShardedSwitch(module, spec.num_experts, shard))
+            streamed = not isinstance(store, ResidentStackedExpertCache)
+            set_child(model, path, ShardedSwitch(module, spec.num_experts, shard, streamed))
         bound.append(module)
     return bound

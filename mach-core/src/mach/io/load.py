@@ -7,7 +7,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import mlx.core as mx
@@ -17,8 +17,8 @@ from mach.adapter import MoeArchAdapter
 from mach.cache.base import LayerCache, SequenceCache
 from mach.cache.kv_quant import quantized_kv
 from mach.errors import AdapterError, OptionsError
-from mach.experts.parallel import ExpertShard, expert_shard, shard_resident
-from mach.experts.store import ExpertStore, ResidentStackedExpertCache
+from mach.experts.parallel import ExpertShard, expert_shard, shard_resident, shard_sources
+from mach.experts.store import ExpertStore
 from mach.experts.swap import swap_switch_mlp
 from mach.io.checkpoint import Checkpoint
 from mach.io.options import LoadOptions
@@ -90,16 +90,14 @@ def _check_caches(adapter: MoeArchAdapter, caches: list[LayerCache]) -> None:
 def load_plan(plan: LoadPlan, progress: Callable[[int, int], None] | None = None) -> LoadedModel:
     """Carry out ``plan``: read the expert store and the weights, build the caches."""
     adapter, ckpt, model = plan.adapter, plan.checkpoint, plan.model
-    store = build_store(plan.experts, plan.options, ckpt, adapter)
     shard = expert_shard()
-    if shard is not None:
-        if not isinstance(store, ResidentStackedExpertCache):
-            raise OptionsError(
-                f"expert parallelism over {shard.size} ranks holds each rank's experts resident, "
-                "and this load streams them; add --no-streaming (streaming per rank is not built "
-                "yet)"
-            )
-        store = shard_resident(store, shard)
+    experts = plan.experts
+    if shard is not None and experts.sources:
+        # Each rank's banks (or its resident sidecar read) take only its experts.
+        experts = replace(experts, sources=shard_sources(experts.sources, shard))
+    store = build_store(experts, plan.options, ckpt, adapter)
+    if shard is not None and experts.resident is not None:
+        store = shard_resident(experts.resident, shard)
     total = sum(info.nbytes for info in ckpt.tensors.values())
     done = 0
 
