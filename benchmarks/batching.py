@@ -171,7 +171,7 @@ async def load(engine: Engine, concurrency: int, requests: int, tokens: int, wor
     if before is not None and after is not None and after["tokens"] > before["tokens"]:
         delta = {k: after[k] - before[k] for k in after}
         out.bytes_per_token = delta["bytes"] / delta["tokens"]
-        if delta["calls"]:
+        if delta["calls"] and after["slots"]:  # a shared pool has no per-layer slots
             out.distinct = delta["lookups"] / delta["calls"]
             short = max(0.0, out.distinct - after["slots"]) * delta["calls"]
             out.floor_per_token = short * engine.expert_bytes / delta["tokens"]

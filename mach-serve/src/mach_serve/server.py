@@ -22,6 +22,7 @@ from mach.decode.engine import DecodeEngine
 from mach.decode.grammar import GrammarError, GrammarTokenizer
 from mach.decode.select import batching_blocker, build_engine
 from mach.errors import MachError
+from mach.experts.parallel import expert_shard
 from mach.io.load import LoadedModel, load_moe
 from mach.io.options import LoadOptions
 from mach.io.paths import resolve_model_path
@@ -81,12 +82,13 @@ def build_state(
     else:
         path = resolve_model_path(model)
         name = model_name or path.name
-    loaded = load_moe(path, options=options, progress=progress)
-    if loaded.shard is not None:
+    shard = expert_shard()
+    if shard is not None:  # before the load: every rank would read the whole model for nothing
         raise MachError(
-            f"mach serve runs in one process; under mlx.launch ({loaded.shard.size} ranks) "
+            f"mach serve runs in one process; under mlx.launch ({shard.size} ranks) "
             "only `mach generate` shares experts across ranks in this version"
         )
+    loaded = load_moe(path, options=options, progress=progress)
     if loaded.tokenizer is None:
         raise MachError(f"{path}: tokenizer.json is missing; the server needs it to read text")
     with contextlib.suppress(GrammarError):

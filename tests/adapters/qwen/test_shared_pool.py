@@ -118,6 +118,9 @@ def test_layers_of_different_shapes_cannot_share_a_pool(sidecar: Path) -> None:
         sources[second], pieces={**sources[second].pieces, "down_proj.weight": odd})}  # fmt: skip
     with pytest.raises(OptionsError, match=f"experts of {second} differ.*{first}"):
         check_shared_pool(changed)
+    # A store built without planning meets the same refusal from the bank that cannot fit.
+    with pytest.raises(OptionsError, match=f"{second}: a shared slot pool needs"):
+        BankCache(changed, 10**9, slot_pool="shared")
 
 
 def test_slot_pool_is_a_streaming_option() -> None:

@@ -177,8 +177,9 @@ class LayerExpertBank(LayerExperts):
             float_dtype is not None and float_dtype != mx.float32 and mx.default_device() == mx.cpu
         )
         self._lut = np.zeros(spec.num_experts, dtype=np.uint32)
-        # The expert -> slot table on the device, uploaded again only after a slot changes: a
-        # step whose experts are all resident maps ids to slots without sending ids back.
+        # The expert -> slot table on the device, uploaded again only after a slot changes, so a
+        # call whose experts are all held maps ids to slots on the device (the ids still come
+        # back to the host once per call, to find the misses).
         self._lut_device = mx.array(self._lut)
         self.hits = self.misses = self.transient_calls = 0
         self.phases = {"prefill": PhaseCounts(), "decode": PhaseCounts()}
@@ -465,9 +466,9 @@ class BankCache(ExpertStore):
         self.slot_bytes = max(sizes, default=0) if slot_pool == "shared" else sum(sizes)
         self.slots = check_budget(budget, sources, float_dtype, slot_pool)
         self.layers: dict[str, LayerExpertBank] = {}
+        # Each bank checks that a shared pool fits its experts (check_shared_pool says the same
+        # at planning, before anything is allocated).
         shared: SlotPool | None = None
-        if slot_pool == "shared":
-            check_shared_pool(sources)
         for p, s in sources.items():
             slots = shared or (self.slots if slot_pool == "shared"
                                else min(self.slots, s.spec.num_experts))  # fmt: skip
