@@ -33,7 +33,7 @@ from mach.decode.speculative import SpecDecEngine
 from mach.default_model import default_model_path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from peer import timed
+from harness import timed
 
 PROMPTS = [
     "def fibonacci(n):",
@@ -83,9 +83,10 @@ class PeerEngine:
         from mlx_lm.generate import generate_step
 
         steps = generate_step(mx.array(prompt), self.model, max_tokens=params.max_tokens)
-        ids, tps = timed(int(t) for t, _ in steps)
-        seconds = (len(ids) - 1) / tps  # timed from the first token, as mach's stats are
-        stats = SimpleNamespace(generation_tokens=len(ids), generation_seconds=seconds,
+        got = timed((int(t) for t, _ in steps), len(prompt))
+        ids = got.tokens
+        # Timed from the first token, as mach's stats are.
+        stats = SimpleNamespace(generation_tokens=len(ids), generation_seconds=got.decode_s,
                                 verify_passes=0, accepted_tokens=0, draft_tokens=0,
                                 target_passes=len(ids))  # fmt: skip
         return SimpleNamespace(tokens=ids, stats=stats)
@@ -99,9 +100,12 @@ def _has_peer() -> bool:
     return True
 
 
-def streamed_bytes(prompts: list[list[int]], params: SamplingParams, draft: bool) -> float:
+def streamed_bytes(
+    prompts: list[list[int]], params: SamplingParams, draft: bool, draft_path: str | None
+) -> float:
     """Expert bytes read per generated token with experts streamed at half their bytes."""
-    loaded = load_moe(default_model_path(), streaming=True, expert_budget=_half_budget())
+    loaded = load_moe(default_model_path(), streaming=True, expert_budget=_half_budget(),
+                      draft_path=draft_path)  # fmt: skip
     engine = build_engine(loaded, draft=draft)
     engine.generate(prompts[0], params)  # warm the bank
     before = loaded.store.stats()["bytes_read"]
@@ -120,8 +124,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=96)
+    parser.add_argument("--draft-path", help="a DFlash draft folder instead of the shipped one")
     args = parser.parse_args()
-    loaded = load_moe(default_model_path())
+    loaded = load_moe(default_model_path(), draft_path=args.draft_path)
     tokenizer = loaded.tokenizer
     assert tokenizer is not None
     prompts = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
@@ -169,7 +174,8 @@ def main() -> None:
           f"per verify pass {(accepted + passes) / passes:.2f}, drafts accepted "
           f"{accepted / max(drafted, 1):.0%}")  # fmt: skip
     few = prompts[:4]
-    plain, drafted_bytes = streamed_bytes(few, params, False), streamed_bytes(few, params, True)
+    plain = streamed_bytes(few, params, False, args.draft_path)
+    drafted_bytes = streamed_bytes(few, params, True, args.draft_path)
     print(f"streaming at half the expert bytes: {plain / 1e6:.2f} MB of experts read per token "
           f"target-only, {drafted_bytes / 1e6:.2f} MB with the draft")  # fmt: skip
 

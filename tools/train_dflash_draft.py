@@ -179,6 +179,8 @@ def main() -> int:
     parser.add_argument("--anchors", type=int, default=24)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=6e-4)
+    parser.add_argument("--gen-batch", type=int, default=32,
+                        help="sequences the target reads or continues at once")  # fmt: skip
     parser.add_argument("--init", type=Path, help="start from this draft folder's weights")
     parser.add_argument(
         "--data", choices=["generated", "text"], default="generated",
@@ -205,20 +207,24 @@ def main() -> int:
 
     start = time.time()
     data, features, choices = [], [], []
-    for i in range(0, args.sequences, 32):
+    for i in range(0, args.sequences, args.gen_batch):
+        count = min(args.gen_batch, args.sequences - i)
         if args.data == "generated":
-            starts = prompts(tokenizer, 32, args.prompt, validation=False, seed=SEED + i)
+            starts = prompts(tokenizer, count, args.prompt, validation=False, seed=SEED + i)
             seq = continue_greedily(target, loaded.cache.new, starts, args.new)
         else:
-            seq = prompts(tokenizer, 32, args.prompt + args.new, validation=False, seed=SEED + i)
-        logits, feats = target(mx.array(seq), hidden_layers=layers)
-        # The label of position i is what the target says after position i - 1.
-        said = mx.concatenate([mx.array(seq[:, :1]), mx.argmax(logits[:, :-1], axis=-1)], 1)
-        feats = feats.astype(mx.bfloat16)
-        mx.eval(feats, said)
+            seq = prompts(tokenizer, count, args.prompt + args.new, validation=False,
+                          seed=SEED + i)  # fmt: skip
+        for rows in range(0, count, 64):  # one forward over every row would be too large
+            part = seq[rows : rows + 64]
+            logits, feats = target(mx.array(part), hidden_layers=layers)
+            # The label of position i is what the target says after position i - 1.
+            said = mx.concatenate([mx.array(part[:, :1]), mx.argmax(logits[:, :-1], axis=-1)], 1)
+            feats = feats.astype(mx.bfloat16)
+            mx.eval(feats, said)
+            features.append(feats)
+            choices.append(said.astype(mx.int32))
         data.append(seq)
-        features.append(feats)
-        choices.append(said.astype(mx.int32))
     ids = mx.array(np.concatenate(data))
     feats = mx.concatenate(features)
     labels_of = mx.concatenate(choices)
@@ -250,7 +256,10 @@ def main() -> int:
     while time.time() - begin < budget:
         rows = mx.array(rng.integers(ids.shape[0], size=args.batch))
         high = ids.shape[1] - args.block
-        anchors = np.sort(rng.integers(args.prompt // 2, high, size=(args.batch, args.anchors)))
+        # Generated rows are labelled consistently only after the prompt: there every label is
+        # the target's own continuation of the tokens before it, as when drafting.
+        low = args.prompt if args.data == "generated" else args.prompt // 2
+        anchors = np.sort(rng.integers(low, high, size=(args.batch, args.anchors)))
         elapsed = time.time() - begin
         if total_estimate is None and steps == 20:
             total_estimate = int(budget / (elapsed / 20))

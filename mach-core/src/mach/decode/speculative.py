@@ -47,6 +47,21 @@ class Draft:
     """``[n, vocab]`` (``None`` for greedy drafts, which need no distribution)."""
     confidence: list[float]
     """The drafter's probability of each token (a drafter may give 1.0 when no gate is set)."""
+    ids: mx.array | None = None
+    """A greedy draft still on the device: the verify pass is queued behind the draft pass
+    without waiting for it, and ``accept_draft`` reads both back at once and fills
+    ``tokens`` in (empty until then)."""
+
+    @property
+    def size(self) -> int:
+        return self.ids.size if self.ids is not None else len(self.tokens)
+
+    def verify_tokens(self, last: int) -> mx.array:
+        """The target's verify pass input: the last committed token, then the drafts."""
+        if self.ids is None:
+            return mx.array([last, *self.tokens], dtype=mx.uint32)
+        head = mx.array([last], dtype=mx.uint32)
+        return mx.concatenate([head, self.ids.reshape(-1).astype(mx.uint32)])
 
 
 @dataclass(frozen=True)
@@ -159,9 +174,15 @@ def accept_draft(target_logits: mx.array, draft: Draft, sampler: Sampler) -> tup
     ``target_logits`` is ``[n + 1, vocab]``: row ``i`` is the target's prediction after the last
     committed token and the first ``i`` drafts.
     """
-    n = len(draft.tokens)
+    n = draft.size
     if sampler.params.temperature == 0:
-        best: list[int] = mx.argmax(target_logits, axis=-1).tolist()  # type: ignore[assignment]
+        choice = mx.argmax(target_logits, axis=-1)
+        if draft.ids is not None:  # one read for the drafts and the target's choices
+            both = mx.concatenate([choice, draft.ids.reshape(-1).astype(choice.dtype)])
+            read: list[int] = both.tolist()  # type: ignore[assignment]
+            best, draft.tokens = read[: n + 1], read[n + 1 :]
+        else:
+            best = choice.tolist()  # type: ignore[assignment]
         for i, token in enumerate(draft.tokens):
             if token != best[i]:
                 return i, best[i]
@@ -311,7 +332,7 @@ class SpecDecEngine(DecodeEngine):
             drafting = self.payoff.drafting or params.temperature != 0 or not self.measure
             k = min(self.k, params.max_tokens - generated - 1) if drafting else 0
             draft = self.drafter.propose(k, sampler, self.gate) if k > 0 else Draft([], None, [])
-            verify = mx.array([pending[-1], *draft.tokens], dtype=mx.uint32)
+            verify = draft.verify_tokens(pending[-1])
             _recording(cache, True)
             logits, hidden = self._forward(verify, cache)
             accepted, bonus = accept_draft(logits, draft, sampler)

@@ -20,6 +20,54 @@ def window_mask(queries: int, first_query: int, keys: int, first_key: int, windo
     return (k <= q) & (k > q - window)
 
 
+BUCKETED_BLOCK = 64
+"""The longest query block that attends over a cache's whole buffer (``keys_in_buckets``)."""
+
+
+def keys_in_buckets() -> bool:
+    """Whether short query blocks attend over the cache's whole preallocated buffer.
+
+    On a GPU, MLX builds a cuDNN attention graph for each new shape of a multi-query call,
+    and the key count of a verify pass or a draft block grows every pass: each one would
+    build a graph (tens of milliseconds). The buffer grows in steps of 256 positions, so
+    attending over all of it, with the rows past the block masked, keeps the shapes in a few
+    buckets. A CPU has no per-shape cost and reads exactly the positions it needs.
+    """
+    return mx.default_device() != mx.cpu
+
+
+def attend_block(
+    queries: mx.array,
+    cache: KVCache,
+    visible: int,
+    scale: float,
+    causal: bool,
+    sinks: mx.array | None = None,
+) -> mx.array:
+    """Queries ``[B, H, L, D]`` over the first ``visible`` positions of ``cache``.
+
+    The queries are the last ``L`` of those positions; ``causal`` keeps each from the ones
+    after it, otherwise the block's rows all see each other.
+    """
+    assert cache.keys is not None and cache.values is not None
+    length = queries.shape[2]
+    if not (length <= BUCKETED_BLOCK and keys_in_buckets()):
+        keys, values = cache.keys[..., :visible, :], cache.values[..., :visible, :]
+        mask = "causal" if causal and length > 1 else None
+        return mx.fast.scaled_dot_product_attention(
+            queries, keys, values, scale=scale, mask=mask, sinks=sinks
+        )
+    positions = mx.arange(cache.keys.shape[2])[None, :]
+    if causal:
+        seen = positions <= mx.arange(visible - length, visible)[:, None]
+    else:
+        seen = mx.broadcast_to(positions < visible, (length, positions.shape[1]))
+    bias = mx.where(seen, 0.0, -mx.inf).astype(queries.dtype)
+    return mx.fast.scaled_dot_product_attention(
+        queries, cache.keys, cache.values, scale=scale, mask=bias, sinks=sinks
+    )
+
+
 def attend(
     queries: mx.array,
     keys: mx.array,
@@ -53,6 +101,9 @@ def attend(
     if isinstance(cache, RotatingKVCache):
         keys, values, first_key = cache.update_and_fetch(keys, values)
     elif isinstance(cache, KVCache):
+        if window is None and length > 1:
+            cache.update_and_fetch(keys, values)
+            return attend_block(queries, cache, cache.offset, scale, True, sinks)
         keys, values = cache.update_and_fetch(keys, values)
     mask: str | mx.array | None
     if window is not None and (length > 1 or keys.shape[2] > window):

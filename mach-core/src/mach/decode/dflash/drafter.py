@@ -94,6 +94,11 @@ class DFlashDrafter(Drafter):
         hidden = self.draft(block, features.astype(self.draft.fc.weight.dtype), self.cache, embed)
         logits = self.target.head(hidden[:, 1:])[0].astype(mx.float32)  # type: ignore[attr-defined]
         best = mx.argmax(logits, axis=-1)
+        if gate.rho == 0 and sampler.params.temperature == 0:
+            # Nothing here needs the tokens yet: the verify pass queues behind this one.
+            mx.async_eval(best)
+            self.proposed = best.size
+            return Draft([], None, [1.0] * best.size, ids=best)
         if gate.rho > 0:  # the gate reads the draft's own probability of each token
             sure = mx.exp(mx.max(logits, axis=-1) - mx.logsumexp(logits, axis=-1))
             mx.eval(best, sure)  # one wait for both

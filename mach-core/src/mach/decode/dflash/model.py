@@ -17,6 +17,7 @@ import mlx.nn as nn
 
 from mach.cache.kv import KVCache
 from mach.decode.dflash.config import DFlashConfig
+from mach.layers.attention import attend_block
 from mach.layers.mlp import GatedMLP
 from mach.layers.rope import make_rope
 
@@ -42,21 +43,18 @@ class DraftAttention(nn.Module):
 
     def __call__(self, x: mx.array, context: mx.array, cache: KVCache) -> mx.array:
         """``x``: the block's normed rows; ``context``: new context rows (may be empty)."""
-        start = cache.offset
         if context.shape[1]:
-            k_ctx = self.rope(self.k_norm(self._split(self.k_proj(context), self.kv_heads)), start)
-            v_ctx = self._split(self.v_proj(context), self.kv_heads)
-            keys, values = cache.update_and_fetch(k_ctx, v_ctx)
-        else:
-            keys, values = cache.keys, cache.values  # type: ignore[assignment]
+            k_ctx = self.k_norm(self._split(self.k_proj(context), self.kv_heads))
+            k_ctx = self.rope(k_ctx, cache.offset)
+            cache.update_and_fetch(k_ctx, self._split(self.v_proj(context), self.kv_heads))
         block_at = cache.offset
         q = self.rope(self.q_norm(self._split(self.q_proj(x), self.heads)), block_at)
         k_blk = self.rope(self.k_norm(self._split(self.k_proj(x), self.kv_heads)), block_at)
-        v_blk = self._split(self.v_proj(x), self.kv_heads)
-        if keys is not None and values is not None:
-            k_blk = mx.concatenate([keys[..., :block_at, :], k_blk], axis=2)
-            v_blk = mx.concatenate([values[..., :block_at, :], v_blk], axis=2)
-        out = mx.fast.scaled_dot_product_attention(q, k_blk, v_blk, scale=self.head_dim**-0.5)
+        cache.update_and_fetch(k_blk, self._split(self.v_proj(x), self.kv_heads))
+        # The block is a guess, not context: its rows leave the cache again (still in the
+        # buffer for this call, past the offset).
+        cache.trim(x.shape[1])
+        out = attend_block(q, cache, block_at + x.shape[1], self.head_dim**-0.5, causal=False)
         b, _, length, _ = out.shape
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, length, -1))
 
