@@ -181,3 +181,21 @@ def test_drafting_stops_where_it_measures_slower_and_is_tried_again() -> None:
     for _ in range(2):
         payoff.record(4, 0.010)  # now 400 tok/s: drafting wins
     assert payoff.drafting and payoff.left == 3
+
+
+def test_a_mode_that_keeps_winning_is_held_longer() -> None:
+    from mach.decode.speculative import DraftPayoff
+
+    payoff = DraftPayoff(window=1, probe=1, hold=2, longest=8)
+    holds = []
+    for _ in range(5):
+        assert payoff.drafting
+        while payoff.drafting:  # drafting: 3 tokens in 10 ms, always faster
+            payoff.record(3, 0.010)
+        payoff.record(1, 0.010)  # the plain probe
+        holds.append(payoff.left)
+    assert holds == [2, 4, 8, 8, 8]
+    while payoff.drafting:
+        payoff.record(1, 0.100)  # drafting became slow: plain wins and the hold starts over
+    payoff.record(1, 0.010)
+    assert not payoff.drafting and payoff.left == 2
