@@ -118,3 +118,13 @@ def test_a_failed_exchange_is_named() -> None:
         raise RuntimeError("peer gone")
     with pytest.raises(RuntimeError, match="alone"), collective_errors(None):
         raise RuntimeError("alone")
+
+
+def test_ranks_that_load_differently_are_named_before_any_step() -> None:
+    done = launch(2, str(Path(__file__).with_name("rank_disagrees.py")))
+    out = done.stdout + done.stderr  # mlx.launch itself exits 0; each rank exits 2
+    assert "loaded" not in out and "Traceback" not in out
+    for rank in (0, 1):
+        assert f"rank {rank} saw: rank {rank} of 2: rank(s) 1 load a different checkpoint or " \
+            "different options from rank 0" in out
+    assert "dtype" in out and "same flags" in out

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mach.cache.snapshot import FORMAT_VERSION
@@ -37,7 +39,13 @@ def model_fingerprint(loaded: LoadedModel) -> str:
         "tensors": tensors,
     }
     digest.update(json.dumps(identity, sort_keys=True, default=str).encode())
-    for path in sorted(ckpt.files):
+    digest_files(digest, ckpt.files)
+    return digest.hexdigest()
+
+
+def digest_files(digest: hashlib._Hash, files: Iterable[Path]) -> None:
+    """Add each file's name, size and a sample of its bytes to ``digest``."""
+    for path in sorted(files):
         size = path.stat().st_size
         digest.update(f"{path.name}:{size}".encode())
         # Headers alone miss retrained weights of the same shapes; a sample of bytes does not.
@@ -45,4 +53,3 @@ def model_fingerprint(loaded: LoadedModel) -> str:
             for where in (size // 2, max(0, size - SAMPLE_BYTES)):
                 handle.seek(where)
                 digest.update(handle.read(SAMPLE_BYTES))
-    return digest.hexdigest()

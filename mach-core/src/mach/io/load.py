@@ -25,6 +25,7 @@ from mach.io.options import LoadOptions
 from mach.io.paths import resolve_model_path
 from mach.io.plan import LoadPlan, plan_load
 from mach.io.prewarm import prewarm
+from mach.io.ranks import check_ranks_agree
 from mach.io.residency import ExpertPlan, build_store
 from mach.registry import arch_summary
 from mach.tokenizer.tokenizer import Tokenizer
@@ -91,6 +92,8 @@ def load_plan(plan: LoadPlan, progress: Callable[[int, int], None] | None = None
     """Carry out ``plan``: read the expert store and the weights, build the caches."""
     adapter, ckpt, model = plan.adapter, plan.checkpoint, plan.model
     shard = expert_shard()
+    if shard is not None:
+        check_ranks_agree(shard, ckpt, plan.options)
     experts = plan.experts
     if shard is not None and experts.sources:
         # Each rank's banks (or its resident sidecar read) take only its experts.

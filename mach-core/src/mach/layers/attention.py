@@ -27,13 +27,14 @@ BUCKETED_BLOCK = 64
 def keys_in_buckets() -> bool:
     """Whether short query blocks attend over the cache's whole preallocated buffer.
 
-    On a GPU, MLX builds a cuDNN attention graph for each new shape of a multi-query call,
-    and the key count of a verify pass or a draft block grows every pass: each one would
-    build a graph (tens of milliseconds). The buffer grows in steps of 256 positions, so
+    On a CUDA GPU, MLX builds a cuDNN attention graph for each new shape of a multi-query
+    call, and the key count of a verify pass or a draft block grows every pass: each one
+    would build a graph (tens of milliseconds). The buffer grows in steps of 256 positions, so
     attending over all of it, with the rows past the block masked, keeps the shapes in a few
-    buckets. A CPU has no per-shape cost and reads exactly the positions it needs.
+    buckets. A CPU or a Metal GPU has no per-shape cost and reads exactly the positions it
+    needs.
     """
-    return mx.default_device() != mx.cpu
+    return mx.default_device() != mx.cpu and mx.cuda.is_available()
 
 
 def attend_block(
