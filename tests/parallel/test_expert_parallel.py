@@ -125,6 +125,8 @@ def test_ranks_that_load_differently_are_named_before_any_step() -> None:
     out = done.stdout + done.stderr  # mlx.launch itself exits 0; each rank exits 2
     assert "loaded" not in out and "Traceback" not in out
     for rank in (0, 1):
-        assert f"rank {rank} saw: rank {rank} of 2: rank(s) 1 load a different checkpoint or " \
+        assert (
+            f"rank {rank} saw: rank {rank} of 2: rank(s) 1 load a different checkpoint or "
             "different options from rank 0" in out
+        )
     assert "dtype" in out and "same flags" in out
