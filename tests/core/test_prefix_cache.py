@@ -197,6 +197,18 @@ def test_a_different_checkpoint_has_a_different_fingerprint(
     assert model_fingerprint(load_moe(checkpoint, dtype="float32")) != model_fingerprint(loaded)
 
 
+def test_the_fingerprint_names_the_dtype_the_weights_compute_in() -> None:
+    """Without a dtype a bfloat16 checkpoint computes in float32 on a CPU and in bfloat16 on a
+    GPU: the same options, different KV states, so different fingerprints."""
+    from mach.default_model import default_model_path
+
+    loaded = load_moe(default_model_path())
+    assert loaded.model.model.embed_tokens.weight.dtype == mx.float32  # widened on this CPU
+    on_cpu = model_fingerprint(loaded)
+    loaded.model.set_dtype(mx.bfloat16)  # what the same load holds on a GPU
+    assert model_fingerprint(loaded) != on_cpu
+
+
 WRITER = """
 import sys
 import mlx.core as mx

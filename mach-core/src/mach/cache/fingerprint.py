@@ -1,8 +1,8 @@
 """The identity of a loaded model as far as its cache state is concerned.
 
 Two loads share prefix snapshots only when their fingerprints match: same architecture and
-config, same weights (tensor headers, file sizes and a sample of each file's bytes), same
-compute dtype and expert format, and the same mach snapshot format.
+config, same weights (tensor headers, file sizes and a sample of each file's bytes), the same
+dtypes in the loaded weights, the same expert format, and the same mach snapshot format.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import mlx.core as mx
 
 from mach.cache.snapshot import FORMAT_VERSION
 
@@ -32,7 +34,9 @@ def model_fingerprint(loaded: LoadedModel) -> str:
         "format": FORMAT_VERSION,
         "arch": loaded.adapter.name,
         "config": ckpt.config,
-        "dtype": loaded.options.dtype,
+        # What the weights compute in, not the option: without one, a CPU load widens half
+        # precision, so its KV states differ from a GPU load of the same checkpoint.
+        "dtype": _weight_dtypes(loaded),
         "residency": loaded.experts.residency,
         "quantization": loaded.experts.quantization,
         "kv": [loaded.options.kv_format, loaded.options.kv_bits],
@@ -41,6 +45,16 @@ def model_fingerprint(loaded: LoadedModel) -> str:
     digest.update(json.dumps(identity, sort_keys=True, default=str).encode())
     digest_files(digest, ckpt.files)
     return digest.hexdigest()
+
+
+def _weight_dtypes(loaded: LoadedModel) -> list[str]:
+    from mlx.utils import tree_flatten
+
+    flat: list[tuple[str, mx.array]] = tree_flatten(loaded.model.parameters())  # type: ignore[assignment]
+    floating = {
+        v.dtype for _, v in flat if isinstance(v, mx.array) and mx.issubdtype(v.dtype, mx.floating)
+    }
+    return sorted(str(d) for d in floating)
 
 
 def digest_files(digest: hashlib._Hash, files: Iterable[Path]) -> None:
