@@ -18,7 +18,6 @@ import argparse
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
 
@@ -30,16 +29,7 @@ from mach.default_model import default_model_path
 from mach.layers import attention
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dflash import PROMPTS
-
-
-def decode_rate(engine: Any, prompts: list[list[int]], params: SamplingParams) -> float:
-    tokens, seconds = 0, 0.0
-    for prompt in prompts:
-        stats = engine.generate(prompt, params).stats
-        tokens += stats.generation_tokens - 1
-        seconds += stats.generation_seconds
-    return tokens / seconds
+from dflash import PROMPTS, run
 
 
 def main() -> None:
@@ -59,9 +49,9 @@ def main() -> None:
     for r in range(args.rounds):
         for bucketed in (r % 2 == 0, r % 2 == 1):
             attention.keys_in_buckets = lambda b=bucketed: b  # type: ignore[misc]
-            decode_rate(drafted, prompts[:1], params)  # builds this setting's shapes once
-            rates[bucketed]["target"].append(decode_rate(target, prompts, params))
-            rates[bucketed]["dflash"].append(decode_rate(drafted, prompts, params))
+            run(drafted, prompts[:1], params)  # builds this setting's shapes once
+            rates[bucketed]["target"].append(run(target, prompts, params)["tps"])
+            rates[bucketed]["dflash"].append(run(drafted, prompts, params)["tps"])
     print(f"device={mx.default_device()}  prompts={len(prompts)}  tokens={args.tokens}  "
           f"rounds={args.rounds}  BLAS={mach._blas.loaded or 'bundled'}")  # fmt: skip
     for bucketed in (False, True):

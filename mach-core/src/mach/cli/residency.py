@@ -65,7 +65,10 @@ Arch = Annotated[
 ]
 DType = Annotated[
     Optional[str],  # noqa: UP045
-    typer.Option(help="Cast float weights: float32, float16 or bfloat16."),
+    typer.Option(
+        help="Cast float weights: float32, float16 or bfloat16. Default: as stored (on a CPU, "
+        "half precision computes in float32, which MLX multiplies there several times faster)."
+    ),
 ]
 Residency = Annotated[
     Optional[str],  # noqa: UP045
