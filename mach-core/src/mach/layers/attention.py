@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import mlx.core as mx
@@ -58,15 +59,21 @@ def attend_block(
         return mx.fast.scaled_dot_product_attention(
             queries, keys, values, scale=scale, mask=mask, sinks=sinks
         )
-    positions = mx.arange(cache.keys.shape[2])[None, :]
-    if causal:
-        seen = positions <= mx.arange(visible - length, visible)[:, None]
-    else:
-        seen = mx.broadcast_to(positions < visible, (length, positions.shape[1]))
-    bias = mx.where(seen, 0.0, -mx.inf).astype(queries.dtype)
+    bias = _block_bias(cache.keys.shape[2], visible, length, causal, queries.dtype)
     return mx.fast.scaled_dot_product_attention(
         queries, cache.keys, cache.values, scale=scale, mask=bias, sinks=sinks
     )
+
+
+@functools.lru_cache(maxsize=8)
+def _block_bias(buffer: int, visible: int, length: int, causal: bool, dtype: mx.Dtype) -> mx.array:
+    """``[length, buffer]`` additive mask of ``attend_block``; every layer of a pass shares it."""
+    positions = mx.arange(buffer)[None, :]
+    if causal:
+        seen = positions <= mx.arange(visible - length, visible)[:, None]
+    else:
+        seen = mx.broadcast_to(positions < visible, (length, buffer))
+    return mx.where(seen, 0.0, -mx.inf).astype(dtype)
 
 
 def attend(
