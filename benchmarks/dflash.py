@@ -101,12 +101,16 @@ def _has_peer() -> bool:
 
 
 def streamed_bytes(
-    prompts: list[list[int]], params: SamplingParams, draft: bool, draft_path: str | None
+    prompts: list[list[int]],
+    params: SamplingParams,
+    draft: bool,
+    draft_path: str | None,
+    draft_tokens: int | None = None,
 ) -> float:
     """Expert bytes read per generated token with experts streamed at half their bytes."""
     loaded = load_moe(default_model_path(), streaming=True, expert_budget=_half_budget(),
                       draft_path=draft_path)  # fmt: skip
-    engine = build_engine(loaded, draft=draft)
+    engine = build_engine(loaded, draft=draft, num_draft_tokens=draft_tokens if draft else None)
     engine.generate(prompts[0], params)  # warm the bank
     before = loaded.store.stats()["bytes_read"]
     generated = 0
@@ -125,6 +129,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=96)
     parser.add_argument("--draft-path", help="a DFlash draft folder instead of the shipped one")
+    parser.add_argument("--draft-tokens", type=int, help="drafts per pass (default: block - 1)")
     args = parser.parse_args()
     loaded = load_moe(default_model_path(), draft_path=args.draft_path)
     tokenizer = loaded.tokenizer
@@ -132,7 +137,7 @@ def main() -> None:
     prompts = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
     params = SamplingParams(max_tokens=args.tokens, temperature=0.0)
     target = TargetEngine(loaded.model, tokenizer, loaded.cache.new)
-    dflash = build_engine(loaded)
+    dflash = build_engine(loaded, num_draft_tokens=args.draft_tokens)
     if not isinstance(dflash, SpecDecEngine):
         raise SystemExit("the default model has no DFlash draft beside it")
     engines: dict[str, Any] = {"target-only": target, "dflash": dflash}
@@ -175,7 +180,7 @@ def main() -> None:
           f"{accepted / max(drafted, 1):.0%}")  # fmt: skip
     few = prompts[:4]
     plain = streamed_bytes(few, params, False, args.draft_path)
-    drafted_bytes = streamed_bytes(few, params, True, args.draft_path)
+    drafted_bytes = streamed_bytes(few, params, True, args.draft_path, args.draft_tokens)
     print(f"streaming at half the expert bytes: {plain / 1e6:.2f} MB of experts read per token "
           f"target-only, {drafted_bytes / 1e6:.2f} MB with the draft")  # fmt: skip
 
