@@ -92,6 +92,24 @@ def test_mach_generate_under_mlx_launch_reports_its_ranks() -> None:
     assert two["tokens"] == one["tokens"]
 
 
+def test_mach_check_under_mlx_launch_reports_the_layout() -> None:
+    from mach.check import check_checkpoint
+
+    path = str(CHECKPOINTS["default"])
+    assert check_checkpoint(path).parallel == {"ranks": 1}
+    shared = launch(2, "-m", "mach", "check", "--json", path)
+    assert shared.returncode == 0, shared.stderr
+    report = json.loads(shared.stdout)["checkpoints"][0]  # rank 0 alone prints
+    alone = check_checkpoint(path)
+    assert report["parallel"] == {
+        "ranks": 2,
+        "experts_per_layer_per_rank": alone.experts_per_layer // 2,
+        "expert_bytes_per_rank": alone.expert_bytes // 2,
+    }
+    text = launch(2, "-m", "mach", "check", path).stdout
+    assert text.count("expert parallel over 2 ranks: each holds up to 16 of 32 experts") == 1
+
+
 def test_what_does_not_shard_yet_says_so() -> None:
     # mlx.launch relays each rank's output (either stream), and its own exit status does not
     # always follow the ranks'; each rank's message is what counts.

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from mach.decode.dflash.config import draft_folder
 from mach.errors import MachError, UnknownArchitectureError
 from mach.experts.dispatch import dispatch_paths
+from mach.experts.parallel import ExpertShard, expert_shard
 from mach.io.options import LoadOptions
 from mach.io.residency import format_family
 from mach.registry import KNOWN_FAMILIES, arch_summary, install_hint
@@ -63,6 +64,9 @@ class CheckReport:
     serving: dict[str, bool] = field(default_factory=dict)
     dispatch: dict[str, str] = field(default_factory=dict)
     """The expert kernels this device runs, for decode steps and prefill chunks."""
+    parallel: dict[str, int] = field(default_factory=lambda: {"ranks": 1})
+    """The expert-parallel layout under ``mlx.launch``: ``ranks``, and with more than one the
+    most experts of a layer one rank holds and the most expert bytes one rank keeps."""
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -173,6 +177,25 @@ def _batching(plan: LoadPlan, summary: dict[str, Any]) -> tuple[bool, str | None
     return reason is None, None if reason is None else f"{plan.adapter.name}: {reason}"
 
 
+def _parallel(plan: LoadPlan) -> dict[str, int]:
+    """How the ranks of this ``mlx.launch`` (if any) split the routed experts."""
+    shard = expert_shard()
+    if shard is None:
+        return {"ranks": 1}
+    spans = [
+        [ExpertShard(r, shard.size).span(s.num_experts) for s in plan.switches.values()]
+        for r in range(shard.size)
+    ]
+    held = [sum(hi - lo for lo, hi in rank) for rank in spans]
+    experts_total = max(1, sum(s.num_experts for s in plan.switches.values()))
+    return {
+        "ranks": shard.size,
+        "experts_per_layer_per_rank": max((hi - lo for rank in spans for lo, hi in rank),
+                                          default=0),
+        "expert_bytes_per_rank": plan.experts.expert_bytes * max(held) // experts_total,
+    }  # fmt: skip
+
+
 def fill_report(report: CheckReport, plan: LoadPlan) -> None:
     """Everything the report says, taken from a load plan (or a loaded model's plan)."""
     ckpt, adapter, experts = plan.checkpoint, plan.adapter, plan.experts
@@ -196,6 +219,7 @@ def fill_report(report: CheckReport, plan: LoadPlan) -> None:
         per_expert = report.expert_bytes // experts_total
         report.bytes_per_token_cold = per_expert * sum(s.top_k for s in plan.switches.values())
         report.decode_bound_cold_tps = report.ssd_gbps * 1e9 / max(1, report.bytes_per_token_cold)
+    report.parallel = _parallel(plan)
     report.continuous_batching, report.sequential_reason = _batching(plan, summary)
     report.prefix_reuse = summary["prefix_reuse"]
     report.specdec_kind = adapter.specdec_kind

@@ -80,11 +80,15 @@ def check_command(
     what loading with the same options does.
     """
     from mach.check import check_checkpoint
+    from mach.experts.parallel import expert_shard
 
     for path in paths:
         fetch_if_missing(path)
     reports = [check_checkpoint(p, options, ssd_gbps).to_dict() for p in paths]
-    if as_json:
+    shard = expert_shard()
+    if shard is not None and shard.rank != 0:  # under mlx.launch rank 0 speaks for all
+        pass
+    elif as_json:
         typer.echo(json.dumps({"checkpoints": reports}, indent=2))
     else:
         rows = [HEADER, *(_row(r) for r in reports)]
@@ -93,6 +97,13 @@ def check_command(
             cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
             typer.echo("  ".join([*cells, row[-1]]))
         for r in reports:
+            parallel = r["parallel"]
+            if r["loads"] and parallel["ranks"] > 1:
+                typer.echo(f"{r['path']}: expert parallel over {parallel['ranks']} ranks: each "
+                           f"holds up to {parallel['experts_per_layer_per_rank']} of "
+                           f"{r['experts_per_layer']} experts per layer ("
+                           f"{_gb(parallel['expert_bytes_per_rank'])} of the checkpoint's "
+                           "experts)")  # fmt: skip
             if r["dispatch"]:
                 typer.echo(f"{r['path']}: expert kernels here: decode {r['dispatch']['decode']}; "
                            f"prefill {r['dispatch']['prefill']}")  # fmt: skip
