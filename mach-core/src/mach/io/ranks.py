@@ -14,11 +14,12 @@ from mach.experts.parallel import ExpertShard, collective_errors
 from mach.io.checkpoint import Checkpoint
 from mach.io.options import LoadOptions
 
-# Options that change what a rank computes, or how many passes it takes: ranks that differ in
-# them would exchange outputs of different models. The others (residency, budgets, prewarm) only
+# Options that change what a rank computes, or how many passes it takes (prewarm runs a forward
+# pass, and so joins its exchanges): ranks that differ in them would exchange outputs of
+# different models, or wait for each other. The others (residency, budgets, the slot pool) only
 # change how a rank holds its own experts.
 AGREED_OPTIONS = ("arch", "dtype", "gather_dispatch", "streaming_embedding", "draft_path",
-                  "kv_bits", "kv_format")  # fmt: skip
+                  "kv_bits", "kv_format", "prewarm")  # fmt: skip
 
 
 def check_ranks_agree(shard: ExpertShard, checkpoint: Checkpoint, options: LoadOptions) -> None:
