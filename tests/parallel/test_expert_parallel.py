@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from mach.default_model import default_model_path
+from mach.errors import MachError
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 RANK_MAIN = Path(__file__).with_name("rank_main.py")
@@ -111,12 +112,14 @@ def test_mach_check_under_mlx_launch_reports_the_layout() -> None:
 
 
 def test_what_does_not_shard_yet_says_so() -> None:
-    # mlx.launch relays each rank's output (either stream), and its own exit status does not
-    # always follow the ranks'; each rank's message is what counts.
-    served = launch(2, "-m", "mach", "serve", "--port", "0")
-    said = served.stdout + served.stderr
-    assert said.count("error: mach serve runs in one process") == 2
-    assert "Uvicorn running" not in said
+    from mach.decode.select import build_engine
+    from mach.experts.parallel import ExpertShard
+    from mach.io.load import load_moe
+
+    loaded = load_moe(CHECKPOINTS["default"])
+    loaded.shard = ExpertShard(0, 2)  # as under mlx.launch: build_engine refuses what cannot run
+    with pytest.raises(MachError, match="one sequence at a time with no prompt cache"):
+        build_engine(loaded, max_batch=8)
 
 
 def test_a_rank_that_stops_ends_the_run_instead_of_hanging() -> None:

@@ -22,6 +22,7 @@ from starlette.routing import Route
 from mach.capabilities import available
 from mach.chat.tool_calls import TOOL_CALL_OPEN
 from mach.decode.events import GenerationStats, TokenEvent
+from mach.decode.followers import FollowedEngine
 from mach.decode.structured import reply_format
 from mach.registry import arch_summary
 from mach_serve.delivery import first_events, merged, record_stats, rest, run_to_end, sse
@@ -291,6 +292,8 @@ def create_app(
 
     def _draft(engine: object, family: str | None) -> dict[str, Any] | bool:
         """The draft the engine decodes with (family, drafts per verify pass), or false."""
+        if isinstance(engine, FollowedEngine):  # under mlx.launch: what rank 0 runs
+            engine = engine.engine
         if type(engine).__name__ != "SpecDecEngine":
             return False
         return {"family": family, "draft_tokens": getattr(engine, "k", None)}

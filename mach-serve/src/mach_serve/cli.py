@@ -118,13 +118,17 @@ def serve_command(
 ) -> None:
     """Serve a model over HTTP with the OpenAI API."""
     from mach.experts.bank import parse_size
-    from mach_serve.server import bind, build_state, run
+    from mach.experts.parallel import expert_shard
+    from mach_serve.server import bind, build_state, follow_requests, run
 
     memory = parse_size(prompt_cache_bytes, "--prompt-cache-bytes") if prompt_cache else None
     disk = parse_size(prompt_cache_disk_bytes, "--prompt-cache-disk-bytes")
 
-    sock = bind(host, port)
     folder = None if model is None else model_folder(model, quiet)
+    shard = expert_shard()
+    if shard is not None and shard.rank != 0:  # under mlx.launch: rank 0 alone serves HTTP
+        follow_requests(folder, options=options, draft=draft, draft_tokens=draft_tokens)
+    sock = bind(host, port)
     if model is not None and not Path(model).expanduser().exists():
         model_name = model_name or model  # a hub id names the model better than its snapshot
     with load_progress(quiet) as progress:

@@ -11,7 +11,7 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 import uvicorn
 
@@ -19,6 +19,7 @@ from mach.cache.prefix import PrefixCache
 from mach.check import CheckReport, fill_report
 from mach.decode.batch_scheduler import ContinuousBatchScheduler
 from mach.decode.engine import DecodeEngine
+from mach.decode.followers import FollowedEngine, follow
 from mach.decode.grammar import GrammarError, GrammarTokenizer
 from mach.decode.select import batching_blocker, build_engine
 from mach.errors import MachError
@@ -39,6 +40,38 @@ DEFAULT_PROMPT_CACHE_BYTES = 2 * 2**30
 DEFAULT_PROMPT_CACHE_DISK_BYTES = 16 * 2**30
 SHUTDOWN_BACKSTOP = 5
 """Seconds uvicorn waits past the grace period before cancelling what is left."""
+
+
+def _served(
+    model: str | os.PathLike[str] | None, model_name: str | None, options: LoadOptions | None
+) -> tuple[Path, str, LoadOptions]:
+    """The checkpoint folder, the name clients see and the load options of a server."""
+    options = (options or LoadOptions()).with_defaults(prewarm=True)
+    if model is None:
+        from mach.default_model import DEFAULT_MODEL_NAME, default_model_path
+
+        # Tiny enough that float32 costs nothing, and it matches the recorded reference.
+        return (default_model_path(), model_name or DEFAULT_MODEL_NAME,
+                options.with_defaults(dtype="float32"))  # fmt: skip
+    path = resolve_model_path(model)
+    return path, model_name or path.name, options
+
+
+def follow_requests(
+    model: str | os.PathLike[str] | None,
+    *,
+    options: LoadOptions | None = None,
+    draft: bool | None = None,
+    draft_tokens: int | None = None,
+) -> NoReturn:
+    """A rank other than 0 of ``mach serve`` under ``mlx.launch``: load as rank 0 does and
+    generate, in lockstep, every request rank 0 takes, until ``mlx.launch`` stops it."""
+    shard = expert_shard()
+    if shard is None or shard.rank == 0:
+        raise MachError("follow_requests runs on the ranks after the first under mlx.launch")
+    path, _, options = _served(model, None, options)
+    loaded = load_moe(path, options=options)
+    follow(build_engine(loaded, draft, draft_tokens, None, 1), shard)
 
 
 def build_state(
@@ -71,23 +104,11 @@ def build_state(
     batch and no draft was asked for; otherwise requests run one at a time, and the capability
     report says why. ``progress(done, total)`` follows the bytes of weights read.
     """
-    options = (options or LoadOptions()).with_defaults(prewarm=True)
-    if model is None:
-        from mach.default_model import DEFAULT_MODEL_NAME, default_model_path
-
-        path: Path = default_model_path()
-        name = model_name or DEFAULT_MODEL_NAME
-        # Tiny enough that float32 costs nothing, and it matches the recorded reference.
-        options = options.with_defaults(dtype="float32")
-    else:
-        path = resolve_model_path(model)
-        name = model_name or path.name
+    path, name, options = _served(model, model_name, options)
     shard = expert_shard()
-    if shard is not None:  # before the load: every rank would read the whole model for nothing
-        raise MachError(
-            f"mach serve runs in one process; under mlx.launch ({shard.size} ranks) "
-            "only `mach generate` shares experts across ranks in this version"
-        )
+    if shard is not None:
+        # Every rank must take the same passes: one request at a time, no prompt cache.
+        prompt_cache_bytes, max_batch = None, 1
     loaded = load_moe(path, options=options, progress=progress)
     if loaded.tokenizer is None:
         raise MachError(f"{path}: tokenizer.json is missing; the server needs it to read text")
@@ -100,6 +121,8 @@ def build_state(
         prefix_cache = PrefixCache.for_model(loaded, prompt_cache_bytes, prompt_cache_dir,
                                              prompt_cache_disk_bytes)  # fmt: skip
     engine = build_engine(loaded, draft, draft_tokens, prefix_cache, max_batch)
+    if shard is not None:
+        engine = FollowedEngine(engine, shard)
     report = CheckReport(str(path))
     fill_report(report, loaded.plan)
     return ServerState(
@@ -124,6 +147,9 @@ def _sequential_reason(engine: DecodeEngine, loaded: LoadedModel, max_batch: int
     """Why requests run one at a time on ``engine``, or ``None`` when they batch."""
     if isinstance(engine, ContinuousBatchScheduler):
         return None
+    if loaded.shard is not None:
+        return (f"expert parallelism over {loaded.shard.size} ranks decodes one sequence at a "
+                "time, with no prompt cache, in this version")  # fmt: skip
     if max_batch == 1:
         return "--max-batch is 1"
     blocker = batching_blocker(loaded)
