@@ -54,8 +54,13 @@ def test_generate_default_model_json() -> None:
     assert payload["default_model"] is True
     assert len(payload["tokens"]) == 5 and payload["finish_reason"] == "length"
     assert set(payload["stats"]) >= {"prompt_tps", "generation_tps", "peak_memory_bytes"}
+    stats = payload["stats"]
+    assert stats["compiled_passes"] == stats["target_passes"] - 1  # all but the prompt's pass
     again = json.loads(mach("generate", "-n", "5", "--json", "--prewarm").stdout)
     assert again["tokens"] == payload["tokens"]
+    uncompiled = json.loads(mach("generate", "-n", "5", "--json", "--no-compile").stdout)
+    assert uncompiled["tokens"] == payload["tokens"]
+    assert uncompiled["stats"]["compiled_passes"] == 0
 
 
 def test_generate_streams_text_and_reports_stats() -> None:

@@ -42,6 +42,8 @@ def test_capabilities_report_batching(batched: Running) -> None:
     server = httpx.get(f"{batched.url}/v1/capabilities").json()["server"]
     assert server["continuous_batching"] is True and server["max_batch"] == 4
     assert server["sequential_reason"] is None
+    assert server["decode_passes"] == {"compiled": False,
+                                       "reason": "batched decode steps run uncompiled"}
     checkpoint = httpx.get(f"{batched.url}/v1/capabilities").json()["checkpoint"]
     assert checkpoint["continuous_batching"] is True
 
@@ -51,6 +53,7 @@ def test_one_at_a_time_is_reported_with_its_reason() -> None:
         server = httpx.get(f"{served.url}/v1/capabilities").json()["server"]
         assert server["continuous_batching"] is False and server["max_batch"] == 1
         assert server["sequential_reason"] == "--max-batch is 1"
+        assert server["decode_passes"] == {"compiled": True, "reason": None}
 
 
 def test_concurrent_streams_share_the_batch_and_match_sequential_runs(batched: Running) -> None:

@@ -323,6 +323,7 @@ def create_app(
                 "prefix_cache_disk": state.prefix_cache is not None
                 and state.prefix_cache.disk is not None,
                 "expert_store": state.store.kind,
+                "decode_passes": state.decode_passes,
             },
             "arch": arch_summary(state.adapter),
             "checkpoint": state.checkpoint,

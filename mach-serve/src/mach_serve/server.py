@@ -18,6 +18,7 @@ import uvicorn
 from mach.cache.prefix import PrefixCache
 from mach.check import CheckReport, fill_report
 from mach.decode.batch_scheduler import ContinuousBatchScheduler
+from mach.decode.compiled import compile_report
 from mach.decode.engine import DecodeEngine
 from mach.decode.followers import FollowedEngine, follow
 from mach.decode.grammar import GrammarError, GrammarTokenizer
@@ -140,6 +141,9 @@ def build_state(
         max_prompt_tokens=max_prompt_tokens,
         prefix_cache=prefix_cache,
         sequential_reason=_sequential_reason(engine, loaded, max_batch),
+        decode_passes=compile_report(
+            loaded.passes, loaded.cache, batched=isinstance(engine, ContinuousBatchScheduler)
+        ),
     )
 
 

@@ -38,6 +38,8 @@ class ServerState:
     prefix_cache: PrefixCache | None = None
     """Reused prompt prefixes (memory, and disk when a directory was given); ``None``: off."""
     sequential_reason: str | None = None
+    decode_passes: dict[str, Any] = field(default_factory=dict)
+    """``compile_report`` of the engine: whether its decode passes run compiled."""
     """Why requests decode one at a time instead of in batches; ``None``: they batch."""
     created: int = field(default_factory=lambda: int(time.time()))
     metrics: Metrics = field(default_factory=Metrics)

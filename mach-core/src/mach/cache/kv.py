@@ -25,20 +25,40 @@ class KVCache(AppendOnlyPositions):
         """Append new positions and return all keys and values held so far."""
         prev = self._offset
         new = keys.shape[2]
-        if self.keys is None or self.values is None or prev + new > self.keys.shape[2]:
-            grow = ((new + self.step - 1) // self.step) * self.step
-            b, h, _, dk = keys.shape
-            k_more = mx.zeros((b, h, grow, dk), keys.dtype)
-            v_more = mx.zeros((b, h, grow, values.shape[3]), values.dtype)
-            if self.keys is None or self.values is None:
-                self.keys, self.values = k_more, v_more
-            else:
-                self.keys = mx.concatenate([self.keys[..., :prev, :], k_more], axis=2)
-                self.values = mx.concatenate([self.values[..., :prev, :], v_more], axis=2)
+        self._reserve(new, keys, values)
+        assert self.keys is not None and self.values is not None
         self._offset = prev + new
         self.keys[..., prev : self._offset, :] = keys
         self.values[..., prev : self._offset, :] = values
         return self.keys[..., : self._offset, :], self.values[..., : self._offset, :]
+
+    def _reserve(self, new: int, keys: mx.array, values: mx.array) -> None:
+        """Grow the buffers (like ``keys`` / ``values``) so ``new`` more positions fit."""
+        prev = self._offset
+        if self.keys is not None and self.values is not None and prev + new <= self.keys.shape[2]:
+            return
+        grow = ((new + self.step - 1) // self.step) * self.step
+        b, h, _, dk = keys.shape
+        k_more = mx.zeros((b, h, grow, dk), keys.dtype)
+        v_more = mx.zeros((b, h, grow, values.shape[3]), values.dtype)
+        if self.keys is None or self.values is None:
+            self.keys, self.values = k_more, v_more
+        else:
+            self.keys = mx.concatenate([self.keys[..., :prev, :], k_more], axis=2)
+            self.values = mx.concatenate([self.values[..., :prev, :], v_more], axis=2)
+
+    def reserve(self, new: int) -> tuple[mx.array, mx.array]:
+        """The buffers, grown so ``new`` more positions fit (the cache must hold some)."""
+        if self.keys is None or self.values is None:
+            raise ValueError("an empty KV cache has no buffers to reserve in")
+        self._reserve(new, self.keys, self.values)
+        return self.keys, self.values
+
+    def commit(self, keys: mx.array, values: mx.array, new: int) -> None:
+        """Adopt buffers a compiled pass wrote ``new`` positions into, after the offset."""
+        assert self.keys is not None and keys.shape == self.keys.shape
+        self.keys, self.values = keys, values
+        self._offset += new
 
     def export_state(self) -> LayerState:
         held = self.state

@@ -107,6 +107,15 @@ Prewarm = Annotated[
     ),
 ]
 
+Compile = Annotated[
+    bool,
+    typer.Option(
+        "--compile/--no-compile",
+        help="Run decode steps, verify passes and draft blocks as compiled graphs where the "
+        "model allows (resident experts, full-attention KV caches).",
+    ),
+]
+
 
 _LOAD_FLAGS: dict[str, tuple[Any, Any]] = {
     "arch": (Arch, None),
@@ -121,6 +130,7 @@ _LOAD_FLAGS: dict[str, tuple[Any, Any]] = {
     "kv_format": (KVFormat, "turboquant"),
     "slot_pool": (SlotPool, "layer"),
     "prewarm": (Prewarm, None),
+    "compile": (Compile, True),
 }
 
 F = TypeVar("F", bound=Callable[..., Any])

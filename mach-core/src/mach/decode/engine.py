@@ -11,6 +11,7 @@ import mlx.nn as nn
 
 from mach.cache.base import SequenceCache
 from mach.cache.prefix import PrefixCache
+from mach.decode.compiled import CompiledPasses
 from mach.decode.events import FinishReason, GenerationResult, GenerationStats, TokenEvent
 from mach.decode.grammar import sequence_matcher
 from mach.decode.logprobs import best_first, token_logprobs
@@ -100,12 +101,15 @@ class TargetEngine(DecodeEngine):
         make_cache: Callable[[], SequenceCache],
         prefill_step_size: int = 512,
         prefix_cache: PrefixCache | None = None,
+        passes: CompiledPasses | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.make_cache = make_cache
         self.prefill_step_size = prefill_step_size
         self.prefix_cache = prefix_cache
+        self.passes = passes
+        """Compiled decode steps (``None``: every step is built op by op)."""
 
     def _prefill(self, prompt: Sequence[int], cache: SequenceCache) -> int:
         """Run all but the last prompt token; returns how many came from the prefix cache."""
@@ -130,6 +134,9 @@ class TargetEngine(DecodeEngine):
         top_n = params.logprobs or 0
 
         def forward(last: mx.array) -> mx.array:
+            if self.passes is not None:
+                out: mx.array = self.passes(last, cache)[:, -1, :]
+                return out
             logits: mx.array = self.model(last[None], cache=cache)[:, -1, :]
             return logits
 
@@ -149,6 +156,7 @@ class TargetEngine(DecodeEngine):
             yield TokenEvent(None, "", "length", stats)
             return
         stats.cached_tokens = self._prefill(prompt, cache)
+        compiled_before = self.passes.compiled if self.passes is not None else 0
         pending = pick(forward(tokens[-1:]))
         mx.async_eval(pending)
         # With a grammar, the forward pass of the next token is queued as soon as the token is
@@ -187,6 +195,8 @@ class TargetEngine(DecodeEngine):
             yield event
             if output.stopped:
                 break
+        if self.passes is not None:
+            stats.compiled_passes = self.passes.compiled - compiled_before
         final = output.final(stats, generated, decode_start)
         if self.prefix_cache is not None:
             # The disk tier is written once the tokens are out, off the time to first token.

@@ -27,6 +27,8 @@ class GenerationStats:
     target_passes: int = 0
     """Target forward passes that produced tokens: the one ending the prompt, then every decode
     step or draft-verify cycle (tokens per pass = generation_tokens / target_passes)."""
+    compiled_passes: int = 0
+    """Target passes that ran as a compiled graph (``mach.decode.compiled``)."""
 
     @property
     def prompt_tps(self) -> float:

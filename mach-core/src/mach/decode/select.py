@@ -64,7 +64,7 @@ def build_engine(
     if drafter is not None:
         gate = DraftGate.from_env(drafter.default_gate)
         engine = SpecDecEngine(model, tokenizer, loaded.cache.new, drafter, num_draft_tokens,
-                               gate, prefix_cache=prefix_cache)  # fmt: skip
+                               gate, prefix_cache=prefix_cache, passes=loaded.passes)  # fmt: skip
         if loaded.shard is not None:
             # Ranks must take the same passes: no switching on each rank's own clock.
             engine.measure = False
@@ -74,4 +74,5 @@ def build_engine(
 
         return ContinuousBatchScheduler(model, tokenizer, loaded.cache.new, max_batch,
                                         prefix_cache=prefix_cache, store=loaded.store)  # fmt: skip
-    return TargetEngine(model, tokenizer, loaded.cache.new, prefix_cache=prefix_cache)
+    return TargetEngine(model, tokenizer, loaded.cache.new, prefix_cache=prefix_cache,
+                        passes=loaded.passes)  # fmt: skip

@@ -25,6 +25,7 @@ import mlx.nn as nn
 
 from mach.cache.base import SequenceCache
 from mach.cache.prefix import PrefixCache
+from mach.decode.compiled import CompiledPasses
 from mach.decode.engine import DecodeEngine, TargetEngine, TextOutput
 from mach.decode.events import GenerationStats, TokenEvent
 from mach.decode.params import SamplingParams
@@ -249,6 +250,7 @@ class SpecDecEngine(DecodeEngine):
         gate: DraftGate | None = None,
         prefill_step_size: int = 512,
         prefix_cache: PrefixCache | None = None,
+        passes: CompiledPasses | None = None,
     ) -> None:
         if num_draft_tokens is None:
             num_draft_tokens = drafter.default_draft_tokens
@@ -261,17 +263,28 @@ class SpecDecEngine(DecodeEngine):
         self.gate = gate or DraftGate()
         self.prefill_step_size = prefill_step_size
         self.prefix_cache = prefix_cache
-        self._fallback = TargetEngine(model, tokenizer, make_cache, prefill_step_size, prefix_cache)
+        self.passes = passes
+        self._fallback = TargetEngine(model, tokenizer, make_cache, prefill_step_size, prefix_cache,
+                                      passes)  # fmt: skip
         self.payoff = DraftPayoff()
         self.measure = env_flag(PAYOFF_ENV, True)
         """Whether greedy requests may stop drafting where it measures slower
         (``LME_DRAFT_PAYOFF=0`` always drafts)."""
 
-    def _forward(self, tokens: mx.array, cache: SequenceCache) -> tuple[mx.array, mx.array | None]:
+    def _forward(
+        self, tokens: mx.array, cache: SequenceCache, decoding: bool = False
+    ) -> tuple[mx.array, mx.array | None]:
+        """The target's pass over ``tokens``: compiled when ``decoding`` (not a prompt chunk)
+        and the engine has compiled passes."""
         if self.drafter.hidden_layers is not None:
-            logits, hidden = self.model(tokens[None], cache=cache,
-                                        hidden_layers=self.drafter.hidden_layers)  # fmt: skip
+            if decoding and self.passes is not None:
+                logits, hidden = self.passes(tokens, cache, self.drafter.hidden_layers)
+            else:
+                logits, hidden = self.model(tokens[None], cache=cache,
+                                            hidden_layers=self.drafter.hidden_layers)  # fmt: skip
             return logits[0], hidden
+        if decoding and self.passes is not None and not self.drafter.needs_hidden:
+            return self.passes(tokens, cache)[0], None
         if self.drafter.needs_hidden:
             logits, hidden = self.model(tokens[None], cache=cache, return_hidden=True)
             return logits[0], hidden
@@ -318,6 +331,7 @@ class SpecDecEngine(DecodeEngine):
         decode_start = time.perf_counter()
         stats.prompt_seconds = stats.time_to_first_token = decode_start - start
 
+        compiled_before = self.passes.compiled if self.passes is not None else 0
         generated = 0
         pending = [last]
         stats.target_passes = 1  # the pass that ended the prompt gave ``last``
@@ -342,7 +356,7 @@ class SpecDecEngine(DecodeEngine):
             draft = self.drafter.propose(k, sampler, self.gate) if k > 0 else Draft([], None, [])
             verify = draft.verify_tokens(pending[-1])
             _recording(cache, True)
-            logits, hidden = self._forward(verify, cache)
+            logits, hidden = self._forward(verify, cache, decoding=True)
             accepted, bonus = accept_draft(logits, draft, sampler)
             rejected = len(draft.tokens) - accepted
             if rejected and cache.trim(rejected) != rejected:
@@ -362,6 +376,8 @@ class SpecDecEngine(DecodeEngine):
                 stats.verify_passes += 1
             stats.target_passes += 1
             pending = committed
+        if self.passes is not None:
+            stats.compiled_passes = self.passes.compiled - compiled_before
         final = output.final(stats, generated, decode_start)
         if self.prefix_cache is not None:
             # The disk tier is written once the tokens are out, off the time to first token.

@@ -50,8 +50,11 @@ def _sort_routes(x: mx.array, indices: mx.array) -> tuple[mx.array, mx.array, mx
     return rows, flat[order], inverse
 
 
-class _Dispatch(nn.Module):
+class Dispatch(nn.Module):
     """What both dispatch modules hold: the switch's spec, its experts and the activation."""
+
+    counted: tuple[str, ...] = ("_calls", "_routes")
+    """The counters ``stats`` reports; a compiled pass replays their change per call."""
 
     def __init__(self, spec: SwitchSpec, experts: LayerExperts) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
@@ -69,14 +72,23 @@ class _Dispatch(nn.Module):
     def experts(self) -> LayerExperts:
         return self._experts
 
+    def counters(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.counted}
 
-class GatherSwitchGLU(_Dispatch):
+    def add_counters(self, change: dict[str, int]) -> None:
+        for name, value in change.items():
+            setattr(self, name, getattr(self, name) + value)
+
+
+class GatherSwitchGLU(Dispatch):
     """Routed experts through gather kernels: no Python loop over routes.
 
     ``__call__(x [..., D], indices [..., k]) -> [..., k, D]``; the caller applies router
     weights. Expert ids become store slots (identity for resident stores), then gate and up
     run as one fused gather when the store holds them fused, followed by the down projection.
     """
+
+    counted = (*Dispatch.counted, "_sorted_calls", "_grouped_calls")
 
     def __init__(self, spec: SwitchSpec, experts: LayerExperts) -> None:
         super().__init__(spec, experts)
@@ -134,12 +146,14 @@ class GatherSwitchGLU(_Dispatch):
         }
 
 
-class DiskSwitchGLU(_Dispatch):
+class DiskSwitchGLU(Dispatch):
     """The legacy dispatch: a Python loop over the distinct experts a call routes to.
 
     Each expert is fetched from the store on its own (into a bank slot when streaming) and run
     on the rows routed to it. Kept to diagnose the gather path (``LME_USE_GATHER_DISPATCH=0``).
     """
+
+    counted = (*Dispatch.counted, "_expert_runs")
 
     def __init__(self, spec: SwitchSpec, experts: LayerExperts) -> None:
         super().__init__(spec, experts)

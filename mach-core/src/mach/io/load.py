@@ -16,6 +16,7 @@ import mlx.nn as nn
 from mach.adapter import MoeArchAdapter
 from mach.cache.base import LayerCache, SequenceCache
 from mach.cache.kv_quant import quantized_kv
+from mach.decode.compiled import CompiledPasses
 from mach.errors import AdapterError, OptionsError
 from mach.experts.parallel import ExpertShard, expert_shard, shard_resident, shard_sources
 from mach.experts.store import ExpertStore
@@ -58,6 +59,8 @@ class LoadedModel:
     """Seconds the load spent prewarming (``None``: it did not)."""
     shard: ExpertShard | None = None
     """This rank's share of the experts under ``mlx.launch`` (``None``: one process)."""
+    passes: CompiledPasses | None = None
+    """The model's compiled decode passes (``None``: ``compile=False``)."""
 
     @property
     def experts(self) -> ExpertPlan:
@@ -141,9 +144,10 @@ def load_plan(plan: LoadPlan, progress: Callable[[int, int], None] | None = None
         raise OptionsError(f"{adapter.name}: kv_bits quantizes full-attention KV caches, and "
                            f"this model has none ({adapter.kv_cache_kind} caches); leave "
                            "--kv-bits off")  # fmt: skip
-    warm = prewarm(model, factory) if options.prewarm else None
+    passes = CompiledPasses(model) if options.compile else None
+    warm = prewarm(model, factory, passes) if options.prewarm else None
     return LoadedModel(model, plan.tokenizer, store, SequenceCache(caches, factory), adapter, ckpt,
-                       plan.options, plan, warm, shard)  # fmt: skip
+                       plan.options, plan, warm, shard, passes)  # fmt: skip
 
 
 def load_moe(

@@ -69,6 +69,9 @@ class LoadOptions:
     prewarm: bool | None = None
     """Run a short forward at load (``mach.io.prewarm``); ``None`` leaves it to the command
     (``mach serve`` prewarms, the others do not)."""
+    compile: bool = True
+    """Run decode passes as compiled graphs (``mach.decode.compiled``) where the model and its
+    caches allow it; ``False`` builds every pass op by op."""
 
     def __post_init__(self) -> None:
         if self.arch is not None and (not isinstance(self.arch, str) or not self.arch):
@@ -83,6 +86,7 @@ class LoadOptions:
         _flag("verify_experts", self.verify_experts, optional=False)
         _flag("streaming_embedding", self.streaming_embedding, optional=False)
         _flag("prewarm", self.prewarm, optional=True)
+        _flag("compile", self.compile, optional=False)
         _choice("slot_pool", self.slot_pool, SLOT_POOLS, optional=False)
         from mach.cache.kv_quant import KV_FORMATS
 

@@ -11,6 +11,7 @@ from mach.cache.affine_kv import AffineKVCache
 from mach.cache.batch_kv import BatchKVCache, BatchRotatingKVCache
 from mach.cache.kv import KVCache
 from mach.cache.rotating import RotatingKVCache
+from mach.cache.traced_kv import TracedKVCache
 from mach.cache.turboquant import TurboQuantKVCache
 
 
@@ -94,6 +95,8 @@ def attend(
     per-head logit to every softmax.
     """
     length = queries.shape[2]
+    if isinstance(cache, TracedKVCache):
+        return cache.attend(queries, keys, values, scale, sinks, window)
     if isinstance(cache, BatchKVCache | BatchRotatingKVCache):
         keys, values, visible = cache.update_and_mask(keys, values, window)
         return mx.fast.scaled_dot_product_attention(

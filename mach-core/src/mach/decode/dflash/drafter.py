@@ -8,11 +8,15 @@ from the acceptance it measures.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
+from mach.cache.kv import KVCache
+from mach.cache.traced_kv import TracedKVCache
+from mach.decode.compiled import MAX_COMPILED_TOKENS, compile_blocker, over_caches
 from mach.decode.dflash.config import DFlashConfig, draft_folder, read_dflash_config
 from mach.decode.dflash.model import DFlashDraftModel
 from mach.decode.sampler import Sampler
@@ -53,13 +57,33 @@ class DFlashDrafter(Drafter):
     """Drafts ``[anchor, mask, ...]`` in one pass, conditioned on the target's hidden states at
     the draft's ``target_layer_ids`` (``hidden_layers``)."""
 
-    def __init__(self, target: object, draft: DFlashDraftModel) -> None:
+    def __init__(self, target: object, draft: DFlashDraftModel, compiled: bool = False) -> None:
         self.target, self.draft = target, draft
         self.config = draft.config
         self.hidden_layers: tuple[int, ...] = self.config.target_layer_ids
         self.default_draft_tokens = self.config.block_size - 1
         self.block = AdaptiveBlock()
+        self._compiled = over_caches(self._best) if compiled else None
+        self.compiled = 0
+        """Draft passes that ran as a compiled graph."""
         self.reset()
+
+    def _best(self, cache: Sequence[KVCache | TracedKVCache], block: mx.array,
+              features: mx.array) -> mx.array:  # fmt: skip
+        """The draft's logits for the block's mask rows (float32)."""
+        embed = self.target.model.embed  # type: ignore[attr-defined]
+        hidden = self.draft(block, features.astype(self.draft.fc.weight.dtype), cache, embed)
+        logits: mx.array = self.target.head(hidden[:, 1:])[0]  # type: ignore[attr-defined]
+        return logits.astype(mx.float32)
+
+    def _logits(self, block: mx.array, features: mx.array) -> mx.array:
+        writes = features.shape[1] + block.shape[1]
+        if (self._compiled is None or writes > MAX_COMPILED_TOKENS or self.cache[0].keys is None
+                or compile_blocker() is not None):  # fmt: skip
+            return self._best(self.cache, block, features)
+        self.compiled += 1
+        logits: mx.array = self._compiled(self.cache, writes, features.shape[1], block, features)
+        return logits
 
     def reset(self) -> None:
         self.cache = self.draft.make_cache()
@@ -90,9 +114,7 @@ class DFlashDrafter(Drafter):
         if features is None:
             width = self.config.hidden_size * len(self.config.target_layer_ids)
             features = mx.zeros((1, 0, width), dtype=self.draft.fc.weight.dtype)
-        embed = self.target.model.embed  # type: ignore[attr-defined]
-        hidden = self.draft(block, features.astype(self.draft.fc.weight.dtype), self.cache, embed)
-        logits = self.target.head(hidden[:, 1:])[0].astype(mx.float32)  # type: ignore[attr-defined]
+        logits = self._logits(block, features)
         best = mx.argmax(logits, axis=-1)
         if gate.rho == 0 and sampler.params.temperature == 0:
             # Nothing here needs the tokens yet: the verify pass queues behind this one.
@@ -160,7 +182,7 @@ def load_dflash(folder: Path, loaded: LoadedModel) -> DFlashDrafter:
         dtype = mx.float32 if weights["fc.weight"].dtype == mx.float32 else mx.bfloat16
     draft.load_weights([(k, v.astype(dtype)) for k, v in weights.items()], strict=True)
     mx.eval(draft.parameters())  # type: ignore[no-untyped-call]
-    return DFlashDrafter(model, draft)
+    return DFlashDrafter(model, draft, compiled=loaded.passes is not None)
 
 
 def _flat(draft: DFlashDraftModel) -> list[tuple[str, mx.array]]:

@@ -10,12 +10,13 @@ at that same position, so rows ``1..`` of ``[anchor, mask, mask, ...]`` are the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from mach.cache.kv import KVCache
+from mach.cache.traced_kv import TracedKVCache
 from mach.decode.dflash.config import DFlashConfig
 from mach.layers.attention import attend_block
 from mach.layers.mlp import GatedMLP
@@ -41,20 +42,24 @@ class DraftAttention(nn.Module):
         b, length, _ = x.shape
         return x.reshape(b, length, heads, self.head_dim).transpose(0, 2, 1, 3)
 
-    def __call__(self, x: mx.array, context: mx.array, cache: KVCache) -> mx.array:
+    def __call__(self, x: mx.array, context: mx.array, cache: KVCache | TracedKVCache) -> mx.array:
         """``x``: the block's normed rows; ``context``: new context rows (may be empty)."""
-        if context.shape[1]:
-            k_ctx = self.k_norm(self._split(self.k_proj(context), self.kv_heads))
-            k_ctx = self.rope(k_ctx, cache.offset)
-            cache.update_and_fetch(k_ctx, self._split(self.v_proj(context), self.kv_heads))
-        block_at = cache.offset
+        # Context rows then block rows take consecutive positions from the cache's offset.
+        rows = mx.concatenate([context, x], axis=1) if context.shape[1] else x
+        start = cache.offset
+        keys = self.rope(self.k_norm(self._split(self.k_proj(rows), self.kv_heads)), start)
+        values = self._split(self.v_proj(rows), self.kv_heads)
+        block_at = start + context.shape[1]
         q = self.rope(self.q_norm(self._split(self.q_proj(x), self.heads)), block_at)
-        k_blk = self.rope(self.k_norm(self._split(self.k_proj(x), self.kv_heads)), block_at)
-        cache.update_and_fetch(k_blk, self._split(self.v_proj(x), self.kv_heads))
-        # The block is a guess, not context: its rows leave the cache again (still in the
-        # buffer for this call, past the offset).
-        cache.trim(x.shape[1])
-        out = attend_block(q, cache, block_at + x.shape[1], self.head_dim**-0.5, causal=False)
+        scale = self.head_dim**-0.5
+        if isinstance(cache, TracedKVCache):
+            out = cache.attend_written(q, keys, values, scale)
+        else:
+            cache.update_and_fetch(keys, values)
+            # The block is a guess, not context: its rows leave the cache again (still in the
+            # buffer for this call, past the offset).
+            cache.trim(x.shape[1])
+            out = attend_block(q, cache, cache.offset + x.shape[1], scale, causal=False)
         b, _, length, _ = out.shape
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, length, -1))
 
@@ -67,7 +72,7 @@ class DraftLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def __call__(self, x: mx.array, context: mx.array, cache: KVCache) -> mx.array:
+    def __call__(self, x: mx.array, context: mx.array, cache: KVCache | TracedKVCache) -> mx.array:
         x = x + self.self_attn(self.input_layernorm(x), context, cache)
         out: mx.array = x + self.mlp(self.post_attention_layernorm(x))
         return out
@@ -97,7 +102,7 @@ class DFlashDraftModel(nn.Module):
         self,
         block: mx.array,
         features: mx.array,
-        cache: list[KVCache],
+        cache: Sequence[KVCache | TracedKVCache],
         embed: Callable[[mx.array], mx.array],
     ) -> mx.array:
         """``block [B, S]`` token ids, ``features [B, L, n*H]`` for the positions committed since
