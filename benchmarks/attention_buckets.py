@@ -38,11 +38,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--draft-path", help="a DFlash draft folder instead of the shipped one")
     args = parser.parse_args()
-    loaded = load_moe(default_model_path(), draft_path=args.draft_path)
+    # Compiled passes mask inside their own graph; the buckets are the uncompiled path's.
+    loaded = load_moe(default_model_path(), draft_path=args.draft_path, compile=False)
     assert loaded.tokenizer is not None
     prompts = [loaded.tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
     params = SamplingParams(max_tokens=args.tokens, temperature=0.0)
-    target = TargetEngine(loaded.model, loaded.tokenizer, loaded.cache.new)
+    target = TargetEngine(loaded.model, loaded.tokenizer, loaded.cache.new, passes=loaded.passes)
     drafted = build_engine(loaded)
     drafted.measure = False  # type: ignore[attr-defined]
     rates: dict[bool, dict[str, list[float]]] = {b: {"target": [], "dflash": []} for b in (0, 1)}

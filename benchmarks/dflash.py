@@ -130,13 +130,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=96)
     parser.add_argument("--draft-path", help="a DFlash draft folder instead of the shipped one")
     parser.add_argument("--draft-tokens", type=int, help="drafts per pass (default: block - 1)")
+    parser.add_argument("--no-compile", action="store_true", help="build every pass op by op")
     args = parser.parse_args()
-    loaded = load_moe(default_model_path(), draft_path=args.draft_path)
+    loaded = load_moe(default_model_path(), draft_path=args.draft_path,
+                      compile=not args.no_compile)  # fmt: skip
     tokenizer = loaded.tokenizer
     assert tokenizer is not None
     prompts = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
     params = SamplingParams(max_tokens=args.tokens, temperature=0.0)
-    target = TargetEngine(loaded.model, tokenizer, loaded.cache.new)
+    target = TargetEngine(loaded.model, tokenizer, loaded.cache.new, passes=loaded.passes)
     dflash = build_engine(loaded, num_draft_tokens=args.draft_tokens)
     if not isinstance(dflash, SpecDecEngine):
         raise SystemExit("the default model has no DFlash draft beside it")
@@ -159,7 +161,8 @@ def main() -> None:
     passes, accepted = sum(x["passes"] for x in d), sum(x["accepted"] for x in d)
     drafted = sum(x["drafted"] for x in d)
     print(f"device={mx.default_device()}  BLAS={mach._blas.loaded or 'bundled'}  "
-          f"draft block={dflash.k + 1}  prompts={len(prompts)}  tokens={args.tokens}  "
+          f"draft block={dflash.k + 1}  compiled={loaded.passes is not None}  "
+          f"prompts={len(prompts)}  tokens={args.tokens}  "
           f"rounds={args.rounds}  identical tokens: {same}")  # fmt: skip
     for name in names:
         tps = [x["tps"] for x in rows[name]]

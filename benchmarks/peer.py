@@ -48,7 +48,7 @@ def mach_engine(
     generation, with the streaming store's prefill and decode figures."""
     loaded = load_moe(path, **options)
     engine = TargetEngine(loaded.model, None, loaded.cache.new,
-                          prefill_step_size=prefill_step_size)  # fmt: skip
+                          prefill_step_size=prefill_step_size, passes=loaded.passes)  # fmt: skip
     params = SamplingParams(max_tokens=tokens)
 
     def once() -> Run:

@@ -131,8 +131,10 @@ def test_traced_attention_masks_like_the_exact_keys(window: int | None) -> None:
 def test_what_runs_uncompiled_says_why() -> None:
     streamed = load_moe(QWEN / "hf-per-expert", dtype="float32", expert_budget="200KB")
     report = compile_report(streamed.passes, streamed.cache)
-    assert report == {"compiled": False,
-                      "reason": "streamed experts are looked up on the host for every layer"}
+    assert report == {
+        "compiled": False,
+        "reason": "streamed experts are looked up on the host for every layer",
+    }
     hybrid = load_moe(FIXTURES / "qwen3_5_moe" / "hf-per-expert", dtype="float32")
     assert "GDNCache" in str(compile_report(hybrid.passes, hybrid.cache)["reason"])
     off = load_moe(QWEN / "hf-per-expert", compile=False)
@@ -155,8 +157,10 @@ def test_a_backend_that_cannot_compile_runs_every_pass_uncompiled(
         loaded = load_moe(QWEN / "hf-per-expert", dtype="float32")
         assert isinstance(loaded.passes, CompiledPasses)
         reason = loaded.passes.blocker(loaded.cache)
-        assert reason == "mx.compile fails on the cpu here ([Compile::eval_cpu] Failed to " \
-                         "compile function)"
+        assert (
+            reason == "mx.compile fails on the cpu here ([Compile::eval_cpu] Failed to "
+            "compile function)"
+        )
         result = _greedy(loaded, [5, 6, 7], 4)
         assert result.stats.compiled_passes == 0  # type: ignore[attr-defined]
         assert len(result.tokens) == 4  # type: ignore[attr-defined]

@@ -48,11 +48,12 @@ def bench_command(
         model = str(default_model_path())
     folder = model_folder(model)
     start = time.perf_counter()
-    net, _, store, cache = load_model(folder, options)
+    loaded = load_model(folder, options)
+    net, _, store, cache = loaded
     load_seconds = time.perf_counter() - start
     vocab = int(net(mx.array([[0]])).shape[-1])
     prompt = np.random.default_rng(0).integers(0, vocab, prompt_tokens).tolist()
-    engine = TargetEngine(net, None, cache.new)
+    engine = TargetEngine(net, None, cache.new, passes=loaded.passes)
     params = SamplingParams(max_tokens=tokens)
     engine.generate(prompt, params)
     runs: list[dict[str, Any]] = []

@@ -145,8 +145,76 @@ def write_random_qwen3_moe(
         weights = _quantize(weights, bits)
         config["quantization"] = {"group_size": 64, "bits": bits, "mode": "affine"}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
     save_file(weights, str(out / "model.safetensors"))
+    _write_files(out, config)
+    return out
+
+
+def write_large_random_qwen3_moe(out: Path, overrides: dict[str, Any], bits: int = 4) -> Path:
+    """A checkpoint at the size of a real one (Qwen3-30B-A3B: 17 GB at 4 bits), made fast.
+
+    Weights come from MLX's generator on the default device, seeded from ``SEED`` and the
+    layer, are quantized there, and go to one safetensors file per layer with an index, so
+    memory holds one layer at a time. Not the same numbers ``write_random_qwen3_moe`` draws.
+    """
+    import mlx.core as mx
+
+    vocab = 256 + len(SPECIALS)
+    config = {**CONFIG, "vocab_size": vocab, "eos_token_id": 256 + SPECIALS.index("<|im_end|>")}
+    config.update(overrides)
+    config["quantization"] = {"group_size": 64, "bits": bits, "mode": "affine"}
+    d, hd = config["hidden_size"], config["head_dim"]
+    h, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    e, i_moe = config["num_experts"], config["moe_intermediate_size"]
+    vocab = config["vocab_size"]
+    out.mkdir(parents=True, exist_ok=True)
+    layers = config["num_hidden_layers"]
+    index: dict[str, str] = {}
+
+    def save(part: int, shapes: dict[str, tuple[int, ...]]) -> None:
+        key = mx.random.key(SEED * 1_000_003 + part)
+        tensors: dict[str, mx.array] = {}
+        for name, shape in shapes.items():
+            key, sub = mx.random.split(key)
+            if name.endswith("norm.weight"):
+                tensors[name] = 1 + 0.1 * mx.random.normal(shape, key=sub)
+                continue
+            w = mx.random.normal(shape, key=sub) * shape[-1] ** -0.5
+            q, scales, biases = mx.quantize(w, group_size=64, bits=8 if "mlp.gate" in name
+                                            else bits)  # fmt: skip
+            stem = name.removesuffix(".weight")
+            tensors.update({name: q, f"{stem}.scales": scales, f"{stem}.biases": biases})
+        file = f"model-{part:05d}-of-{layers + 1:05d}.safetensors"
+        mx.save_safetensors(str(out / file), tensors, metadata={"format": "mlx"})
+        index.update(dict.fromkeys(tensors, file))
+
+    save(0, {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,),
+             "lm_head.weight": (vocab, d)})  # fmt: skip
+    for layer in range(layers):
+        p = f"model.layers.{layer}"
+        a, m = f"{p}.self_attn", f"{p}.mlp"
+        save(layer + 1, {
+            f"{p}.input_layernorm.weight": (d,), f"{p}.post_attention_layernorm.weight": (d,),
+            f"{a}.q_proj.weight": (h * hd, d), f"{a}.k_proj.weight": (kv * hd, d),
+            f"{a}.v_proj.weight": (kv * hd, d), f"{a}.o_proj.weight": (d, h * hd),
+            f"{a}.q_norm.weight": (hd,), f"{a}.k_norm.weight": (hd,),
+            f"{m}.gate.weight": (e, d),
+            f"{m}.switch_mlp.gate_proj.weight": (e, i_moe, d),
+            f"{m}.switch_mlp.up_proj.weight": (e, i_moe, d),
+            f"{m}.switch_mlp.down_proj.weight": (e, d, i_moe),
+        })  # fmt: skip
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": index}, indent=1)
+    )
+    for layer in range(layers):
+        config["quantization"][f"model.layers.{layer}.mlp.gate"] = {"group_size": 64, "bits": 8}
+    _write_files(out, config)
+    return out
+
+
+def _write_files(out: Path, config: dict[str, Any]) -> None:
+    """Config, tokenizer and card beside the weights."""
+    (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "tokenizer.json").write_text(json.dumps(_tokenizer_json()))
     tok_config = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
                   "chat_template": CHAT_TEMPLATE}  # fmt: skip
@@ -155,4 +223,3 @@ def write_random_qwen3_moe(
         "# random-qwen3_moe\n\nA qwen3_moe checkpoint with random weights made by mach from "
         f"seed {SEED}. It proves the pipeline runs; its text is noise.\n"
     )
-    return out
