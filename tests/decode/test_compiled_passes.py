@@ -166,3 +166,28 @@ def test_a_backend_that_cannot_compile_runs_every_pass_uncompiled(
         assert len(result.tokens) == 4  # type: ignore[attr-defined]
     finally:
         compiled._probe.cache_clear()
+
+
+def test_where_masked_single_queries_are_slow_steps_run_uncompiled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As on CUDA: one-token steps build op by op, verify passes still compile."""
+    monkeypatch.setattr(compiled, "steps_compile", lambda: False)
+    loaded = load_moe(QWEN / "hf-per-expert", dtype="float32")
+    passes = loaded.passes
+    assert passes is not None
+    fast, slow = _prefilled(loaded, [5, 6, 7, 8])
+    one = mx.array([9], mx.uint32)
+    got = passes(one, fast)  # type: ignore[arg-type]
+    np.testing.assert_allclose(np.array(got), np.array(loaded.model(one[None], cache=slow)),
+                               atol=2e-5)  # fmt: skip
+    assert passes.compiled == 0
+    block = mx.array([10, 11, 12], mx.uint32)
+    got = passes(block, fast)  # type: ignore[arg-type]
+    np.testing.assert_allclose(np.array(got), np.array(loaded.model(block[None], cache=slow)),
+                               atol=2e-5)  # fmt: skip
+    assert passes.compiled == 1
+    assert compile_report(passes, loaded.cache) == {
+        "compiled": True,
+        "reason": compiled.STEPS_ON_CUDA,
+    }

@@ -47,6 +47,20 @@ def _probe(device: str) -> str | None:
     return None
 
 
+def steps_compile() -> bool:
+    """Whether one-token passes (plain decode steps) run compiled on the default device.
+
+    A compiled pass attends over the whole cache buffer with a mask. CUDA's single-query
+    attention kernel takes no mask, so there a compiled step falls back to unfused attention
+    and measured slower than the uncompiled step, which reads exactly its keys. Longer passes
+    (verify passes, draft blocks) mask on every device and compile everywhere.
+    """
+    return mx.default_device() == mx.cpu or not mx.cuda.is_available()
+
+
+STEPS_ON_CUDA = "one-token steps run uncompiled on CUDA (its single-query attention takes no mask)"
+
+
 def over_caches(function: Callable[..., Any]) -> Callable[..., Any]:
     """``function(traced_caches, *inputs)`` compiled, as ``run(caches, writes, keeps, *inputs)``.
 
@@ -109,7 +123,8 @@ class CompiledPasses:
     ) -> Any:
         layers: list[KVCache] = list(cache)  # type: ignore[arg-type]
         length = tokens.shape[0]
-        if (length > MAX_COMPILED_TOKENS or self.blocker(layers) is not None
+        if (length > MAX_COMPILED_TOKENS or (length == 1 and not steps_compile())
+                or self.blocker(layers) is not None
                 or any(layer.keys is None for layer in layers)):  # fmt: skip
             if hidden_layers is None:
                 return self.model(tokens[None], cache=cache)
@@ -164,11 +179,13 @@ def _host_work(model: nn.Module) -> str | None:
 
 def compile_report(passes: CompiledPasses | None, cache: Sequence[Any],
                    batched: bool = False) -> dict[str, Any]:  # fmt: skip
-    """Whether decode passes over ``cache`` run compiled, and if not, why."""
+    """Whether decode passes over ``cache`` run compiled, and if not (or not all), why."""
     if passes is None:
         reason: str | None = "compiling is off (--no-compile)"
     elif batched:
         reason = "batched decode steps run uncompiled"
     else:
         reason = passes.blocker(cache)
+    if reason is None and not steps_compile():
+        return {"compiled": True, "reason": STEPS_ON_CUDA}
     return {"compiled": reason is None, "reason": reason}
