@@ -94,3 +94,24 @@ def test_mach_check_names_the_path_dispatch_takes(experts: int, quantized: bool)
     assert paths["decode"] == kernel and paths["prefill"].endswith(f"({kernel} below)")
     assert grouped_on_cpu(rows, experts, quantized) and rows >= dispatch.SORT_THRESHOLD
     assert not grouped_on_cpu(rows - 1, experts, quantized) or rows - 1 < dispatch.SORT_THRESHOLD
+
+
+@pytest.mark.parametrize(("quant", "bias", "fused", "kind"), CASES)
+@pytest.mark.parametrize("tokens", [2, 9])
+def test_a_row_per_route_matches_the_broadcast_gather(
+    quant: str | None,
+    bias: bool,
+    fused: bool,
+    kind: str,
+    tokens: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Verify-pass sized calls on a CPU: each route its own row, the same outputs."""
+    assert dispatch.rows_per_route(tokens * TOP_K, TOP_K)
+    assert not dispatch.rows_per_route(TOP_K, TOP_K)  # a one-token step needs no rows
+    x, ids = routes(tokens, seed=tokens)
+    got = switch(quant, bias, fused, kind)(x, ids)
+    monkeypatch.setattr(dispatch, "rows_per_route", lambda routes, top_k: False)
+    want = switch(quant, bias, fused, kind)(x, ids)
+    assert got.shape == want.shape == (1, tokens, TOP_K, HIDDEN)
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=0, atol=1e-6)
