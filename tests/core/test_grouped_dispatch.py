@@ -106,7 +106,7 @@ def test_a_row_per_route_matches_the_broadcast_gather(
     tokens: int,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Verify-pass sized calls on a CPU: each route its own row, the same outputs."""
+    """Verify-pass sized calls: each route its own row, the same outputs."""
     assert dispatch.rows_per_route(tokens * TOP_K, TOP_K)
     assert not dispatch.rows_per_route(TOP_K, TOP_K)  # a one-token step needs no rows
     x, ids = routes(tokens, seed=tokens)
