@@ -191,3 +191,24 @@ def test_where_masked_single_queries_are_slow_steps_run_uncompiled(
         "compiled": True,
         "reason": compiled.STEPS_ON_CUDA,
     }
+
+
+def test_plain_stretches_of_a_drafting_engine_are_lossless(tmp_path: Path) -> None:
+    """``DraftPayoff`` switching between drafted and pipelined plain passes every few passes:
+    the tokens stay target-only's, and the draft keeps the context of the plain stretches."""
+    from mach.decode.speculative import DraftPayoff, SpecDecEngine
+
+    draft = write_random_draft(tmp_path / "draft", 64, 3, 100, block=5)
+    loaded = load_moe(QWEN / "hf-per-expert", dtype="float32", draft_path=str(draft))
+    engine = build_engine(loaded)
+    assert isinstance(engine, SpecDecEngine)
+    plain = TargetEngine(loaded.model, loaded.tokenizer, loaded.cache.new)
+    params = SamplingParams(max_tokens=50, temperature=0.0)
+    for seed in range(3):
+        prompt = np.random.default_rng(seed).integers(3, 200, size=30).tolist()
+        # Timings decide who wins; both modes run either way, every few passes.
+        engine.payoff = DraftPayoff(window=2, probe=3, hold=2, longest=2)
+        got = engine.generate(prompt, params)
+        assert got.tokens == plain.generate(prompt, params).tokens
+        assert 0 < got.stats.verify_passes < got.stats.target_passes - 1
+        assert len(got.tokens) == 50

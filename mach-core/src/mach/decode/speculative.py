@@ -290,6 +290,37 @@ class SpecDecEngine(DecodeEngine):
             return logits[0], hidden
         return self.model(tokens[None], cache=cache)[0], None
 
+    def _plain_passes(
+        self, last: int, cache: SequenceCache, sampler: Sampler, stats: GenerationStats,
+        limit: int,
+    ) -> Iterator[int]:  # fmt: skip
+        """Greedy one-token passes from ``last`` while ``DraftPayoff`` keeps plain mode, at most
+        ``limit`` tokens, each pass queued before the previous token is read.
+
+        A pass that is queued is always handed out (the consumer may stop early and drop
+        it, with the request), so the cache never holds a position the output did not take.
+        """
+        logits, hidden = self._forward(mx.array([last], mx.uint32), cache, decoding=True)
+        token = sampler(logits[-1:])
+        mx.async_eval(token)
+        began = time.perf_counter()
+        for handed in range(limit):
+            current, current_hidden = token, hidden
+            more = not self.payoff.drafting and handed + 1 < limit
+            if more:
+                logits, hidden = self._forward(current, cache, decoding=True)
+                token = sampler(logits[-1:])
+                mx.async_eval(token)
+            value = int(_scalar(current))
+            self.drafter.observe(mx.array([value], mx.uint32), current_hidden)
+            stats.target_passes += 1
+            now = time.perf_counter()
+            self.payoff.record(1, now - began)
+            began = now
+            yield value
+            if not more:
+                return
+
     def stream(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[TokenEvent]:
         penalised = params.repetition_penalty != 1.0 or params.output_penalties
         # These read each token before the next is drafted; target-only serves them.
@@ -333,12 +364,13 @@ class SpecDecEngine(DecodeEngine):
 
         compiled_before = self.passes.compiled if self.passes is not None else 0
         generated = 0
-        pending = [last]
+        pending, newest = [last], last
         stats.target_passes = 1  # the pass that ended the prompt gave ``last``
         while True:
             stopped = False
             for token in pending:
                 generated += 1
+                newest = token
                 event = output.event(token)
                 stopped = event is None
                 if event is not None:
@@ -352,9 +384,27 @@ class SpecDecEngine(DecodeEngine):
             # Greedy output does not depend on how passes are cut, so only there may timing
             # decide; a seeded sample stays reproducible by always drafting.
             drafting = self.payoff.drafting or params.temperature != 0 or not self.measure
+            if not drafting:
+                # Plain passes run like target-only decoding: the next one is queued before
+                # this one's token is read, so the host never waits for the device.
+                for token in self._plain_passes(newest, cache, sampler, stats,
+                                                params.max_tokens - generated):  # fmt: skip
+                    generated += 1
+                    newest = token
+                    event = output.event(token)
+                    stopped = event is None
+                    if event is not None:
+                        yield event
+                        stopped = output.stopped or generated >= params.max_tokens
+                    if stopped:
+                        break
+                if stopped:
+                    break
+                pending = []
+                continue
             k = min(self.k, params.max_tokens - generated - 1) if drafting else 0
             draft = self.drafter.propose(k, sampler, self.gate) if k > 0 else Draft([], None, [])
-            verify = draft.verify_tokens(pending[-1])
+            verify = draft.verify_tokens(newest)
             _recording(cache, True)
             logits, hidden = self._forward(verify, cache, decoding=True)
             accepted, bonus = accept_draft(logits, draft, sampler)
