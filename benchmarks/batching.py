@@ -219,6 +219,8 @@ def main() -> None:
     parser.add_argument("--budget-fraction", type=float, nargs="+", default=[0.5])
     parser.add_argument("--no-peer", action="store_true", help="skip mlx_lm.server")
     parser.add_argument("--no-resident", action="store_true", help="skip resident mach")
+    parser.add_argument("--uncompiled", action="store_true",
+                        help="also serve resident mach with --no-compile")  # fmt: skip
     parser.add_argument("--checkpoint",
                         help="serve this checkpoint instead of a random one; 'default' is the "
                         "embedded default model, prompted with Python")  # fmt: skip
@@ -238,6 +240,8 @@ def main() -> None:
         mach_serve = [sys.executable, "-m", "mach", "serve", str(path), "--max-batch",
                       str(max(args.concurrency))]  # fmt: skip
         specs = {} if args.no_resident else {"mach": [*mach_serve, "--no-streaming"]}
+        if args.uncompiled:
+            specs["mach uncompiled"] = [*mach_serve, "--no-streaming", "--no-compile"]
         for fraction in args.budget_fraction:
             budget = str(int(experts * fraction))
             specs[f"mach streaming {fraction:.0%}"] = [*mach_serve, "--streaming",

@@ -150,6 +150,27 @@ class BatchKVCache(_RaggedRows):
         keys, values = state if state is not None else (None, None)
         self._join(keys, values, cache.offset)
 
+    def reserve(self, new: int) -> tuple[mx.array, mx.array]:
+        """The buffers, grown to a multiple of ``step`` positions so ``new`` more fit."""
+        if self.keys is None or self.values is None:
+            raise ValueError("an empty batch cache has no buffers to reserve in")
+        need = self._used + new
+        if need > self.keys.shape[2]:
+            grow = -(-need // self.step) * self.step - self.keys.shape[2]
+            b, h, _, d = self.keys.shape
+            self.keys = mx.concatenate([self.keys, mx.zeros((b, h, grow, d), self.keys.dtype)],
+                                       axis=2)  # fmt: skip
+            spare = mx.zeros((b, h, grow, self.values.shape[3]), self.values.dtype)
+            self.values = mx.concatenate([self.values, spare], axis=2)
+        return self.keys, self.values
+
+    def commit(self, keys: mx.array, values: mx.array, new: int) -> None:
+        """Adopt buffers a compiled pass wrote ``new`` positions into, after ``length``."""
+        assert self.keys is not None and keys.shape == self.keys.shape
+        self.keys, self.values = keys, values
+        self._used += new
+        self.positions = [p + new for p in self.positions]
+
     def update_and_mask(
         self, keys: mx.array, values: mx.array, window: int | None = None
     ) -> tuple[mx.array, mx.array, mx.array]:

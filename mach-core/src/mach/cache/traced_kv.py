@@ -16,14 +16,26 @@ class TracedKVCache:
 
     kind = "kv"
 
-    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array) -> None:
+    def __init__(
+        self,
+        keys: mx.array,
+        values: mx.array,
+        start: mx.array,
+        positions: mx.array | None = None,
+        padding: mx.array | None = None,
+    ) -> None:
         self.keys, self.values = keys, values
-        self.offset = offset
-        """Where the pass's first token goes (an int32 scalar array)."""
+        self.start = start
+        """Where the pass's first token goes in the buffer (an int32 scalar array)."""
+        self.offset = start if positions is None else positions
+        """The first token's position for rotary embeddings: ``start``, or each row's own
+        position when a batch's rows are left-padded."""
+        self.padding = padding
+        """Each row's leading positions that belong to no sequence (a batch), or ``None``."""
 
     def write(self, keys: mx.array, values: mx.array) -> None:
         """Put ``keys`` / ``values`` ``[B, H, L, D]`` at the pass's positions."""
-        start = self.offset.reshape(1)
+        start = self.start.reshape(1)
         self.keys = mx.slice_update(self.keys, keys, start, axes=(2,))
         self.values = mx.slice_update(self.values, values, start, axes=(2,))
 
@@ -41,7 +53,7 @@ class TracedKVCache:
         self.write(keys, values)
         length = queries.shape[2]
         key_positions = mx.arange(self.keys.shape[2])[None, :]
-        query_positions = (self.offset + (keys.shape[2] - length) + mx.arange(length))[:, None]
+        query_positions = (self.start + (keys.shape[2] - length) + mx.arange(length))[:, None]
         seen = key_positions <= query_positions
         if window is not None:
             seen = seen & (key_positions > query_positions - window)
@@ -52,12 +64,15 @@ class TracedKVCache:
     ) -> mx.array:
         """Write the pass's keys and values; every query sees every position up to them."""
         self.write(keys, values)
-        seen = mx.arange(self.keys.shape[2])[None, :] < self.offset + keys.shape[2]
+        seen = mx.arange(self.keys.shape[2])[None, :] < self.start + keys.shape[2]
         return self._attend(queries, seen, scale, None)
 
     def _attend(
         self, queries: mx.array, seen: mx.array, scale: float, sinks: mx.array | None
     ) -> mx.array:
+        if self.padding is not None:
+            ahead = mx.arange(self.keys.shape[2])[None, :] >= self.padding[:, None]
+            seen = seen[None, None] & ahead[:, None, None, :]
         bias = mx.where(seen, 0.0, -mx.inf).astype(queries.dtype)
         return mx.fast.scaled_dot_product_attention(
             queries, self.keys, self.values, scale=scale, mask=bias, sinks=sinks

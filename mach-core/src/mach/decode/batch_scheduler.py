@@ -13,6 +13,7 @@ from mach.cache.base import SequenceCache
 from mach.cache.batch import BatchCache, batch_support
 from mach.cache.prefix import PrefixCache
 from mach.decode.batch_sequence import BatchSequence, Phase
+from mach.decode.compiled import CompiledPasses
 from mach.decode.engine import DecodeEngine
 from mach.decode.events import GenerationResult, TokenEvent
 from mach.decode.params import SamplingParams
@@ -56,6 +57,7 @@ class ContinuousBatchScheduler(DecodeEngine):
         prefill_step_size: int = 512,
         prefix_cache: PrefixCache | None = None,
         store: ExpertStore | None = None,
+        passes: CompiledPasses | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -72,6 +74,8 @@ class ContinuousBatchScheduler(DecodeEngine):
         self.prefill_step_size = prefill_step_size
         self.prefix_cache = prefix_cache
         self.store = store
+        self.passes = passes
+        """Compiled batched decode steps (``None``: built op by op)."""
         self._template = template
         self._waiting: deque[BatchSequence] = deque()
         self._prefilling: deque[BatchSequence] = deque()
@@ -200,6 +204,9 @@ class ContinuousBatchScheduler(DecodeEngine):
         """Queue one decode forward pass for ``rows``: ``[rows, vocab]`` logits."""
         self._read_before = self.store.bytes_read if self.store is not None else 0
         inputs = mx.concatenate([s.next_input for s in rows])[:, None]
+        if self.passes is not None:
+            out: mx.array = self.passes.batch_step(inputs, self._batch)[:, -1, :]
+            return out
         logits: mx.array = self.model(inputs, cache=self._batch)[:, -1, :]
         return logits
 

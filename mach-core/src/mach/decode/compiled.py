@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mach.cache.base import SequenceCache
+from mach.cache.batch_kv import BatchKVCache
 from mach.cache.kv import KVCache
 from mach.cache.traced_kv import TracedKVCache
 from mach.experts.dispatch import Dispatch
@@ -25,7 +26,7 @@ MAX_COMPILED_TOKENS = 64
 """The longest pass that runs compiled: decode steps, verify passes and draft blocks.
 Prompt chunks have too many lengths to be worth a trace each."""
 
-_Key = tuple[tuple[int, ...] | None, int, tuple[int, ...]]
+_Key = tuple[Any, ...]
 
 
 def compile_blocker() -> str | None:
@@ -68,17 +69,35 @@ def over_caches(function: Callable[..., Any]) -> Callable[..., Any]:
     after their offset, and ``keeps`` of them stay (the rest are a guess, like a draft block).
     """
 
-    def pure(offset: mx.array, buffers: list[tuple[mx.array, mx.array]], *inputs: Any) -> Any:
-        traced = [TracedKVCache(keys, values, offset) for keys, values in buffers]
-        out = function(traced, *inputs)
-        return out, [(layer.keys, layer.values) for layer in traced]
+    def traced(caches: list[TracedKVCache], inputs: tuple[Any, ...]) -> Any:
+        out = function(caches, *inputs)
+        return out, [(layer.keys, layer.values) for layer in caches]
 
-    compiled = mx.compile(pure)
+    def plain(start: mx.array, buffers: list[tuple[mx.array, mx.array]], *inputs: Any) -> Any:
+        return traced([TracedKVCache(keys, values, start) for keys, values in buffers], inputs)
 
-    def run(caches: list[KVCache], writes: int, keeps: int, *inputs: Any) -> Any:
+    def ragged(start: mx.array, positions: mx.array, padding: mx.array,
+               buffers: list[tuple[mx.array, mx.array]], *inputs: Any) -> Any:  # fmt: skip
+        return traced([TracedKVCache(keys, values, start, positions, padding)
+                       for keys, values in buffers], inputs)  # fmt: skip
+
+    compiled_plain, compiled_ragged = mx.compile(plain), mx.compile(ragged)
+
+    def run(caches: Sequence[KVCache | BatchKVCache], writes: int, keeps: int,
+            *inputs: Any) -> Any:  # fmt: skip
         buffers = [layer.reserve(writes) for layer in caches]
-        offset = mx.array(caches[0].offset, dtype=mx.int32)
-        out, written = compiled(offset, buffers, *inputs)
+        first = caches[0]
+        if isinstance(first, BatchKVCache):
+            # Every row's sequence ends at the buffer's ``length``: the rows write there.
+            out, written = compiled_ragged(
+                mx.array(first.length, dtype=mx.int32),
+                mx.array(first.positions, dtype=mx.int32),
+                mx.array(first.padding, dtype=mx.int32),
+                buffers,
+                *inputs,
+            )
+        else:
+            out, written = compiled_plain(mx.array(first.offset, dtype=mx.int32), buffers, *inputs)
         for layer, (keys, values) in zip(caches, written, strict=True):
             layer.commit(keys, values, keeps)
         return out
@@ -103,6 +122,7 @@ class CompiledPasses:
         self._functions: dict[tuple[int, ...] | None, Callable[..., Any]] = {}
         self._dispatch = [m for m in model.modules() if isinstance(m, Dispatch)]
         self._tallies: dict[_Key, list[dict[str, int]]] = {}
+        self._batched: Callable[..., Any] | None = None
         self.model_blocker = _host_work(model)
         """What in the model reads arrays on the host mid-pass (``None``: nothing)."""
 
@@ -133,6 +153,31 @@ class CompiledPasses:
         key = (taps, length, tuple(layer.reserve(length)[0].shape[2] for layer in layers))
         before = [m.counters() for m in self._dispatch] if key not in self._tallies else None
         out = self._function(taps)(layers, length, length, tokens)
+        self._tally(key, before)
+        self.compiled += 1
+        return out
+
+    def batch_step(self, tokens: mx.array, batch: Sequence[Any]) -> mx.array:
+        """``model(tokens [B, L], cache=batch)`` for a continuous batch's ``BatchCache``:
+        compiled when every layer is a ``BatchKVCache`` holding positions."""
+        layers = list(batch)
+        length = tokens.shape[1]
+        if (length > MAX_COMPILED_TOKENS or self.model_blocker is not None
+                or compile_blocker() is not None
+                or any(type(layer) is not BatchKVCache or layer.keys is None
+                       for layer in layers)):  # fmt: skip
+            out: mx.array = self.model(tokens, cache=batch)
+            return out
+        key = ("batch", *tokens.shape, tuple(layer.reserve(length)[0].shape[2] for layer in layers))
+        before = [m.counters() for m in self._dispatch] if key not in self._tallies else None
+        if self._batched is None:
+            model = self.model
+
+            def forward(caches: list[TracedKVCache], inputs: mx.array) -> Any:
+                return model(inputs, cache=caches)
+
+            self._batched = over_caches(forward)
+        out = self._batched(layers, length, length, tokens)
         self._tally(key, before)
         self.compiled += 1
         return out
@@ -179,13 +224,12 @@ def _host_work(model: nn.Module) -> str | None:
 
 def compile_report(passes: CompiledPasses | None, cache: Sequence[Any],
                    batched: bool = False) -> dict[str, Any]:  # fmt: skip
-    """Whether decode passes over ``cache`` run compiled, and if not (or not all), why."""
+    """Whether decode passes over ``cache`` (a batch of such caches when ``batched``) run
+    compiled, and if not (or not all), why."""
     if passes is None:
         reason: str | None = "compiling is off (--no-compile)"
-    elif batched:
-        reason = "batched decode steps run uncompiled"
     else:
         reason = passes.blocker(cache)
-    if reason is None and not steps_compile():
+    if reason is None and not steps_compile() and not batched:
         return {"compiled": True, "reason": STEPS_ON_CUDA}
     return {"compiled": reason is None, "reason": reason}

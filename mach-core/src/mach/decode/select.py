@@ -73,6 +73,7 @@ def build_engine(
         from mach.decode.batch_scheduler import ContinuousBatchScheduler
 
         return ContinuousBatchScheduler(model, tokenizer, loaded.cache.new, max_batch,
-                                        prefix_cache=prefix_cache, store=loaded.store)  # fmt: skip
+                                        prefix_cache=prefix_cache, store=loaded.store,
+                                        passes=loaded.passes)  # fmt: skip
     return TargetEngine(model, tokenizer, loaded.cache.new, prefix_cache=prefix_cache,
                         passes=loaded.passes)  # fmt: skip
