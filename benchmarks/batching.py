@@ -216,7 +216,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3, help="requests per client")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--prompt-words", type=int, default=8)
-    parser.add_argument("--budget-fraction", type=float, nargs="+", default=[0.5])
+    parser.add_argument("--budget-fraction", type=float, nargs="*", default=[0.5])
     parser.add_argument("--no-peer", action="store_true", help="skip mlx_lm.server")
     parser.add_argument("--no-resident", action="store_true", help="skip resident mach")
     parser.add_argument("--uncompiled", action="store_true",
