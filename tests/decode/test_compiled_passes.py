@@ -135,8 +135,8 @@ def test_what_runs_uncompiled_says_why() -> None:
         "compiled": False,
         "reason": "streamed experts are looked up on the host for every layer",
     }
-    hybrid = load_moe(FIXTURES / "qwen3_5_moe" / "hf-per-expert", dtype="float32")
-    assert "GDNCache" in str(compile_report(hybrid.passes, hybrid.cache)["reason"])
+    windowed = load_moe(FIXTURES / "gpt_oss" / "hf-float", dtype="float32")
+    assert "RotatingKVCache" in str(compile_report(windowed.passes, windowed.cache)["reason"])
     off = load_moe(QWEN / "hf-per-expert", compile=False)
     assert off.passes is None
     assert compile_report(off.passes, off.cache)["reason"] == "compiling is off (--no-compile)"
@@ -234,3 +234,29 @@ def test_compiled_batched_steps_match_each_sequence_alone() -> None:
         assert result.tokens == alone.generate(prompt, params).tokens
     assert passes.compiled > 0
     assert compile_report(passes, loaded.cache, batched=True) == {"compiled": True, "reason": None}
+
+
+def test_compiled_passes_through_gated_deltanet_layers_and_their_rollback() -> None:
+    """qwen3_5_moe: GDN states in and out of the graph, recorded per token for a verify pass."""
+    from mach.decode.speculative import _recording
+
+    loaded = load_moe(FIXTURES / "qwen3_5_moe" / "hf-per-expert", dtype="float32")
+    passes = loaded.passes
+    assert passes is not None and passes.blocker(loaded.cache) is None
+    rng = np.random.default_rng(13)
+    fast, slow = _prefilled(loaded, rng.integers(3, 200, size=12).tolist())
+    for rejected in (0, 2, 3, 0):
+        block = mx.array(rng.integers(3, 200, size=4).tolist(), mx.uint32)
+        for cache in (fast, slow):
+            _recording(cache, True)  # type: ignore[arg-type]
+        got = passes(block, fast)  # type: ignore[arg-type]
+        want = loaded.model(block[None], cache=slow)
+        np.testing.assert_allclose(np.array(got), np.array(want), atol=2e-5)
+        assert fast.trim(rejected) == slow.trim(rejected) == rejected  # type: ignore[attr-defined]
+        for cache in (fast, slow):
+            _recording(cache, False)  # type: ignore[arg-type]
+        step = mx.array([int(rng.integers(3, 200))], mx.uint32)
+        got = passes(step, fast)  # type: ignore[arg-type]
+        np.testing.assert_allclose(np.array(got), np.array(loaded.model(step[None], cache=slow)),
+                                   atol=2e-5)  # fmt: skip
+    assert passes.compiled == 8

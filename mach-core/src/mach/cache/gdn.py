@@ -85,3 +85,33 @@ class GDNCache:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.conv_state, self.state) if a is not None)
+
+
+class TracedGDNCache:
+    """Stands in for a ``GDNCache`` while a pass is traced for ``mx.compile``.
+
+    The layer reads and replaces the states as usual; ``written`` hands them out of the
+    graph, with each token's state while ``recording`` (a fixed part of the trace), and
+    ``GDNCache.update`` takes them in.
+    """
+
+    kind = "gdn"
+
+    def __init__(
+        self, conv_state: mx.array, state: mx.array, offset: mx.array, recording: bool
+    ) -> None:
+        self.conv_state: mx.array | None = conv_state
+        self.state: mx.array | None = state
+        self.offset = offset
+        self.recording = recording
+        self.steps: list[tuple[mx.array, mx.array]] = []
+
+    def update(self, conv_state: mx.array, state: mx.array, tokens: int,
+               steps: list[tuple[mx.array, mx.array]] | None = None) -> None:  # fmt: skip
+        self.conv_state, self.state = conv_state, state
+        if self.recording:
+            self.steps = list(steps) if steps else [(conv_state, state)]
+
+    def written(self) -> tuple[Any, ...]:
+        assert self.conv_state is not None and self.state is not None
+        return self.conv_state, self.state, self.steps

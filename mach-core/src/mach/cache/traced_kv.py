@@ -33,6 +33,9 @@ class TracedKVCache:
         self.padding = padding
         """Each row's leading positions that belong to no sequence (a batch), or ``None``."""
 
+    def written(self) -> tuple[mx.array, mx.array]:
+        return self.keys, self.values
+
     def write(self, keys: mx.array, values: mx.array) -> None:
         """Put ``keys`` / ``values`` ``[B, H, L, D]`` at the pass's positions."""
         start = self.start.reshape(1)

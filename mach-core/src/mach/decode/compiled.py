@@ -18,6 +18,7 @@ import mlx.nn as nn
 
 from mach.cache.base import SequenceCache
 from mach.cache.batch_kv import BatchKVCache
+from mach.cache.gdn import GDNCache, TracedGDNCache
 from mach.cache.kv import KVCache
 from mach.cache.traced_kv import TracedKVCache
 from mach.experts.dispatch import Dispatch
@@ -27,6 +28,7 @@ MAX_COMPILED_TOKENS = 64
 Prompt chunks have too many lengths to be worth a trace each."""
 
 _Key = tuple[Any, ...]
+Buffers = list[tuple[mx.array, mx.array]]
 
 
 def compile_blocker() -> str | None:
@@ -65,31 +67,55 @@ STEPS_ON_CUDA = "one-token steps run uncompiled on CUDA (its single-query attent
 def over_caches(function: Callable[..., Any]) -> Callable[..., Any]:
     """``function(traced_caches, *inputs)`` compiled, as ``run(caches, writes, keeps, *inputs)``.
 
-    ``caches`` are ``KVCache`` layers that hold positions; the pass writes ``writes`` positions
-    after their offset, and ``keeps`` of them stay (the rest are a guess, like a draft block).
+    ``caches`` are every layer's cache, holding positions: ``KVCache`` and ``GDNCache``
+    layers, or a batch's ``BatchKVCache`` rows. The pass writes ``writes`` positions after
+    their offset, and ``keeps`` of them stay (the rest are a guess, like a draft block). A
+    ``GDNCache`` that is recording (a verify pass) hands out each token's state as well.
     """
+    compiled: dict[tuple[bool, bool], Callable[..., Any]] = {}
+    layout: list[str] = []
 
-    def traced(caches: list[TracedKVCache], inputs: tuple[Any, ...]) -> Any:
+    def traced(start: mx.array, positions: mx.array | None, padding: mx.array | None,
+               buffers: list[tuple[mx.array, mx.array]], recording: bool,
+               inputs: tuple[Any, ...]) -> Any:  # fmt: skip
+        caches: list[Any] = [
+            TracedGDNCache(*arrays, start, recording) if kind == "gdn"
+            else TracedKVCache(*arrays, start, positions, padding)
+            for kind, arrays in zip(layout, buffers, strict=True)
+        ]  # fmt: skip
         out = function(caches, *inputs)
-        return out, [(layer.keys, layer.values) for layer in caches]
+        return out, [layer.written() for layer in caches]
 
-    def plain(start: mx.array, buffers: list[tuple[mx.array, mx.array]], *inputs: Any) -> Any:
-        return traced([TracedKVCache(keys, values, start) for keys, values in buffers], inputs)
+    def variant(ragged: bool, recording: bool) -> Callable[..., Any]:
+        # A Python flag is fixed when a graph is traced, so each setting has its own graph.
+        if (ragged, recording) not in compiled:
+            if ragged:
 
-    def ragged(start: mx.array, positions: mx.array, padding: mx.array,
-               buffers: list[tuple[mx.array, mx.array]], *inputs: Any) -> Any:  # fmt: skip
-        return traced([TracedKVCache(keys, values, start, positions, padding)
-                       for keys, values in buffers], inputs)  # fmt: skip
+                def pure(start: mx.array, positions: mx.array, padding: mx.array,
+                         buffers: Buffers, *inputs: Any) -> Any:  # fmt: skip
+                    return traced(start, positions, padding, buffers, recording, inputs)
 
-    compiled_plain, compiled_ragged = mx.compile(plain), mx.compile(ragged)
+                compiled[(ragged, recording)] = mx.compile(pure)
+            else:
 
-    def run(caches: Sequence[KVCache | BatchKVCache], writes: int, keeps: int,
-            *inputs: Any) -> Any:  # fmt: skip
-        buffers = [layer.reserve(writes) for layer in caches]
+                def plain(start: mx.array, buffers: Buffers, *inputs: Any) -> Any:
+                    return traced(start, None, None, buffers, recording, inputs)
+
+                compiled[(ragged, recording)] = mx.compile(plain)
+        return compiled[(ragged, recording)]
+
+    def run(caches: Sequence[Any], writes: int, keeps: int, *inputs: Any) -> Any:
+        kinds = ["gdn" if isinstance(layer, GDNCache) else "kv" for layer in caches]
+        if not layout:
+            layout.extend(kinds)
+        assert kinds == layout, "a compiled pass serves one model's layers"
+        buffers = [(layer.conv_state, layer.state) if isinstance(layer, GDNCache)
+                   else layer.reserve(writes) for layer in caches]  # fmt: skip
+        recording = any(getattr(layer, "recording", False) for layer in caches)
         first = caches[0]
         if isinstance(first, BatchKVCache):
             # Every row's sequence ends at the buffer's ``length``: the rows write there.
-            out, written = compiled_ragged(
+            out, written = variant(True, recording)(
                 mx.array(first.length, dtype=mx.int32),
                 mx.array(first.positions, dtype=mx.int32),
                 mx.array(first.padding, dtype=mx.int32),
@@ -97,9 +123,14 @@ def over_caches(function: Callable[..., Any]) -> Callable[..., Any]:
                 *inputs,
             )
         else:
-            out, written = compiled_plain(mx.array(first.offset, dtype=mx.int32), buffers, *inputs)
-        for layer, (keys, values) in zip(caches, written, strict=True):
-            layer.commit(keys, values, keeps)
+            start = mx.array(first.offset, dtype=mx.int32)
+            out, written = variant(False, recording)(start, buffers, *inputs)
+        for layer, state in zip(caches, written, strict=True):
+            if isinstance(layer, GDNCache):
+                conv_state, recurrent, steps = state
+                layer.update(conv_state, recurrent, writes, steps or None)
+            else:
+                layer.commit(*state, keeps)
         return out
 
     return run
@@ -130,7 +161,8 @@ class CompiledPasses:
         """Why passes over ``cache`` cannot run compiled, or ``None`` when they can."""
         if self.model_blocker is not None:
             return self.model_blocker
-        kinds = sorted({type(layer).__name__ for layer in cache if type(layer) is not KVCache})
+        kinds = sorted({type(layer).__name__ for layer in cache
+                        if type(layer) not in (KVCache, GDNCache)})  # fmt: skip
         if kinds:
             return f"layers with {', '.join(kinds)} run uncompiled"
         return compile_blocker()
@@ -141,16 +173,18 @@ class CompiledPasses:
         cache: SequenceCache,
         hidden_layers: Sequence[int] | None = None,
     ) -> Any:
-        layers: list[KVCache] = list(cache)  # type: ignore[arg-type]
+        layers: list[Any] = list(cache)
         length = tokens.shape[0]
         if (length > MAX_COMPILED_TOKENS or (length == 1 and not steps_compile())
                 or self.blocker(layers) is not None
-                or any(layer.keys is None for layer in layers)):  # fmt: skip
+                or not all(_holds(layer) for layer in layers)):  # fmt: skip
             if hidden_layers is None:
                 return self.model(tokens[None], cache=cache)
             return self.model(tokens[None], cache=cache, hidden_layers=hidden_layers)
         taps = tuple(hidden_layers) if hidden_layers is not None else None
-        key = (taps, length, tuple(layer.reserve(length)[0].shape[2] for layer in layers))
+        sizes = tuple(layer.recording if isinstance(layer, GDNCache)
+                      else layer.reserve(length)[0].shape[2] for layer in layers)  # fmt: skip
+        key = (taps, length, sizes)
         before = [m.counters() for m in self._dispatch] if key not in self._tallies else None
         out = self._function(taps)(layers, length, length, tokens)
         self._tally(key, before)
@@ -233,3 +267,10 @@ def compile_report(passes: CompiledPasses | None, cache: Sequence[Any],
     if reason is None and not steps_compile() and not batched:
         return {"compiled": True, "reason": STEPS_ON_CUDA}
     return {"compiled": reason is None, "reason": reason}
+
+
+def _holds(layer: Any) -> bool:
+    """Whether a layer's cache already holds state a compiled pass can take in."""
+    if isinstance(layer, GDNCache):
+        return layer.conv_state is not None and layer.state is not None
+    return getattr(layer, "keys", None) is not None
