@@ -61,10 +61,14 @@ def mach_engine(
     return once
 
 
-def compare_decode(path: Path, prompt: list[int], tokens: int, title: str, rounds: int) -> None:
-    """mlx-lm and mach on one checkpoint, alternating round by round; print the table."""
+def compare_decode(path: Path, prompt: list[int], tokens: int, title: str, rounds: int,
+                   uncompiled: bool = False) -> None:  # fmt: skip
+    """mlx-lm and mach (and, with ``uncompiled``, mach building every step op by op) on one
+    checkpoint, alternating round by round; print the table."""
     engines = [("mlx-lm", mlx_lm_engine(path, prompt, tokens)),
                ("mach", mach_engine(path, prompt, tokens))]  # fmt: skip
+    if uncompiled:
+        engines.append(("mach uncompiled", mach_engine(path, prompt, tokens, compile=False)))
     results = alternate(engines, rounds)
     report(results, "mlx-lm", f"{title}  prompt {len(prompt)}  decode {tokens}")
 
@@ -99,9 +103,10 @@ def run_synthetic(
     parser.add_argument("--prompt-tokens", type=int, default=prompt_tokens)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--uncompiled", action="store_true", help="also mach with --no-compile")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         with seeded(0):
             path = write_model(Path(tmp) / "model")
         prompt = np.random.default_rng(0).integers(0, 256, args.prompt_tokens).tolist()
-        compare_decode(path, prompt, args.tokens, title, args.rounds)
+        compare_decode(path, prompt, args.tokens, title, args.rounds, args.uncompiled)
