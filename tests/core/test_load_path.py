@@ -109,6 +109,7 @@ def test_loaded_model_unpacks_and_carries_the_plan() -> None:
         ({"streaming": False, "expert_residency": "streaming"}, "contradicts"),
         ({"verify_experts": 1}, "verify_experts must be True or False"),
         ({"prewarm": "yes"}, "prewarm must be True or False"),
+        ({"compile": "no"}, "compile must be True or False"),
         ({"arch": ""}, "arch must be an architecture key"),
         ({"prefil": "resident"}, "unknown load option(s) prefil"),
     ],

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -364,7 +364,9 @@ class SpecDecEngine(DecodeEngine):
 
         compiled_before = self.passes.compiled if self.passes is not None else 0
         generated = 0
-        pending, newest = [last], last
+        # What the last pass committed: a drafted pass's list, or a stretch of plain passes.
+        pending: Iterable[int] = [last]
+        newest = last
         stats.target_passes = 1  # the pass that ended the prompt gave ``last``
         while True:
             stopped = False
@@ -387,22 +389,10 @@ class SpecDecEngine(DecodeEngine):
             if not drafting:
                 # Plain passes run like target-only decoding: the next one is queued before
                 # this one's token is read, so the host never waits for the device.
-                for token in self._plain_passes(newest, cache, sampler, stats,
-                                                params.max_tokens - generated):  # fmt: skip
-                    generated += 1
-                    newest = token
-                    event = output.event(token)
-                    stopped = event is None
-                    if event is not None:
-                        yield event
-                        stopped = output.stopped or generated >= params.max_tokens
-                    if stopped:
-                        break
-                if stopped:
-                    break
-                pending = []
+                pending = self._plain_passes(newest, cache, sampler, stats,
+                                             params.max_tokens - generated)  # fmt: skip
                 continue
-            k = min(self.k, params.max_tokens - generated - 1) if drafting else 0
+            k = min(self.k, params.max_tokens - generated - 1)
             draft = self.drafter.propose(k, sampler, self.gate) if k > 0 else Draft([], None, [])
             verify = draft.verify_tokens(newest)
             _recording(cache, True)
