@@ -10,16 +10,22 @@ Part 2, a needle for one attention head: among T keys one is aligned with the qu
 an output closest to that key's value. (The embedded default model is too small to recall a
 planted line at all, so retrieval is measured where it happens: in attention.)
 
-    uv run python benchmarks/kv_quant.py [--contexts 1024 4096 16384] [--rounds 3]
+    uv run python benchmarks/kv_quant.py [--contexts 1024 4096 16384] [--rounds 3] [--portable]
+
+On a CUDA GPU TurboQuant decodes through kernels that read the codes; ``--portable`` adds rows
+for the path that expands them at every step (``MACH_TURBOQUANT_KERNEL=0``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +53,22 @@ SYNTHETIC = {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 
              "max_position_embeddings": 32768}  # fmt: skip
 
 
+PORTABLE = " portable"
+
+
+@contextlib.contextmanager
+def path_for(name: str) -> Iterator[None]:
+    """The portable TurboQuant path for the rows named ``... portable``."""
+    if not name.endswith(PORTABLE):
+        yield
+        return
+    os.environ["MACH_TURBOQUANT_KERNEL"] = "0"
+    try:
+        yield
+    finally:
+        del os.environ["MACH_TURBOQUANT_KERNEL"]
+
+
 def kv_bytes(cache: Any) -> int:
     return sum(getattr(c, "stored_bytes", None) or _kv_held(c) for c in cache)
 
@@ -64,10 +86,14 @@ def first_attention(model: Any, cache: Any, token: mx.array) -> mx.array:
     return layer.self_attn(layer.input_layernorm(h), cache=cache[0])
 
 
-def synthetic(contexts: list[int], rounds: int, tokens: int) -> None:
+def synthetic(contexts: list[int], rounds: int, tokens: int, portable: bool) -> None:
     root = Path(tempfile.mkdtemp(prefix="mach-kvq-"))
     path = write_random_qwen3_moe(root / "model", SYNTHETIC)
-    loaded = {name: load_moe(path, **opts) for name, opts in FORMATS.items()}
+    formats = dict(FORMATS)
+    if portable:
+        formats |= {name + PORTABLE: opts for name, opts in FORMATS.items()
+                    if name.startswith("turboquant")}  # fmt: skip
+    loaded = {name: load_moe(path, **opts) for name, opts in formats.items()}
     print(f"{mx.default_device()}  random qwen3_moe {SYNTHETIC['num_hidden_layers']} layers, "
           f"head_dim 128, {SYNTHETIC['num_key_value_heads']} KV heads; decode {tokens} tokens, "
           f"{rounds} rounds")  # fmt: skip
@@ -84,21 +110,23 @@ def synthetic(contexts: list[int], rounds: int, tokens: int) -> None:
             for start in range(0, context - 1, 2048):
                 mx.eval(model.model(prompt[:, start : min(start + 2048, context - 1)],
                                     cache=probe))  # fmt: skip
-            attn[name] = first_attention(model.model, probe, prompt[:, -1:])
-            logits[name] = model.model(prompt[:, -1:], cache=cache)[0, -1].astype(mx.float32)
-            mx.eval(logits[name], attn[name])
+            with path_for(name):
+                attn[name] = first_attention(model.model, probe, prompt[:, -1:])
+                logits[name] = model.model(prompt[:, -1:], cache=cache)[0, -1].astype(mx.float32)
+                mx.eval(logits[name], attn[name])
             caches[name] = cache
         speed: dict[str, list[float]] = {name: [] for name in loaded}
         for round_ in range(rounds):
             order = list(loaded) if round_ % 2 == 0 else list(reversed(loaded))
             for name in order:
                 cache, token = caches[name], mx.array([[5]])
-                start = time.perf_counter()
-                for _ in range(tokens):
-                    out = loaded[name].model(token, cache=cache)
-                    token = mx.argmax(out[:, -1], axis=-1)[:, None]
-                    mx.eval(token)
-                speed[name].append(tokens / (time.perf_counter() - start))
+                with path_for(name):
+                    start = time.perf_counter()
+                    for _ in range(tokens):
+                        out = loaded[name].model(token, cache=cache)
+                        token = mx.argmax(out[:, -1], axis=-1)[:, None]
+                        mx.eval(token)
+                    speed[name].append(tokens / (time.perf_counter() - start))
                 for layer in cache:
                     layer.trim(tokens)
         ref = logits["full"]
@@ -182,8 +210,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--needle-trials", type=int, default=50)
     parser.add_argument("--no-needle", action="store_true")
+    parser.add_argument("--portable", action="store_true",
+                        help="add TurboQuant rows that expand the codes at every step")  # fmt: skip
     args = parser.parse_args()
-    synthetic(args.contexts, args.rounds, args.tokens)
+    synthetic(args.contexts, args.rounds, args.tokens, args.portable)
     if not args.no_needle:
         needle(args.needle_trials, args.contexts)
 

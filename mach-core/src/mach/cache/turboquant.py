@@ -20,6 +20,7 @@ import numpy as np
 from mach.cache.affine_kv import compute_dtype
 from mach.cache.positions import AppendOnlyPositions
 from mach.cache.snapshot import LayerState, check_kind, present
+from mach.cache.turboquant_kernels import FUSED_BLOCK, fused_attention, fused_available
 
 BITS = (2, 3, 4)
 LLOYD_ITERATIONS = 400
@@ -198,12 +199,16 @@ class TurboQuantKVCache(AppendOnlyPositions):
     def attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float,
                mask: str | mx.array | None, sinks: mx.array | None = None) -> mx.array:  # fmt: skip
         """Append the new keys and values, then attention of ``queries`` over every stored
-        position, computed in the rotated space."""
+        position, computed in the rotated space (on a CUDA GPU, by kernels that read the codes
+        for decode-sized blocks)."""
         self.update(keys, values)
         kc, vc = self.codecs(keys.shape[-1])
         assert self.k_codes is not None and self.v_codes is not None
         assert self.k_norms is not None and self.v_norms is not None
         end = self._offset
+        stored = (self.k_codes, self.k_norms, self.v_codes, self.v_norms)
+        if queries.shape[2] <= FUSED_BLOCK and not isinstance(mask, mx.array) and fused_available():
+            return fused_attention(queries, (kc, vc), stored, end, scale, mask == "causal", sinks)
         dtype = compute_dtype(queries.dtype)
         k_rot = kc.decode_rotated(self.k_codes[:, :, :end], self.k_norms[:, :, :end])
         v_rot = vc.decode_rotated(self.v_codes[:, :, :end], self.v_norms[:, :, :end])
