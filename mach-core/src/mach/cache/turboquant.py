@@ -20,7 +20,13 @@ import numpy as np
 from mach.cache.affine_kv import compute_dtype
 from mach.cache.positions import AppendOnlyPositions
 from mach.cache.snapshot import LayerState, check_kind, present
-from mach.cache.turboquant_kernels import FUSED_BLOCK, fused_attention, fused_available
+from mach.cache.turboquant_kernels import (
+    FUSED_BLOCK,
+    encode,
+    fits,
+    fused_attention,
+    fused_available,
+)
 
 BITS = (2, 3, 4)
 LLOYD_ITERATIONS = 400
@@ -103,22 +109,25 @@ class TurboQuantCodec:
         """``Πᵀy``."""
         return mx.hadamard_transform(y.astype(mx.float32)) * self.signs
 
-    def encode(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        """``(packed uint32 [..., words], corrected norm float32 [...])`` of ``x [..., dim]``."""
+    def encode(self, x: mx.array) -> mx.array:
+        """Packed rows ``uint32 [..., words + 1]`` of ``x [..., dim]``: the centroid indices,
+        then the float32 bits of the norm, corrected so the rebuilt vector keeps its length."""
         norm = mx.linalg.norm(x.astype(mx.float32), axis=-1)
         unit = self.rotate(x) / mx.maximum(norm, 1e-12)[..., None]
         idx = (unit[..., None] > self.thresholds).sum(axis=-1).astype(mx.uint32)
         rebuilt = mx.linalg.norm(self.centroids[idx], axis=-1)
-        return self.pack(idx), norm / mx.maximum(rebuilt, 1e-12)
+        corrected = norm / mx.maximum(rebuilt, 1e-12)
+        return mx.concatenate([self.pack(idx), mx.view(corrected, mx.uint32)[..., None]], axis=-1)
 
-    def decode_rotated(self, packed: mx.array, norm: mx.array) -> mx.array:
-        """The vectors in the rotated space, ``n · c[idx]`` (``[..., dim]`` float32)."""
+    def decode_rotated(self, rows: mx.array) -> mx.array:
+        """The vectors of packed ``rows`` in the rotated space, ``n · c[idx]`` (float32)."""
+        packed, norm = rows[..., :-1], mx.view(rows[..., -1], mx.float32)
         runs = (packed[..., None] >> self._run_shifts) & self._run_mask
         values = self._table[runs].reshape(*packed.shape[:-1], -1)[..., : self.dim]
         return values * norm[..., None]
 
-    def decode(self, packed: mx.array, norm: mx.array) -> mx.array:
-        return self.unrotate(self.decode_rotated(packed, norm))
+    def decode(self, rows: mx.array) -> mx.array:
+        return self.unrotate(self.decode_rotated(rows))
 
     def pack(self, idx: mx.array) -> mx.array:
         if self._pad:
@@ -131,12 +140,17 @@ class TurboQuantCodec:
         idx = (packed[..., None] >> self._shifts) & mask
         return idx.reshape(*packed.shape[:-1], self.words * self.per_word)[..., : self.dim]
 
+    @property
+    def row_words(self) -> int:
+        """uint32 words per stored vector: its codes and its norm."""
+        return self.words + 1
+
     def nbytes_per_vector(self) -> int:
-        return 4 * self.words + 4
+        return 4 * self.row_words
 
 
 KEY_SEED, VALUE_SEED = 0x7B5EED, 0x7B5EEE
-STATE = ("k_codes", "k_norms", "v_codes", "v_norms")
+STATE = ("k_rows", "v_rows")
 
 
 def _grow(held: mx.array | None, new_shape: tuple[int, ...], dtype: mx.Dtype, used: int,
@@ -154,8 +168,10 @@ def _grow(held: mx.array | None, new_shape: tuple[int, ...], dtype: mx.Dtype, us
 class TurboQuantKVCache(AppendOnlyPositions):
     """A full-attention layer's keys and values as TurboQuant codes (``bits`` per coordinate).
 
-    Every position is quantized as it is written, so prefill, decode and a prefix restored from
-    the cache all attend over the same stored codes.
+    ``k_rows`` and ``v_rows`` (``uint32 [B, H, positions, words + 1]``) hold one packed row
+    per head vector, its norm in the last word, so a write is one update per tensor and a
+    step reads one buffer per tensor. Every position is quantized as it is written, so
+    prefill, decode and a prefix restored from the cache all attend over the same codes.
     """
 
     label = "TurboQuant cache"
@@ -166,10 +182,8 @@ class TurboQuantKVCache(AppendOnlyPositions):
         lloyd_max(bits)  # checks bits
         self.bits = bits
         self._offset = 0
-        self.k_codes: mx.array | None = None
-        self.k_norms: mx.array | None = None
-        self.v_codes: mx.array | None = None
-        self.v_norms: mx.array | None = None
+        self.k_rows: mx.array | None = None
+        self.v_rows: mx.array | None = None
         self._codecs: tuple[TurboQuantCodec, TurboQuantCodec] | None = None
 
     def codecs(self, dim: int) -> tuple[TurboQuantCodec, TurboQuantCodec]:
@@ -184,16 +198,15 @@ class TurboQuantKVCache(AppendOnlyPositions):
         if new == 0:
             return
         prev, end = self._offset, self._offset + new
-        k_codes, k_norms = kc.encode(keys)
-        v_codes, v_norms = vc.encode(values)
-        self.k_codes = _grow(self.k_codes, (b, h, 0, kc.words), mx.uint32, prev, end, self.step)
-        self.v_codes = _grow(self.v_codes, (b, h, 0, vc.words), mx.uint32, prev, end, self.step)
-        self.k_norms = _grow(self.k_norms, (b, h, 0), mx.float32, prev, end, self.step)
-        self.v_norms = _grow(self.v_norms, (b, h, 0), mx.float32, prev, end, self.step)
-        self.k_codes[:, :, prev:end] = k_codes
-        self.v_codes[:, :, prev:end] = v_codes
-        self.k_norms[:, :, prev:end] = k_norms
-        self.v_norms[:, :, prev:end] = v_norms
+        if fused_available() and fits(kc.dim, end):
+            k_rows, v_rows = encode(keys, values, (kc, vc))
+        else:
+            k_rows, v_rows = kc.encode(keys), vc.encode(values)
+        shape = (b, h, 0, kc.row_words)
+        self.k_rows = _grow(self.k_rows, shape, mx.uint32, prev, end, self.step)
+        self.v_rows = _grow(self.v_rows, shape, mx.uint32, prev, end, self.step)
+        self.k_rows[:, :, prev:end] = k_rows
+        self.v_rows[:, :, prev:end] = v_rows
         self._offset = end
 
     def attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float,
@@ -203,15 +216,15 @@ class TurboQuantKVCache(AppendOnlyPositions):
         for decode-sized blocks)."""
         self.update(keys, values)
         kc, vc = self.codecs(keys.shape[-1])
-        assert self.k_codes is not None and self.v_codes is not None
-        assert self.k_norms is not None and self.v_norms is not None
+        assert self.k_rows is not None and self.v_rows is not None
         end = self._offset
-        stored = (self.k_codes, self.k_norms, self.v_codes, self.v_norms)
-        if queries.shape[2] <= FUSED_BLOCK and not isinstance(mask, mx.array) and fused_available():
-            return fused_attention(queries, (kc, vc), stored, end, scale, mask == "causal", sinks)
+        if (queries.shape[2] <= FUSED_BLOCK and not isinstance(mask, mx.array)
+                and fits(kc.dim, end) and fused_available()):  # fmt: skip
+            return fused_attention(queries, (kc, vc), (self.k_rows, self.v_rows), end, scale,
+                                   mask == "causal", sinks)  # fmt: skip
         dtype = compute_dtype(queries.dtype)
-        k_rot = kc.decode_rotated(self.k_codes[:, :, :end], self.k_norms[:, :, :end])
-        v_rot = vc.decode_rotated(self.v_codes[:, :, :end], self.v_norms[:, :, :end])
+        k_rot = kc.decode_rotated(self.k_rows[:, :, :end])
+        v_rot = vc.decode_rotated(self.v_rows[:, :, :end])
         out = mx.fast.scaled_dot_product_attention(
             kc.rotate(queries).astype(dtype), k_rot.astype(dtype), v_rot.astype(dtype),
             scale=scale, mask=mask, sinks=sinks,
@@ -220,21 +233,16 @@ class TurboQuantKVCache(AppendOnlyPositions):
 
     def dequantized(self) -> tuple[mx.array, mx.array]:
         """Keys and values as attention sees them, back in the model's space (for tests)."""
-        assert self.k_codes is not None and self.v_codes is not None
-        assert self.k_norms is not None and self.v_norms is not None
+        assert self.k_rows is not None and self.v_rows is not None
         kc, vc = self._codecs or self.codecs(0)
         end = self._offset
-        return (kc.decode(self.k_codes[:, :, :end], self.k_norms[:, :, :end]),
-                vc.decode(self.v_codes[:, :, :end], self.v_norms[:, :, :end]))  # fmt: skip
+        return kc.decode(self.k_rows[:, :, :end]), vc.decode(self.v_rows[:, :, :end])
 
     def export_state(self) -> LayerState:
         end = self._offset
         arrays = {}
-        if end and self.k_codes is not None:
-            assert self.k_norms is not None and self.v_codes is not None
-            assert self.v_norms is not None
-            held = (self.k_codes, self.k_norms, self.v_codes, self.v_norms)
-            arrays = {n: a[:, :, :end] for n, a in zip(STATE, held, strict=True)}
+        if end and self.k_rows is not None and self.v_rows is not None:
+            arrays = {"k_rows": self.k_rows[:, :, :end], "v_rows": self.v_rows[:, :, :end]}
         dim = self._codecs[0].dim if self._codecs is not None else 0
         return LayerState(self.kind, present(**arrays),
                           {"offset": end, "bits": self.bits, "head_dim": dim})  # fmt: skip
@@ -245,38 +253,34 @@ class TurboQuantKVCache(AppendOnlyPositions):
             raise ValueError(f"a {state.meta['bits']}-bit TurboQuant state cannot load into a "
                              f"{self.bits}-bit cache")  # fmt: skip
         self._offset = end = int(state.meta["offset"])
-        self.k_codes = self.k_norms = self.v_codes = self.v_norms = None
+        self.k_rows = self.v_rows = None
         if not end:
             return
         self.codecs(int(state.meta["head_dim"]))
-        a = state.arrays
-        b, h = a["k_codes"].shape[:2]
         # Copied into fresh buffers, so later writes never reach the stored snapshot.
-        for name in ("k_codes", "k_norms", "v_codes", "v_norms"):
-            held = _grow(None, (b, h, 0, *a[name].shape[3:]), a[name].dtype, 0, end, self.step)
-            held[:, :, :end] = a[name]
+        for name in STATE:
+            rows = state.arrays[name]
+            held = _grow(None, (*rows.shape[:2], 0, rows.shape[3]), rows.dtype, 0, end, self.step)
+            held[:, :, :end] = rows
             setattr(self, name, held)
 
     @property
     def state(self) -> tuple[mx.array, ...] | None:
-        if self.k_codes is None:
+        if self.k_rows is None or self.v_rows is None:
             return None
-        return tuple(getattr(self, n)[:, :, : self._offset] for n in
-                     ("k_codes", "k_norms", "v_codes", "v_norms"))  # fmt: skip
+        return self.k_rows[:, :, : self._offset], self.v_rows[:, :, : self._offset]
 
     @property
     def nbytes(self) -> int:
-        held = [self.k_codes, self.k_norms, self.v_codes, self.v_norms]
-        return sum(a.nbytes for a in held if a is not None)
+        return sum(a.nbytes for a in (self.k_rows, self.v_rows) if a is not None)
 
     @property
     def stored_bytes(self) -> int:
         """Bytes of the positions held (``nbytes`` counts the grown buffers)."""
-        if self._codecs is None:
+        if self._codecs is None or self.k_rows is None:
             return 0
         per = sum(c.nbytes_per_vector() for c in self._codecs)
-        assert self.k_codes is not None
-        return per * self.k_codes.shape[0] * self.k_codes.shape[1] * self._offset
+        return per * self.k_rows.shape[0] * self.k_rows.shape[1] * self._offset
 
 
 @cache
