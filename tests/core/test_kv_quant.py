@@ -14,7 +14,9 @@ import pytest
 
 from mach import load_moe
 from mach.cache.affine_kv import AffineKVCache
-from mach.cache.batch import batch_support
+from mach.cache.base import SequenceCache
+from mach.cache.batch import BatchCache, batch_support
+from mach.cache.batch_turboquant import BatchTurboQuantCache
 from mach.cache.kv import KVCache
 from mach.cache.prefix import PrefixCache
 from mach.cache.turboquant import TurboQuantCodec, TurboQuantKVCache, distortion, lloyd_max
@@ -210,9 +212,13 @@ def test_the_load_option_swaps_full_attention_caches_only() -> None:
     loaded = load_moe(default_model_path(), kv_bits=3)
     assert all(type(c) is TurboQuantKVCache for c in loaded.cache.new())
     assert all(type(c) is KVCache for c in load_moe(default_model_path()).cache.new())
-    reason = batch_support(loaded.cache.layers)
-    assert reason is not None and "TurboQuantKVCache (turboquant)" in reason
-    assert type(build_engine(loaded, draft=False, max_batch=8)).__name__ == "TargetEngine"
+    assert batch_support(loaded.cache.layers) is None
+    batched = build_engine(loaded, draft=False, max_batch=8)
+    assert type(batched).__name__ == "ContinuousBatchScheduler"
+    affine = load_moe(default_model_path(), kv_bits=8, kv_format="affine")
+    reason = batch_support(affine.cache.layers)
+    assert reason is not None and "AffineKVCache (affine_kv)" in reason
+    assert type(build_engine(affine, draft=False, max_batch=8)).__name__ == "TargetEngine"
 
 
 @pytest.mark.parametrize(("options", "words"), [
@@ -278,3 +284,50 @@ def test_the_run_table_expands_codes_exactly(bits: int, dim: int) -> None:
     norm = mx.view(rows[..., -1], mx.float32)
     one_by_one = codec.centroids[codec.unpack(rows[..., :-1])] * norm[..., None]
     assert mx.array_equal(codec.decode_rotated(rows), one_by_one).item()
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_a_batch_attends_each_row_over_its_own_codes(bits: int) -> None:
+    """Rows of ragged lengths, left-padded in the batch, read what they read alone."""
+    lengths, dim = (7, 30, 1), 64
+    alone = [TurboQuantKVCache(bits) for _ in lengths]
+    for i, (cache, n) in enumerate(zip(alone, lengths, strict=True)):
+        cache.update(vectors((1, 2, n, dim), 10 + i), vectors((1, 2, n, dim), 20 + i))
+    batch = BatchCache(SequenceCache([alone[0]]))
+    for cache in alone:
+        batch.add(SequenceCache([cache]))
+    assert batch.layers[0].padding == [23, 0, 29]
+    for step in range(2):
+        q = vectors((3, 4, 1, dim), 30 + step, outliers=False)
+        k, v = vectors((3, 2, 1, dim), 40 + step), vectors((3, 2, 1, dim), 50 + step)
+        together = attend(q, k, v, batch[0], 0.125)
+        for row, cache in enumerate(alone):
+            by_itself = attend(q[row : row + 1], k[row : row + 1], v[row : row + 1], cache, 0.125)
+            np.testing.assert_allclose(np.array(together[row : row + 1]), np.array(by_itself),
+                                       atol=2e-6)  # fmt: skip
+    batch.keep([2, 0])
+    q = vectors((2, 4, 1, dim), 60, outliers=False)
+    k, v = vectors((2, 2, 1, dim), 61), vectors((2, 2, 1, dim), 62)
+    together = attend(q, k, v, batch[0], 0.125)
+    for row, cache in enumerate((alone[2], alone[0])):
+        by_itself = attend(q[row : row + 1], k[row : row + 1], v[row : row + 1], cache, 0.125)
+        np.testing.assert_allclose(np.array(together[row : row + 1]), np.array(by_itself),
+                                   atol=2e-6)  # fmt: skip
+
+
+def test_batched_turboquant_decoding_equals_one_at_a_time() -> None:
+    loaded = load_moe(default_model_path(), kv_bits=3)
+    engine = TargetEngine(loaded.model, loaded.tokenizer, loaded.cache.new)
+    scheduler = build_engine(loaded, draft=False, max_batch=4)
+    assert loaded.tokenizer is not None
+    texts = ("import os\n", "def main(argv):\n    ", "class Cache:\n    def __init__")
+    inputs = [loaded.tokenizer.encode(t) for t in texts]
+    want = [engine.generate(p, SamplingParams(max_tokens=10)).tokens for p in inputs]
+    got = scheduler.generate_batch(inputs, [SamplingParams(max_tokens=10)] * 3)  # type: ignore[attr-defined]
+    assert [g.tokens for g in got] == want
+
+
+def test_a_batch_refuses_a_row_of_other_bits() -> None:
+    batch = BatchTurboQuantCache(3)
+    with pytest.raises(ValueError, match="4-bit TurboQuant cache cannot join a 3-bit batch"):
+        batch.add_row(TurboQuantKVCache(4))

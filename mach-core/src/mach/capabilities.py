@@ -18,8 +18,9 @@ OFF_TOGETHER: dict[str, str] = {
         "a drafting engine decodes one sequence at a time: where requests can batch, mach "
         "serve batches them and drafts only when asked (--draft, or --max-batch 1)"
     ),
-    "continuous_batching+quantized_kv": (
-        "quantized KV caches have no batched form: with --kv-bits, requests decode one at a time"
+    "continuous_batching+affine_kv": (
+        "affine KV caches have no batched form: with --kv-format affine, requests decode one at "
+        "a time (TurboQuant, the default --kv-bits format, batches)"
     ),
 }
 """Pairs of features that each work but not at once, with what happens instead."""

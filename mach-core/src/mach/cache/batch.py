@@ -2,7 +2,8 @@
 
 A sequence prefills alone in its own ``SequenceCache``, then joins a batch with ``add``; a
 finished or cancelled one leaves with ``keep``. Only cache kinds with a batched form join:
-full-attention KV, sliding-window KV that keeps no prefix, and Gated DeltaNet state.
+full-attention KV (full precision or TurboQuant), sliding-window KV that keeps no prefix, and
+Gated DeltaNet state.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from typing import Any
 from mach.cache.base import LayerCache, SequenceCache
 from mach.cache.batch_gdn import BatchGDNCache
 from mach.cache.batch_kv import BatchKVCache, BatchRotatingKVCache
+from mach.cache.batch_turboquant import BatchTurboQuantCache
 from mach.cache.gdn import GDNCache
 from mach.cache.kv import KVCache
 from mach.cache.rotating import RotatingKVCache
+from mach.cache.turboquant import TurboQuantKVCache
 
-BatchLayerCache = BatchKVCache | BatchRotatingKVCache | BatchGDNCache
+BatchLayerCache = BatchKVCache | BatchRotatingKVCache | BatchGDNCache | BatchTurboQuantCache
 
 
 def batch_support(layers: Sequence[Any]) -> str | None:
@@ -28,7 +31,7 @@ def batch_support(layers: Sequence[Any]) -> str | None:
     """
     blocked = []
     for layer in layers:
-        if type(layer) in (KVCache, GDNCache):
+        if type(layer) in (KVCache, GDNCache, TurboQuantKVCache):
             continue
         if type(layer) is RotatingKVCache and getattr(layer, "keep", 0) == 0:
             continue
@@ -44,6 +47,8 @@ def _batched(layer: LayerCache) -> BatchLayerCache:
         return BatchRotatingKVCache(layer.window)
     if isinstance(layer, GDNCache):
         return BatchGDNCache()
+    if isinstance(layer, TurboQuantKVCache):
+        return BatchTurboQuantCache(layer.bits)
     return BatchKVCache()
 
 

@@ -22,7 +22,7 @@ def _left_pad(x: mx.array, length: int) -> mx.array:
     return mx.pad(x, widths)
 
 
-def _visible(padding: list[int], queries: int, keys: int, window: int | None) -> mx.array:
+def visible_rows(padding: list[int], queries: int, keys: int, window: int | None) -> mx.array:
     """``[B, 1, queries, keys]``: not padding, not later than the query, within ``window``.
 
     Queries sit at the end of the key sequence (the last ``queries`` positions).
@@ -36,7 +36,7 @@ def _visible(padding: list[int], queries: int, keys: int, window: int | None) ->
     return allowed[None, None] & (k[None, None] >= pad)
 
 
-class _RaggedRows:
+class RaggedRows:
     """Keys and values ``[B, H, T, D]`` with per-row left padding; what both caches share.
 
     The buffers may hold spare positions past the ``length`` in use, so that appending a
@@ -140,7 +140,7 @@ class _RaggedRows:
         return sum(a.nbytes for a in (self.keys, self.values) if a is not None)
 
 
-class BatchKVCache(_RaggedRows):
+class BatchKVCache(RaggedRows):
     """Full attention of a batch: every position of every row is kept."""
 
     kind = "kv"
@@ -178,11 +178,11 @@ class BatchKVCache(_RaggedRows):
         self._append(keys, values, spare=True)
         held = self.held()
         assert held is not None
-        mask = _visible(self.padding, keys.shape[2], self.length, window)
+        mask = visible_rows(self.padding, keys.shape[2], self.length, window)
         return held[0], held[1], mask
 
 
-class BatchRotatingKVCache(_RaggedRows):
+class BatchRotatingKVCache(RaggedRows):
     """Sliding-window attention of a batch: each row holds its last ``window - 1`` positions."""
 
     kind = "rotating"
@@ -205,7 +205,7 @@ class BatchRotatingKVCache(_RaggedRows):
         self._append(keys, values, spare=False)
         held = self.held()
         assert held is not None
-        mask = _visible(self.padding, keys.shape[2], self.length, self.window)
+        mask = visible_rows(self.padding, keys.shape[2], self.length, self.window)
         drop = max(0, self.length - (self.window - 1))
         if drop:
             self._set(held[0][:, :, drop:], held[1][:, :, drop:])

@@ -18,6 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from mach.cache.affine_kv import compute_dtype
+from mach.cache.batch_kv import visible_rows
 from mach.cache.positions import AppendOnlyPositions
 from mach.cache.snapshot import LayerState, check_kind, present
 from mach.cache.turboquant_kernels import (
@@ -150,6 +151,59 @@ class TurboQuantCodec:
 
 
 KEY_SEED, VALUE_SEED = 0x7B5EED, 0x7B5EEE
+
+
+def codecs_for(dim: int, bits: int) -> tuple[TurboQuantCodec, TurboQuantCodec]:
+    """The key and value codecs of every TurboQuant cache of ``bits`` with heads of ``dim``."""
+    return _codec(dim, bits, KEY_SEED), _codec(dim, bits, VALUE_SEED)
+
+
+def encode_rows(keys: mx.array, values: mx.array,
+                codecs: tuple[TurboQuantCodec, TurboQuantCodec],
+                positions: int) -> tuple[mx.array, mx.array]:  # fmt: skip
+    """Packed rows of ``[B, H, L, D]`` keys and values for a cache that will hold
+    ``positions``: by the encode kernel on a CUDA GPU, else by MLX ops."""
+    kc, vc = codecs
+    if fused_available() and fits(kc.dim, positions):
+        k_rows, v_rows = encode(keys, values, codecs)
+        return k_rows, v_rows
+    return kc.encode(keys), vc.encode(values)
+
+
+def attend_rows(
+    queries: mx.array,
+    codecs: tuple[TurboQuantCodec, TurboQuantCodec],
+    stored: tuple[mx.array, mx.array],
+    positions: int,
+    scale: float,
+    mask: str | None,
+    sinks: mx.array | None,
+    padding: list[int] | None = None,
+) -> mx.array:
+    """Attention of ``queries`` over the first ``positions`` of packed ``(k_rows, v_rows)``,
+    in the rotated space; ``padding`` hides each batch row's leading positions.
+
+    Decode-sized blocks on a CUDA GPU take the kernels, which read the rows in place; other
+    blocks expand the rows to centroids once and make one fused attention call.
+    """
+    kc, vc = codecs
+    length = queries.shape[2]
+    if length <= FUSED_BLOCK and fits(kc.dim, positions) and fused_available():
+        return fused_attention(queries, codecs, stored, positions, scale, mask == "causal",
+                               sinks, tuple(padding) if padding is not None else None)  # fmt: skip
+    visible: str | mx.array | None = mask
+    if padding is not None:
+        visible = visible_rows(padding, length, positions, None)
+    dtype = compute_dtype(queries.dtype)
+    k_rot = kc.decode_rotated(stored[0][:, :, :positions])
+    v_rot = vc.decode_rotated(stored[1][:, :, :positions])
+    out = mx.fast.scaled_dot_product_attention(
+        kc.rotate(queries).astype(dtype), k_rot.astype(dtype), v_rot.astype(dtype),
+        scale=scale, mask=visible, sinks=sinks,
+    )  # fmt: skip
+    return vc.unrotate(out).astype(queries.dtype)
+
+
 STATE = ("k_rows", "v_rows")
 
 
@@ -188,7 +242,7 @@ class TurboQuantKVCache(AppendOnlyPositions):
 
     def codecs(self, dim: int) -> tuple[TurboQuantCodec, TurboQuantCodec]:
         if self._codecs is None or self._codecs[0].dim != dim:
-            self._codecs = (_codec(dim, self.bits, KEY_SEED), _codec(dim, self.bits, VALUE_SEED))
+            self._codecs = codecs_for(dim, self.bits)
         return self._codecs
 
     def update(self, keys: mx.array, values: mx.array) -> None:
@@ -198,10 +252,7 @@ class TurboQuantKVCache(AppendOnlyPositions):
         if new == 0:
             return
         prev, end = self._offset, self._offset + new
-        if fused_available() and fits(kc.dim, end):
-            k_rows, v_rows = encode(keys, values, (kc, vc))
-        else:
-            k_rows, v_rows = kc.encode(keys), vc.encode(values)
+        k_rows, v_rows = encode_rows(keys, values, (kc, vc), end)
         shape = (b, h, 0, kc.row_words)
         self.k_rows = _grow(self.k_rows, shape, mx.uint32, prev, end, self.step)
         self.v_rows = _grow(self.v_rows, shape, mx.uint32, prev, end, self.step)
@@ -210,26 +261,15 @@ class TurboQuantKVCache(AppendOnlyPositions):
         self._offset = end
 
     def attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float,
-               mask: str | mx.array | None, sinks: mx.array | None = None) -> mx.array:  # fmt: skip
+               mask: str | None, sinks: mx.array | None = None) -> mx.array:  # fmt: skip
         """Append the new keys and values, then attention of ``queries`` over every stored
         position, computed in the rotated space (on a CUDA GPU, by kernels that read the codes
         for decode-sized blocks)."""
         self.update(keys, values)
         kc, vc = self.codecs(keys.shape[-1])
         assert self.k_rows is not None and self.v_rows is not None
-        end = self._offset
-        if (queries.shape[2] <= FUSED_BLOCK and not isinstance(mask, mx.array)
-                and fits(kc.dim, end) and fused_available()):  # fmt: skip
-            return fused_attention(queries, (kc, vc), (self.k_rows, self.v_rows), end, scale,
-                                   mask == "causal", sinks)  # fmt: skip
-        dtype = compute_dtype(queries.dtype)
-        k_rot = kc.decode_rotated(self.k_rows[:, :, :end])
-        v_rot = vc.decode_rotated(self.v_rows[:, :, :end])
-        out = mx.fast.scaled_dot_product_attention(
-            kc.rotate(queries).astype(dtype), k_rot.astype(dtype), v_rot.astype(dtype),
-            scale=scale, mask=mask, sinks=sinks,
-        )  # fmt: skip
-        return vc.unrotate(out).astype(queries.dtype)
+        return attend_rows(queries, (kc, vc), (self.k_rows, self.v_rows), self._offset, scale,
+                           mask, sinks)  # fmt: skip
 
     def dequantized(self) -> tuple[mx.array, mx.array]:
         """Keys and values as attention sees them, back in the model's space (for tests)."""

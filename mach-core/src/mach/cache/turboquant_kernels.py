@@ -133,7 +133,7 @@ _ATTEND = """
     const int t = chunk * CHUNK + threadIdx.x;
     float score = MACH_NEG_INF;
     float v_norm = 0.0f;
-    if (t < T && !(CAUSAL && t > T - L + l)) {
+    if (t < T && t >= padding[b] && !(CAUSAL && t > T - L + l)) {
         const uint32_t* word = k_rows + head + t * stride;
         float acc = 0.0f;
         int d = 0;
@@ -229,7 +229,7 @@ def _kernels() -> tuple[Any, Any, Any]:
     attend = mx.fast.cuda_kernel(
         name="mach_turboquant_attend",
         input_names=["q", "k_rows", "v_rows", "k_signs", "k_centroids", "v_centroids",
-                     "scale"],
+                     "scale", "padding"],
         output_names=["partial", "stats"],
         source=_ATTEND, header=_HEADER, ensure_row_contiguous=False,
     )  # fmt: skip
@@ -245,6 +245,13 @@ def _kernels() -> tuple[Any, Any, Any]:
 @functools.cache
 def _scalar(value: float) -> mx.array:
     return mx.array([value], mx.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def _padding(rows: tuple[int, ...]) -> mx.array:
+    """Each batch row's leading padding positions, as the kernel reads them (kept on the
+    device while a batch's padding stays the same)."""
+    return mx.array(rows, mx.int32)
 
 
 def encode(keys: mx.array, values: mx.array,
@@ -272,11 +279,13 @@ def fused_attention(
     scale: float,
     causal: bool,
     sinks: mx.array | None,
+    padding: tuple[int, ...] | None = None,
 ) -> mx.array:
     """``queries [B, Hq, L, D]`` over the first ``positions`` of the stored rows.
 
     ``stored`` is the cache's ``(k_rows, v_rows)`` buffers, alike in shape (their position
-    axis may run past ``positions``); the result is in the model's space and dtype, like
+    axis may run past ``positions``); ``padding`` hides each batch row's leading positions.
+    The result is in the model's space and dtype, like
     ``mx.fast.scaled_dot_product_attention``'s.
     """
     kc, vc = codecs
@@ -287,7 +296,7 @@ def fused_attention(
     _, attend, combine = _kernels()
     partial, stats = attend(
         inputs=[queries, k_rows[:, :, :positions], v_rows, kc.signs, kc.centroids,
-                vc.centroids, _scalar(scale)],
+                vc.centroids, _scalar(scale), _padding(padding or (0,) * b)],
         template=[("BITS", kc.bits), ("PER_WORD", kc.per_word), ("CHUNK", CHUNK),
                   ("CAUSAL", causal and length > 1)],
         grid=(chunks * CHUNK, rows, 1), threadgroup=(CHUNK, 1, 1),

@@ -9,6 +9,7 @@ import mlx.core as mx
 
 from mach.cache.affine_kv import AffineKVCache
 from mach.cache.batch_kv import BatchKVCache, BatchRotatingKVCache
+from mach.cache.batch_turboquant import BatchTurboQuantCache
 from mach.cache.kv import KVCache
 from mach.cache.rotating import RotatingKVCache
 from mach.cache.traced_kv import TracedKVCache
@@ -102,6 +103,10 @@ def attend(
         return mx.fast.scaled_dot_product_attention(
             queries, keys, values, scale=scale, mask=visible, sinks=sinks
         )
+    if isinstance(cache, BatchTurboQuantCache):
+        if window is not None:
+            raise ValueError("quantized KV caches serve full-attention layers only")
+        return cache.attend(queries, keys, values, scale, sinks)
     if isinstance(cache, TurboQuantKVCache | AffineKVCache):
         if window is not None:
             raise ValueError("quantized KV caches serve full-attention layers only")
