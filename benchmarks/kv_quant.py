@@ -12,8 +12,9 @@ planted line at all, so retrieval is measured where it happens: in attention.)
 
     uv run python benchmarks/kv_quant.py [--contexts 1024 4096 16384] [--rounds 3] [--portable]
 
-On a CUDA GPU TurboQuant decodes through kernels that read the codes; ``--portable`` adds rows
-for the path that expands them at every step (``MACH_TURBOQUANT_KERNEL=0``).
+TurboQuant decodes through kernels that read the codes on a CUDA GPU and through NumPy on a
+CPU; ``--portable`` adds rows for the path built from MLX ops alone, which expands every code
+at every step (``MACH_TURBOQUANT_KERNEL=0 MACH_TURBOQUANT_HOST=0``).
 """
 
 from __future__ import annotations
@@ -58,15 +59,15 @@ PORTABLE = " portable"
 
 @contextlib.contextmanager
 def path_for(name: str) -> Iterator[None]:
-    """The portable TurboQuant path for the rows named ``... portable``."""
+    """The MLX-ops TurboQuant path for the rows named ``... portable``."""
     if not name.endswith(PORTABLE):
         yield
         return
-    os.environ["MACH_TURBOQUANT_KERNEL"] = "0"
+    os.environ["MACH_TURBOQUANT_KERNEL"] = os.environ["MACH_TURBOQUANT_HOST"] = "0"
     try:
         yield
     finally:
-        del os.environ["MACH_TURBOQUANT_KERNEL"]
+        del os.environ["MACH_TURBOQUANT_KERNEL"], os.environ["MACH_TURBOQUANT_HOST"]
 
 
 def kv_bytes(cache: Any) -> int:

@@ -15,6 +15,7 @@ from openai import OpenAI
 from mach.decode.batch_scheduler import ContinuousBatchScheduler
 from mach.decode.engine import TargetEngine
 from mach.decode.params import SamplingParams
+from mach.io.options import LoadOptions
 from tests.serve.conftest import Running, serve_with
 from tests.serve.raw import wait_until
 
@@ -156,8 +157,6 @@ def test_a_client_that_leaves_mid_batch_leaves_the_others_running(batched: Runni
 
 @pytest.fixture(scope="module")
 def streamed() -> Iterator[Running]:
-    from mach.io.options import LoadOptions
-
     yield from serve_with(max_batch=4, options=LoadOptions(streaming=True))
 
 
@@ -216,3 +215,30 @@ def test_shutdown_gives_the_whole_batch_its_grace_then_ends_each_stream() -> Non
             assert events[-1].strip() == b"[DONE]"
             assert json.loads(events[-2])["error"]["code"] == "shutting_down"
         assert served.state.metrics.outcomes["failed"] == 2
+
+
+@pytest.fixture(scope="module")
+def quantized() -> Iterator[Running]:
+    yield from serve_with(max_batch=4, options=LoadOptions(kv_bits=3))
+
+
+def test_turboquant_kv_batches_behind_the_api(quantized: Running) -> None:
+    """``--kv-bits 3``: concurrent requests share decode steps over TurboQuant caches, and
+    each gets the text it would get alone with the same caches."""
+    server = httpx.get(f"{quantized.url}/v1/capabilities").json()["server"]
+    assert server["continuous_batching"] is True and server["sequential_reason"] is None
+    api, texts = client(quantized), {}
+
+    def run(i: int) -> None:
+        reply = api.completions.create(model=quantized.state.model_id, prompt=PROMPTS[i],
+                                       max_tokens=48, temperature=0)  # fmt: skip
+        texts[i] = reply.choices[0].text
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    params = SamplingParams(max_tokens=48, temperature=0.0)
+    for i, prompt in enumerate(PROMPTS):
+        assert texts[i] == alone(quantized, prompt, params), i

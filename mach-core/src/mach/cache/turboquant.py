@@ -21,6 +21,7 @@ from mach.cache.affine_kv import compute_dtype
 from mach.cache.batch_kv import visible_rows
 from mach.cache.positions import AppendOnlyPositions
 from mach.cache.snapshot import LayerState, check_kind, present
+from mach.cache.turboquant_host import host_attention, host_available
 from mach.cache.turboquant_kernels import (
     FUSED_BLOCK,
     encode,
@@ -97,10 +98,10 @@ class TurboQuantCodec:
         group = next(g for g in range(16 // bits, 0, -1) if self.per_word % g == 0)
         runs = np.arange(2 ** (bits * group))
         table = [centroids[(runs >> (bits * i)) & (2**bits - 1)] for i in range(group)]
-        self._table = mx.array(np.stack(table, -1) / math.sqrt(dim))
-        self._run_shifts = mx.array(np.arange(self.per_word // group, dtype=np.uint32)
+        self.run_table = mx.array(np.stack(table, -1) / math.sqrt(dim))
+        self.run_shifts = mx.array(np.arange(self.per_word // group, dtype=np.uint32)
                                     * bits * group)  # fmt: skip
-        self._run_mask = 2 ** (bits * group) - 1
+        self.run_mask = 2 ** (bits * group) - 1
 
     def rotate(self, x: mx.array) -> mx.array:
         """``Πx``: random signs, then the orthonormal Hadamard transform."""
@@ -123,8 +124,8 @@ class TurboQuantCodec:
     def decode_rotated(self, rows: mx.array) -> mx.array:
         """The vectors of packed ``rows`` in the rotated space, ``n · c[idx]`` (float32)."""
         packed, norm = rows[..., :-1], mx.view(rows[..., -1], mx.float32)
-        runs = (packed[..., None] >> self._run_shifts) & self._run_mask
-        values = self._table[runs].reshape(*packed.shape[:-1], -1)[..., : self.dim]
+        runs = (packed[..., None] >> self.run_shifts) & self.run_mask
+        values = self.run_table[runs].reshape(*packed.shape[:-1], -1)[..., : self.dim]
         return values * norm[..., None]
 
     def decode(self, rows: mx.array) -> mx.array:
@@ -183,14 +184,18 @@ def attend_rows(
     """Attention of ``queries`` over the first ``positions`` of packed ``(k_rows, v_rows)``,
     in the rotated space; ``padding`` hides each batch row's leading positions.
 
-    Decode-sized blocks on a CUDA GPU take the kernels, which read the rows in place; other
-    blocks expand the rows to centroids once and make one fused attention call.
+    Decode-sized blocks on a CUDA GPU take the kernels, which read the rows in place, and on
+    a CPU over long contexts NumPy's lookups; other blocks expand the rows to centroids once
+    and make one fused attention call.
     """
     kc, vc = codecs
     length = queries.shape[2]
     if length <= FUSED_BLOCK and fits(kc.dim, positions) and fused_available():
         return fused_attention(queries, codecs, stored, positions, scale, mask == "causal",
                                sinks, tuple(padding) if padding is not None else None)  # fmt: skip
+    if length <= FUSED_BLOCK and host_available(positions):
+        return host_attention(queries, codecs, stored, positions, scale, mask == "causal",
+                              sinks, padding)  # fmt: skip
     visible: str | mx.array | None = mask
     if padding is not None:
         visible = visible_rows(padding, length, positions, None)
