@@ -5,8 +5,9 @@ coordinates nearly independent and Gaussian, whatever the vector's outliers. Eac
 coordinate is then rounded to the nearest centroid of the Lloyd-Max quantizer for that Gaussian
 (2, 3 or 4 bits), and the vector's norm is kept, corrected so the reconstruction has the
 original length. Attention runs in the rotated space: the rotation is orthogonal, so
-``<q, k> = <Πq, Πk>``; queries are rotated once per step, keys and values are expanded from
-their centroids only for the step, and the output is rotated back once.
+``<q, k> = <Πq, Πk>``; queries are rotated once per step and the output is rotated back once.
+How a step reads the stored codes depends on the device (``attend_rows``): CUDA kernels read
+them in place, a CPU expands them with NumPy, and otherwise MLX ops expand them for the call.
 """
 
 from __future__ import annotations

@@ -55,8 +55,14 @@ def expand(codec: TurboQuantCodec, packed: np.ndarray) -> np.ndarray:
     per_word]``, the same values ``TurboQuantCodec.decode_rotated`` takes before the norm;
     coordinates past ``dim`` are padding."""
     table, shifts, mask = _tables(codec)
-    # Runs of 16 bits (at 2 and 4 bits per code) are the words' halves.
-    runs = packed.view(np.uint16) if mask == 0xFFFF else (packed[..., None] >> shifts) & mask
+    if mask == 0xFFFF:  # runs of 16 bits (2 and 4 bits per code) are the words' halves
+        runs = packed.view(np.uint16)
+    else:
+        # One contiguous pass per run: a broadcast shift over the strided rows is ten times
+        # slower.
+        runs = np.empty((*packed.shape, len(shifts)), np.uint16)
+        for i, shift in enumerate(shifts.tolist()):
+            np.bitwise_and(packed >> np.uint32(shift), mask, out=runs[..., i], casting="unsafe")
     return np.take(table, runs, axis=0).reshape(*packed.shape[:-1], -1)
 
 
