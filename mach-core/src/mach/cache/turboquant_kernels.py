@@ -8,7 +8,7 @@ launches, not by bytes. Here:
 - ``encode`` quantizes a pass's new keys and values in one launch: a block per vector
   rotates it in shared memory (random signs, then a fast Walsh-Hadamard transform), rounds
   each coordinate to its Lloyd-Max centroid, packs the codes and corrects the norm.
-- ``attend_chunks`` scores one query row against a chunk of 128 positions straight from the
+- ``attend`` scores one query row against a chunk of 128 positions straight from the
   packed key codes (the query is rotated in the block), takes the chunk's softmax statistics,
   and sums the chunk's value codes weighted by them (split-K "flash decoding").
 - ``combine`` merges a row's chunks with their maxima, adds the attention sink, rotates the
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 FUSED_BLOCK = 64
 """The longest query block attended by the kernels (verify passes and draft blocks fit)."""
 CHUNK = 128
-"""Positions per block of ``attend_chunks``; also the block's thread count."""
+"""Positions per block of the attend kernel; also every kernel's thread count per block."""
 MAX_DIM = 1024
 MAX_CHUNKS = 4096
 """The combine kernel keeps a row's chunk weights in shared memory (512K positions)."""
