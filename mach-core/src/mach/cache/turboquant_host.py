@@ -78,20 +78,6 @@ def host_attention(
 ) -> mx.array:
     """``queries [B, Hq, L, D]`` over the first ``positions`` of packed ``(k_rows, v_rows)``,
     as ``attend_rows`` computes it, in float32."""
-    with _blas().limit(limits=1, user_api="blas"):
-        return _attention(queries, codecs, stored, positions, scale, causal, sinks, padding)
-
-
-def _attention(
-    queries: mx.array,
-    codecs: tuple[TurboQuantCodec, TurboQuantCodec],
-    stored: tuple[mx.array, mx.array],
-    positions: int,
-    scale: float,
-    causal: bool,
-    sinks: mx.array | None,
-    padding: list[int] | None,
-) -> mx.array:
     kc, vc = codecs
     b, hq, length, dim = queries.shape
     k_rows = np.asarray(stored[0][:, :, :positions])
@@ -104,29 +90,31 @@ def _attention(
     # Zeros past dim meet the padding codes' centroids.
     q = np.zeros((b, hk, group * length, width), np.float32)
     q[..., :dim] = np.asarray(kc.rotate(queries).astype(mx.float32)).reshape(b, hk, -1, dim)
-    hidden = np.zeros((group * length, positions), bool)
+    hidden = None
     if causal and length > 1:
         later = np.arange(positions)[None] > np.arange(positions - length, positions)[:, None]
-        hidden |= np.tile(later, (group, 1))
+        hidden = np.tile(later, (group, 1))
     sink = None
     if sinks is not None:
         per_head = np.asarray(sinks.astype(mx.float32)).reshape(hk, group, 1)
         sink = np.repeat(per_head, length, axis=1)
     out = np.empty((b, hk, group * length, width), np.float32)
     # One pair of 2-D products per head: NumPy hands those to BLAS, not stacked ones.
-    for i in range(b):
-        for h in range(hk):
-            scores = (q[i, h] @ keys[i, h].T) * (k_norms[i, h] * scale)
-            scores[hidden] = -np.inf
-            if padding:
-                scores[:, : padding[i]] = -np.inf
-            top = scores.max(axis=-1, keepdims=True)
-            if sink is not None:
-                top = np.maximum(top, sink[h])
-            weights = np.exp(scores - top)
-            total = weights.sum(axis=-1, keepdims=True)
-            if sink is not None:
-                total += np.exp(sink[h] - top)
-            out[i, h] = ((weights * v_norms[i, h]) @ values[i, h]) / total
+    with _blas().limit(limits=1, user_api="blas"):
+        for i in range(b):
+            for h in range(hk):
+                scores = (q[i, h] @ keys[i, h].T) * (k_norms[i, h] * scale)
+                if hidden is not None:
+                    scores[hidden] = -np.inf
+                if padding:
+                    scores[:, : padding[i]] = -np.inf
+                top = scores.max(axis=-1, keepdims=True)
+                if sink is not None:
+                    top = np.maximum(top, sink[h])
+                weights = np.exp(scores - top)
+                total = weights.sum(axis=-1, keepdims=True)
+                if sink is not None:
+                    total += np.exp(sink[h] - top)
+                out[i, h] = ((weights * v_norms[i, h]) @ values[i, h]) / total
     result = out[..., :dim].reshape(b, hq, length, dim)
     return vc.unrotate(mx.array(result)).astype(queries.dtype)
