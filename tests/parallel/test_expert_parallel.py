@@ -12,40 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mach.default_model import default_model_path
 from mach.errors import MachError
-
-FIXTURES = Path(__file__).parents[1] / "fixtures"
-RANK_MAIN = Path(__file__).with_name("rank_main.py")
-LAUNCH = Path(sys.executable).with_name("mlx.launch")
-CHECKPOINTS = {
-    "default": default_model_path(),
-    "qwen3_moe": FIXTURES / "qwen3_moe" / "mlx-q4",
-    "qwen3_5_moe": FIXTURES / "qwen3_5_moe" / "mlx-q4",
-    "gpt_oss": FIXTURES / "gpt_oss" / "mlx-mxfp4-q8",
-    "gemma4": FIXTURES / "gemma4" / "mlx-q4",
-    "deepseek_v4": FIXTURES / "deepseek_v4" / "hf-fused",
-}
-
-
-def launch(ranks: int, *args: str) -> subprocess.CompletedProcess[str]:
-    # mlx.launch reads its own options first: the program's follow the python executable.
-    return subprocess.run([str(LAUNCH), "-n", str(ranks), "--backend", "ring", sys.executable,
-                           *args], capture_output=True, text=True, timeout=240)  # fmt: skip
-
-
-def run(
-    checkpoint: Path, out: Path, ranks: int, budget: int | None = None
-) -> dict[str, np.ndarray]:
-    args = [str(RANK_MAIN), str(checkpoint), str(out), *([str(budget)] if budget else [])]
-    if ranks == 1:
-        done = subprocess.run([sys.executable, *args], capture_output=True, text=True,
-                              timeout=240)  # fmt: skip
-    else:
-        done = launch(ranks, *args)
-    assert done.returncode == 0, done.stdout + done.stderr
-    with np.load(out) as data:
-        return {k: data[k] for k in data.files}
+from tests.parallel.launching import CHECKPOINTS, launch, run
 
 
 @pytest.mark.parametrize(("name", "ranks"), [(name, 2) for name in CHECKPOINTS] + [("default", 4)])
@@ -75,7 +43,7 @@ def test_each_rank_streams_or_reads_only_its_experts(
     # Two slots per layer (the fixture routes top-2): each rank's 4 experts cannot all stay.
     budget = 2 * 15360 if streamed else None
     one = run(path, tmp_path / "one.npz", 1)
-    many = run(path, tmp_path / "many.npz", 2, budget)
+    many = run(path, tmp_path / "many.npz", 2, *(["--budget", str(budget)] if budget else []))
     assert (many["held"] * 2 == one["held"]).all()
     np.testing.assert_array_equal(many["logits"], one["logits"])
     np.testing.assert_array_equal(many["tokens"], one["tokens"])
@@ -104,6 +72,7 @@ def test_mach_check_under_mlx_launch_reports_the_layout() -> None:
     alone = check_checkpoint(path)
     assert report["parallel"] == {
         "ranks": 2,
+        "mode": "expert",
         "experts_per_layer_per_rank": alone.experts_per_layer // 2,
         "expert_bytes_per_rank": alone.expert_bytes // 2,
     }

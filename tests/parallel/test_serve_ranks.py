@@ -26,9 +26,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _serve(ranks: int) -> Iterator[str]:
+def _serve(ranks: int, *flags: str) -> Iterator[str]:
     port = _free_port()
-    serve = [sys.executable, "-m", "mach", "serve", "--port", str(port)]
+    serve = [sys.executable, "-m", "mach", "serve", "--port", str(port), *flags]
     if ranks == 1:  # the engine the ranks must use: one request at a time, no prompt cache
         command = [*serve, "--max-batch", "1", "--no-prompt-cache"]
     else:
@@ -67,6 +67,11 @@ def shared() -> Iterator[str]:
     yield from _serve(2)
 
 
+@pytest.fixture(scope="module")
+def pipelined() -> Iterator[str]:
+    yield from _serve(2, "--parallel", "pipeline")
+
+
 def _client(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120, max_retries=0)
 
@@ -101,3 +106,21 @@ def test_a_client_that_leaves_stops_every_rank_at_the_same_token(alone: str, sha
     # Unseeded too: rank 0 picked the seed and sent it. The ranks are still in step.
     _complete(shared, temperature=0.8)
     assert _complete(shared, temperature=0) == _complete(alone, temperature=0)
+
+
+def test_pipeline_stages_serve_as_one_process(alone: str, pipelined: str) -> None:
+    assert _complete(pipelined, temperature=0) == _complete(alone, temperature=0)
+    seeded = {"temperature": 0.9, "seed": 11}
+    assert _complete(pipelined, **seeded) == _complete(alone, **seeded)
+    stream = _client(pipelined).completions.create(
+        model=MODEL, prompt="import os", max_tokens=400, temperature=0.7, stream=True
+    )
+    for i, _ in enumerate(stream):
+        if i == 2:
+            break
+    stream.close()
+    assert _complete(pipelined, temperature=0) == _complete(alone, temperature=0)
+    caps = httpx.get(f"{pipelined}/v1/capabilities").json()
+    parallel = caps["checkpoint"]["parallel"]
+    assert parallel["ranks"] == 2 and parallel["mode"] == "pipeline"
+    assert "pipeline parallelism over 2 ranks" in caps["server"]["sequential_reason"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -14,6 +14,9 @@ from mach_adapter_deepseek.config import SLIDING, ModelArgs
 from mach_adapter_deepseek.hyper import HyperConnection, HyperHead, expand
 from mach_adapter_deepseek.moe import MoeBlock
 from mach_adapter_deepseek.rope import RotaryTable
+
+if TYPE_CHECKING:
+    from mach.layers.pipeline import PipelineStage
 
 
 def rotary_tables(args: ModelArgs) -> dict[str, RotaryTable]:
@@ -49,6 +52,9 @@ class DecoderLayer(nn.Module):
 
 
 class DeepseekV4Model(nn.Module):
+    stage: PipelineStage | None = None
+    """This rank's run of layers under pipeline parallelism (``mach.layers.pipeline``)."""
+
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         tables = rotary_tables(args)
@@ -67,6 +73,8 @@ class DeepseekV4Model(nn.Module):
         streams = mx.broadcast_to(h[:, :, None], (*h.shape[:2], self.hc_mult, h.shape[-1]))
         for i, layer in enumerate(self.layers):
             streams = layer(streams, tokens, cache[i] if cache is not None else None)
+        if self.stage is not None:
+            (streams,) = self.stage.share([(len(self.layers) - 1, streams)], len(self.layers))
         return streams
 
 

@@ -64,9 +64,11 @@ class CheckReport:
     serving: dict[str, bool] = field(default_factory=dict)
     dispatch: dict[str, str] = field(default_factory=dict)
     """The expert kernels this device runs, for decode steps and prefill chunks."""
-    parallel: dict[str, int] = field(default_factory=lambda: {"ranks": 1})
-    """The expert-parallel layout under ``mlx.launch``: ``ranks``, and with more than one the
-    most experts of a layer one rank holds and the most expert bytes one rank keeps."""
+    parallel: dict[str, Any] = field(default_factory=lambda: {"ranks": 1})
+    """The layout under ``mlx.launch``: ``ranks``, and with more than one the ``mode``; for
+    ``expert`` the most experts of a layer one rank holds and the most expert bytes one rank
+    keeps, for ``pipeline`` each rank's ``[first, end)`` layers and the most weight bytes one
+    rank keeps."""
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -177,11 +179,36 @@ def _batching(plan: LoadPlan, summary: dict[str, Any]) -> tuple[bool, str | None
     return reason is None, None if reason is None else f"{plan.adapter.name}: {reason}"
 
 
-def _parallel(plan: LoadPlan) -> dict[str, int]:
-    """How the ranks of this ``mlx.launch`` (if any) split the routed experts."""
+def _pipeline(plan: LoadPlan, ranks: int) -> dict[str, Any]:
+    """How ``ranks`` pipeline stages split the layers, and the most bytes one of them keeps."""
+    from mach.layers.pipeline import PipelineStage
+
+    layers = plan.model.layers
+    paths = {id(m): path for path, m in plan.model.named_modules()}
+    prefixes = [f"{paths[id(layer)]}." for layer in layers]
+    per_layer = [0] * len(layers)
+    shared = 0
+    for name, array in plan.weights.items():
+        at = next((i for i, p in enumerate(prefixes) if name.startswith(p)), None)
+        shared += int(array.nbytes) if at is None else 0
+        if at is not None:
+            per_layer[at] += int(array.nbytes)
+    experts_total = max(1, sum(s.num_experts for s in plan.switches.values()))
+    for prefix, spec in plan.switches.items():
+        at = next(i for i, p in enumerate(prefixes) if f"{prefix}.".startswith(p))
+        per_layer[at] += plan.experts.expert_bytes * spec.num_experts // experts_total
+    spans = [PipelineStage(r, ranks).layers(len(layers)) for r in range(ranks)]
+    return {"ranks": ranks, "mode": "pipeline", "layers": [list(s) for s in spans],
+            "bytes_per_rank": shared + max(sum(per_layer[lo:hi]) for lo, hi in spans)}  # fmt: skip
+
+
+def _parallel(plan: LoadPlan) -> dict[str, Any]:
+    """How the ranks of this ``mlx.launch`` (if any) split the model."""
     shard = expert_shard()
     if shard is None:
         return {"ranks": 1}
+    if plan.options.parallel == "pipeline":
+        return _pipeline(plan, shard.size)
     spans = [
         [ExpertShard(r, shard.size).span(s.num_experts) for s in plan.switches.values()]
         for r in range(shard.size)
@@ -190,6 +217,7 @@ def _parallel(plan: LoadPlan) -> dict[str, int]:
     experts_total = max(1, sum(s.num_experts for s in plan.switches.values()))
     return {
         "ranks": shard.size,
+        "mode": "expert",
         "experts_per_layer_per_rank": max((hi - lo for rank in spans for lo, hi in rank),
                                           default=0),
         "expert_bytes_per_rank": plan.experts.expert_bytes * max(held) // experts_total,

@@ -72,7 +72,8 @@ def follow_requests(
         raise MachError("follow_requests runs on the ranks after the first under mlx.launch")
     path, _, options = _served(model, None, options)
     loaded = load_moe(path, options=options)
-    follow(build_engine(loaded, draft, draft_tokens, None, 1), shard)
+    assert loaded.shard is not None
+    follow(build_engine(loaded, draft, draft_tokens, None, 1), loaded.shard)
 
 
 def build_state(
@@ -152,8 +153,8 @@ def _sequential_reason(engine: DecodeEngine, loaded: LoadedModel, max_batch: int
     if isinstance(engine, ContinuousBatchScheduler):
         return None
     if loaded.shard is not None:
-        return (f"expert parallelism over {loaded.shard.size} ranks decodes one sequence at a "
-                "time, with no prompt cache, in this version")  # fmt: skip
+        return (f"{loaded.shard.describe()} decodes one sequence at a time, with no prompt "
+                "cache, in this version")  # fmt: skip
     if max_batch == 1:
         return "--max-batch is 1"
     blocker = batching_blocker(loaded)

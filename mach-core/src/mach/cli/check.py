@@ -98,7 +98,12 @@ def check_command(
             typer.echo("  ".join([*cells, row[-1]]))
         for r in reports:
             parallel = r["parallel"]
-            if r["loads"] and parallel["ranks"] > 1:
+            if r["loads"] and parallel["ranks"] > 1 and parallel["mode"] == "pipeline":
+                spans = ", ".join(f"{lo}-{hi - 1}" for lo, hi in parallel["layers"])
+                typer.echo(f"{r['path']}: pipeline parallel over {parallel['ranks']} ranks: "
+                           f"layers {spans}; each keeps up to "
+                           f"{_gb(parallel['bytes_per_rank'])} of weights")  # fmt: skip
+            elif r["loads"] and parallel["ranks"] > 1:
                 typer.echo(f"{r['path']}: expert parallel over {parallel['ranks']} ranks: each "
                            f"holds up to {parallel['experts_per_layer_per_rank']} of "
                            f"{r['experts_per_layer']} experts per layer ("

@@ -154,6 +154,8 @@ def generate_command(
             shown = model if model is not None else str(path)
             payload = {**result.to_dict(), "model": shown, "default_model": default_model,
                        "ranks": 1 if loaded.shard is None else loaded.shard.size}  # fmt: skip
+            if loaded.shard is not None:
+                payload["parallel"] = loaded.shard.mode
             tags = loaded.adapter.reasoning_tags if chat is not None else None
             if tags is not None:
                 started = prompt_text.rstrip().endswith(tags.open)

@@ -116,6 +116,15 @@ Compile = Annotated[
     ),
 ]
 
+Parallel = Annotated[
+    str,
+    typer.Option(
+        "--parallel",
+        help="Under mlx.launch: expert (each rank holds a slice of every MoE layer's experts) "
+        "or pipeline (each rank holds a run of whole layers).",
+    ),
+]
+
 
 _LOAD_FLAGS: dict[str, tuple[Any, Any]] = {
     "arch": (Arch, None),
@@ -131,6 +140,7 @@ _LOAD_FLAGS: dict[str, tuple[Any, Any]] = {
     "slot_pool": (SlotPool, "layer"),
     "prewarm": (Prewarm, None),
     "compile": (Compile, True),
+    "parallel": (Parallel, "expert"),
 }
 
 F = TypeVar("F", bound=Callable[..., Any])

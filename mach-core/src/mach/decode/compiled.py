@@ -242,11 +242,14 @@ def _host_work(model: nn.Module) -> str | None:
     from mach.experts.dispatch import GatherSwitchGLU
     from mach.experts.parallel import ShardedSwitch
     from mach.experts.store import ResidentLayer
+    from mach.layers.pipeline import RemoteLayer
     from mach.layers.streaming_embedding import StreamingEmbedding
 
     for module in model.modules():
         if isinstance(module, ShardedSwitch):
             return "experts sharded across ranks exchange outputs between uncompiled passes"
+        if isinstance(module, RemoteLayer):
+            return "pipeline stages pass hidden states between uncompiled passes"
         if isinstance(module, Dispatch) and not isinstance(module, GatherSwitchGLU):
             return "the per-expert dispatch loop reads routes on the host"
         if isinstance(module, Dispatch) and not isinstance(module.experts, ResidentLayer):

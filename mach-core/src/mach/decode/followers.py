@@ -24,14 +24,14 @@ from mach.decode.engine import DecodeEngine
 from mach.decode.events import TokenEvent
 from mach.decode.grammar import Grammar
 from mach.decode.params import SamplingParams
-from mach.experts.parallel import ExpertShard, collective_errors
+from mach.experts.parallel import Shard, collective_errors
 
 logger = logging.getLogger("mach")
 
 _JOB = 1
 
 
-def _shared(shard: ExpertShard, values: Sequence[int] | None, size: int) -> list[int]:
+def _shared(shard: Shard, values: Sequence[int] | None, size: int) -> list[int]:
     """Rank 0's ``values`` (``size`` ints) on every rank; the others pass ``None``."""
     if size == 0:  # every rank knows the size already
         return []
@@ -55,7 +55,7 @@ def _decode(blob: list[int]) -> SamplingParams:
 class FollowedEngine(DecodeEngine):
     """Rank 0's engine: each request is sent to the followers before it runs here."""
 
-    def __init__(self, engine: DecodeEngine, shard: ExpertShard) -> None:
+    def __init__(self, engine: DecodeEngine, shard: Shard) -> None:
         self.engine, self.shard = engine, shard
 
     def stream(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[TokenEvent]:
@@ -89,7 +89,7 @@ class FollowedEngine(DecodeEngine):
                 close()
 
 
-def follow(engine: DecodeEngine, shard: ExpertShard) -> NoReturn:
+def follow(engine: DecodeEngine, shard: Shard) -> NoReturn:
     """Generate what rank 0's ``FollowedEngine`` sends, for as long as the process runs.
 
     No message ends it: when rank 0 stops, ``mlx.launch`` stops the other ranks, and a rank 0

@@ -58,8 +58,8 @@ def build_engine(
         )
     if loaded.shard is not None and (batches or prefix_cache is not None):
         raise MachError(
-            f"expert parallelism over {loaded.shard.size} ranks decodes one sequence at a time "
-            "with no prompt cache in this version; use --max-batch 1 and no prompt cache"
+            f"{loaded.shard.describe()} decodes one sequence at a time with no prompt cache in "
+            "this version; use --max-batch 1 and no prompt cache"
         )
     if drafter is not None:
         gate = DraftGate.from_env(drafter.default_gate)

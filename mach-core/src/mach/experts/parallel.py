@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -24,15 +24,31 @@ from mach.experts.matrix import ExpertMatrix, ExpertWeights
 from mach.experts.sources import LayerSource
 from mach.experts.store import ExpertStore, LayerExperts, ResidentLayer, ResidentStackedExpertCache
 
+ParallelMode = Literal["expert", "pipeline"]
+
 
 @dataclass(frozen=True)
-class ExpertShard:
-    """This process's place among the ranks that share the experts."""
+class Shard:
+    """This process's place among the ranks ``mlx.launch`` started, and what it holds."""
 
     rank: int
     size: int
     group: Any = None
-    """The ``mx.distributed.Group`` the ranks reduce over."""
+    """The ``mx.distributed.Group`` the ranks exchange over."""
+    mode: ClassVar[ParallelMode]
+    described: ClassVar[str]
+    """The layout in words, for messages (``expert parallelism over 2 ranks``)."""
+
+    def describe(self) -> str:
+        return f"{self.described} over {self.size} ranks"
+
+
+@dataclass(frozen=True)
+class ExpertShard(Shard):
+    """A rank that holds a slice of every MoE layer's routed experts."""
+
+    mode: ClassVar[ParallelMode] = "expert"
+    described: ClassVar[str] = "expert parallelism"
 
     def span(self, num_experts: int) -> tuple[int, int]:
         """The experts ``[lo, hi)`` of a layer this rank holds: contiguous, sizes within one."""
@@ -44,7 +60,7 @@ class RankLostError(MachError):
 
 
 @contextmanager
-def collective_errors(shard: ExpertShard | None) -> Iterator[None]:
+def collective_errors(shard: Shard | None) -> Iterator[None]:
     """Turn a failed exchange between ranks into a ``RankLostError`` that says what happened.
 
     MLX raises ``RuntimeError`` when a peer's connection drops mid-collective; under a shard any
@@ -69,6 +85,16 @@ def expert_shard() -> ExpertShard | None:
     if group.size() < 2:
         return None
     return ExpertShard(group.rank(), group.size(), group)
+
+
+def launched_shard(mode: ParallelMode) -> Shard | None:
+    """This process's shard in ``mode`` under ``mlx.launch`` (``None``: one process)."""
+    shard = expert_shard()
+    if shard is None or mode == "expert":
+        return shard
+    from mach.layers.pipeline import PipelineStage
+
+    return PipelineStage(shard.rank, shard.size, shard.group)
 
 
 def _slice(matrix: ExpertMatrix, lo: int, hi: int) -> ExpertMatrix:

@@ -18,8 +18,14 @@ from mach.cache.base import LayerCache, SequenceCache
 from mach.cache.kv_quant import quantized_kv
 from mach.decode.compiled import CompiledPasses
 from mach.errors import AdapterError, OptionsError
-from mach.experts.parallel import ExpertShard, expert_shard, shard_resident, shard_sources
-from mach.experts.store import ExpertStore
+from mach.experts.parallel import (
+    ExpertShard,
+    Shard,
+    launched_shard,
+    shard_resident,
+    shard_sources,
+)
+from mach.experts.store import ExpertStore, ResidentStackedExpertCache
 from mach.experts.swap import swap_switch_mlp
 from mach.io.checkpoint import Checkpoint
 from mach.io.options import LoadOptions
@@ -28,6 +34,7 @@ from mach.io.plan import LoadPlan, plan_load
 from mach.io.prewarm import prewarm
 from mach.io.ranks import check_ranks_agree
 from mach.io.residency import ExpertPlan, build_store
+from mach.layers.pipeline import PipelineStage, install_stage, stage_caches
 from mach.registry import arch_summary
 from mach.tokenizer.tokenizer import Tokenizer
 
@@ -57,8 +64,9 @@ class LoadedModel:
     plan: LoadPlan = field(repr=False)
     prewarm_seconds: float | None = None
     """Seconds the load spent prewarming (``None``: it did not)."""
-    shard: ExpertShard | None = None
-    """This rank's share of the experts under ``mlx.launch`` (``None``: one process)."""
+    shard: Shard | None = None
+    """This rank's share of the model under ``mlx.launch``: an ``ExpertShard`` or a
+    ``PipelineStage`` (``None``: one process)."""
     passes: CompiledPasses | None = None
     """The model's compiled decode passes (``None``: ``compile=False``)."""
 
@@ -94,15 +102,17 @@ def _check_caches(adapter: MoeArchAdapter, caches: list[LayerCache]) -> None:
 def load_plan(plan: LoadPlan, progress: Callable[[int, int], None] | None = None) -> LoadedModel:
     """Carry out ``plan``: read the expert store and the weights, build the caches."""
     adapter, ckpt, model = plan.adapter, plan.checkpoint, plan.model
-    shard = expert_shard()
+    shard = launched_shard(plan.options.parallel)
     if shard is not None:
         check_ranks_agree(shard, ckpt, plan.options)
     experts = plan.experts
-    if shard is not None and experts.sources:
+    if isinstance(shard, PipelineStage):
+        experts = _keep_layers(plan, install_stage(model, shard))
+    elif isinstance(shard, ExpertShard) and experts.sources:
         # Each rank's banks (or its resident sidecar read) take only its experts.
         experts = replace(experts, sources=shard_sources(experts.sources, shard))
     store = build_store(experts, plan.options, ckpt, adapter)
-    if shard is not None and experts.resident is not None:
+    if isinstance(shard, ExpertShard) and experts.resident is not None:
         store = shard_resident(experts.resident, shard)
     total = sum(info.nbytes for info in ckpt.tensors.values())
     done = 0
@@ -114,7 +124,8 @@ def load_plan(plan: LoadPlan, progress: Callable[[int, int], None] | None = None
             progress(done, total)
 
     store.materialize(advance)
-    swap_switch_mlp(model, store, plan.options.gather_dispatch, shard)
+    swap_switch_mlp(model, store, plan.options.gather_dispatch,
+                    shard if isinstance(shard, ExpertShard) else None)  # fmt: skip
     model.load_weights(list(plan.weights.items()), strict=True)
     plan.weights.clear()
     mx.eval(model.parameters())
@@ -131,15 +142,20 @@ def load_plan(plan: LoadPlan, progress: Callable[[int, int], None] | None = None
     def family_caches() -> list[LayerCache]:
         return adapter.make_cache(model)
 
-    def factory() -> list[LayerCache]:
+    def quantized() -> list[LayerCache]:
         caches = family_caches()
         if options.kv_bits is None:
             return caches
         return quantized_kv(caches, options.kv_format, options.kv_bits)
 
+    def factory() -> list[LayerCache]:
+        if isinstance(shard, PipelineStage):
+            return stage_caches(quantized(), shard)
+        return quantized()
+
     _check_caches(adapter, family_caches())
     caches = factory()
-    swapped = [type(c) is not type(f) for c, f in zip(caches, family_caches(), strict=True)]
+    swapped = [type(c) is not type(f) for c, f in zip(quantized(), family_caches(), strict=True)]
     if options.kv_bits is not None and not any(swapped):
         raise OptionsError(f"{adapter.name}: kv_bits quantizes full-attention KV caches, and "
                            f"this model has none ({adapter.kv_cache_kind} caches); leave "
@@ -148,6 +164,24 @@ def load_plan(plan: LoadPlan, progress: Callable[[int, int], None] | None = None
     warm = prewarm(model, factory, passes) if options.prewarm else None
     return LoadedModel(model, plan.tokenizer, store, SequenceCache(caches, factory), adapter, ckpt,
                        plan.options, plan, warm, shard, passes)  # fmt: skip
+
+
+def _keep_layers(plan: LoadPlan, remote: list[str]) -> ExpertPlan:
+    """Drop the weights and experts of the layers other pipeline stages run from ``plan``."""
+
+    def elsewhere(name: str) -> bool:
+        return any(name.startswith(f"{path}.") for path in remote)
+
+    for name in [n for n in plan.weights if elsewhere(n)]:
+        del plan.weights[name]
+    experts = plan.experts
+    sources = {p: s for p, s in experts.sources.items() if not elsewhere(p)}
+    resident = experts.resident
+    if resident is not None:
+        resident = ResidentStackedExpertCache(
+            {p: layer for p, layer in resident.layers.items() if not elsewhere(p)}
+        )
+    return replace(experts, sources=sources, resident=resident)
 
 
 def load_moe(

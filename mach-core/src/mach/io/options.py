@@ -7,6 +7,7 @@ from typing import Any, Literal, get_args
 
 from mach.errors import OptionsError
 from mach.experts.bank import SLOT_POOLS, PrefillMode, SlotPoolMode, parse_size
+from mach.experts.parallel import ParallelMode
 
 DType = Literal["float32", "float16", "bfloat16"]
 Residency = Literal["resident", "streaming", "bf16_streaming"]
@@ -14,6 +15,7 @@ Residency = Literal["resident", "streaming", "bf16_streaming"]
 DTYPES: tuple[str, ...] = get_args(DType)
 RESIDENCIES: tuple[str, ...] = get_args(Residency)
 PREFILL_MODES: tuple[str, ...] = get_args(PrefillMode)
+PARALLEL_MODES: tuple[str, ...] = get_args(ParallelMode)
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...], optional: bool) -> None:
@@ -72,6 +74,9 @@ class LoadOptions:
     compile: bool = True
     """Run decode passes as compiled graphs (``mach.decode.compiled``) where the model and its
     caches allow it; ``False`` builds every pass op by op."""
+    parallel: ParallelMode = "expert"
+    """Under ``mlx.launch``: ``expert`` gives each rank a slice of every MoE layer's experts,
+    ``pipeline`` a contiguous run of whole layers. One process ignores it."""
 
     def __post_init__(self) -> None:
         if self.arch is not None and (not isinstance(self.arch, str) or not self.arch):
@@ -88,6 +93,7 @@ class LoadOptions:
         _flag("prewarm", self.prewarm, optional=True)
         _flag("compile", self.compile, optional=False)
         _choice("slot_pool", self.slot_pool, SLOT_POOLS, optional=False)
+        _choice("parallel", self.parallel, PARALLEL_MODES, optional=False)
         from mach.cache.kv_quant import KV_FORMATS
 
         _choice("kv_format", self.kv_format, tuple(KV_FORMATS), optional=False)

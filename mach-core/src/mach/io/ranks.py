@@ -10,7 +10,7 @@ import numpy as np
 
 from mach.cache.fingerprint import digest_files
 from mach.errors import OptionsError
-from mach.experts.parallel import ExpertShard, collective_errors
+from mach.experts.parallel import Shard, collective_errors
 from mach.io.checkpoint import Checkpoint
 from mach.io.options import LoadOptions
 
@@ -19,10 +19,10 @@ from mach.io.options import LoadOptions
 # different models, or wait for each other. The others (residency, budgets, the slot pool) only
 # change how a rank holds its own experts.
 AGREED_OPTIONS = ("arch", "dtype", "gather_dispatch", "streaming_embedding", "draft_path",
-                  "kv_bits", "kv_format", "prewarm")  # fmt: skip
+                  "kv_bits", "kv_format", "prewarm", "parallel")  # fmt: skip
 
 
-def check_ranks_agree(shard: ExpertShard, checkpoint: Checkpoint, options: LoadOptions) -> None:
+def check_ranks_agree(shard: Shard, checkpoint: Checkpoint, options: LoadOptions) -> None:
     """Raise on every rank, naming the odd ones, unless all ranks load the same checkpoint
     (config, tensor headers, file sizes and sampled bytes) with the same ``AGREED_OPTIONS``."""
     digest = hashlib.sha256()

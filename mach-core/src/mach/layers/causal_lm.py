@@ -7,14 +7,20 @@ and ``lm_head`` (absent when the head is tied to the embedding).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
+if TYPE_CHECKING:
+    from mach.layers.pipeline import PipelineStage
+
 
 class DecoderStack(nn.Module):
     """Token embedding, the family's decoder layers (``layer(h, cache)``), final RMSNorm."""
+
+    stage: PipelineStage | None = None
+    """This rank's run of layers under pipeline parallelism (``mach.layers.pipeline``)."""
 
     def __init__(self, vocab_size: int, hidden_size: int, layers: list[Any], eps: float) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
@@ -38,6 +44,10 @@ class DecoderStack(nn.Module):
             h = layer(h, cache[i] if cache is not None else None)
             if i in taps:
                 tapped.append(h)
+        if self.stage is not None:
+            tapped_at = [i for i in range(len(self.layers)) if i in taps]
+            outputs = [(len(self.layers) - 1, h), *zip(tapped_at, tapped, strict=True)]
+            h, *tapped = self.stage.share(outputs, len(self.layers))
         out: mx.array = self.norm(h)
         return out, tapped
 

@@ -151,7 +151,8 @@ def load_dflash(folder: Path, loaded: LoadedModel) -> DFlashDrafter:
             f"{folder}: {loaded.adapter.name} targets do not expose their hidden states to a "
             "DFlash draft"
         )
-    hidden = model.model.embed_tokens.weight.shape[1]
+    # The final norm's width, not the embedding's: a quantized embedding packs its rows.
+    hidden = model.model.norm.weight.shape[0]
     vocab = model.model.embed_tokens.weight.shape[0]
     config = read_dflash_config(folder, hidden, len(model.layers), vocab)
     tokenizer = loaded.tokenizer
