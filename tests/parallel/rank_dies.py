@@ -1,5 +1,5 @@
 """Run by ``mlx.launch``: rank 1 stops right after loading; rank 0 must learn it from a named
-error, not wait forever."""
+error, not wait forever. ``rank_dies.py [expert|pipeline]`` picks the layout."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from mach.experts.parallel import RankLostError, collective_errors
 
 
 def main() -> None:
-    loaded = load_moe(default_model_path(), dtype="float32", streaming=False)
+    mode = sys.argv[1] if len(sys.argv) > 1 else "expert"
+    loaded = load_moe(default_model_path(), dtype="float32", streaming=False, parallel=mode)
     assert loaded.shard is not None
     if loaded.shard.rank == 1:
         os._exit(3)

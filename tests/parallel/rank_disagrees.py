@@ -1,5 +1,5 @@
-"""Run by ``mlx.launch``: rank 1 loads with another dtype than rank 0; both must stop with an
-error that names rank 1, before any step runs."""
+"""Run by ``mlx.launch``: rank 1 loads with another dtype (or, with ``parallel``, another
+layout) than rank 0; both must stop with an error that names rank 1, before any step runs."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from mach.errors import MachError
 
 def main() -> None:
     rank = mx.distributed.init().rank()
+    differ = sys.argv[1] if len(sys.argv) > 1 else "dtype"
+    odd = {"dtype": "float16"} if differ == "dtype" else {"parallel": "pipeline"}
     try:
-        load_moe(default_model_path(), dtype="float32" if rank == 0 else "float16")
+        load_moe(default_model_path(), **({"dtype": "float32"} if rank == 0 else odd))
     except MachError as exc:
         print(f"rank {rank} saw: {exc}", flush=True)
         sys.exit(2)

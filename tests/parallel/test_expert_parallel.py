@@ -91,8 +91,9 @@ def test_what_does_not_shard_yet_says_so() -> None:
         build_engine(loaded, max_batch=8)
 
 
-def test_a_rank_that_stops_ends_the_run_instead_of_hanging() -> None:
-    done = launch(2, str(Path(__file__).with_name("rank_dies.py")))  # 240 s bound, takes ~3 s
+@pytest.mark.parametrize("mode", ["expert", "pipeline"])
+def test_a_rank_that_stops_ends_the_run_instead_of_hanging(mode: str) -> None:
+    done = launch(2, str(Path(__file__).with_name("rank_dies.py")), mode)  # 240 s bound, ~3 s
     said = done.stdout + done.stderr
     assert "rank 0 finished alone" not in said
     # mlx.launch stops the others when one rank exits; where it cannot, the ring's error
@@ -110,8 +111,9 @@ def test_a_failed_exchange_is_named() -> None:
         raise RuntimeError("alone")
 
 
-def test_ranks_that_load_differently_are_named_before_any_step() -> None:
-    done = launch(2, str(Path(__file__).with_name("rank_disagrees.py")))
+@pytest.mark.parametrize("differ", ["dtype", "parallel"])
+def test_ranks_that_load_differently_are_named_before_any_step(differ: str) -> None:
+    done = launch(2, str(Path(__file__).with_name("rank_disagrees.py")), differ)
     out = done.stdout + done.stderr  # mlx.launch itself exits 0; each rank exits 2
     assert "loaded" not in out and "Traceback" not in out
     for rank in (0, 1):
@@ -119,4 +121,4 @@ def test_ranks_that_load_differently_are_named_before_any_step() -> None:
             f"rank {rank} saw: rank {rank} of 2: rank(s) 1 load a different checkpoint or "
             "different options from rank 0" in out
         )
-    assert "dtype" in out and "same flags" in out
+    assert differ in out and "same flags" in out
