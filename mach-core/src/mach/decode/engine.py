@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -19,6 +20,7 @@ from mach.decode.params import SamplingParams
 from mach.decode.prefill import ChunkedPrefill
 from mach.decode.sampler import Sampler
 from mach.decode.stopping import StopMatcher
+from mach.experts.device_routing import DeferredStep, DeviceRouting
 from mach.tokenizer.detokenizer import StreamingDetokenizer
 from mach.tokenizer.tokenizer import Tokenizer
 
@@ -83,6 +85,21 @@ class TextOutput:
         return TokenEvent(None, tail, self.finish, stats)
 
 
+@dataclass
+class _Queued:
+    """A queued decode step: the token it consumes, the state to go back to, what it gives."""
+
+    last: mx.array
+    offset: int = 0
+    key: mx.array | None = None
+    history: mx.array | None = None
+    out: tuple[mx.array, ...] = ()
+    check: DeferredStep | None = None
+    """The device-routed calls to confirm before its token counts (``None``: host path)."""
+    read: bool = False
+    """Its token was read."""
+
+
 class TargetEngine(DecodeEngine):
     """Target-model-only decoding: chunked prefill, then one token per step.
 
@@ -92,6 +109,11 @@ class TargetEngine(DecodeEngine):
     decode step, so a snapshot never has to cover the whole prompt. With a grammar
     (``params.grammar``) a step's mask needs the token before it on the host: the forward
     pass is still queued ahead, and the mask is computed while the device runs it.
+
+    With streamed experts, a step after one that found every expert in the bank looks its
+    experts up on the device (``mach.experts.device_routing``) and is checked when its token
+    is read; a step that routed to a missing expert is dropped, with the one queued after it,
+    and run again on the host path.
     """
 
     def __init__(
@@ -110,6 +132,8 @@ class TargetEngine(DecodeEngine):
         self.prefix_cache = prefix_cache
         self.passes = passes
         """Compiled decode steps (``None``: every step is built op by op)."""
+        self.routing = DeviceRouting.of(model)
+        """Device routing of streamed experts (``None``: nothing streams, or it is off)."""
 
     def _prefill(self, prompt: Sequence[int], cache: SequenceCache) -> int:
         """Run all but the last prompt token; returns how many came from the prefix cache."""
@@ -157,26 +181,72 @@ class TargetEngine(DecodeEngine):
             return
         stats.cached_tokens = self._prefill(prompt, cache)
         compiled_before = self.passes.compiled if self.passes is not None else 0
-        pending = pick(forward(tokens[-1:]))
-        mx.async_eval(pending)
+        # A step routed on the device may have to be dropped: the caches must trim.
+        routing = self.routing if matcher is None and cache.is_trimmable() else None
+        # The first step finds out on the host path what the bank holds; after a dropped
+        # step, the host path runs for a hold that doubles with each drop in a row.
+        device_next, hold, penalty = False, 0, 1
+
+        def queue(last: mx.array) -> _Queued:
+            """Build and queue the step that consumes ``last``; with ``device_next`` its
+            experts are looked up on the device and checked when its token is read."""
+            nonlocal device_next, hold
+            step = _Queued(last, cache.offset, sampler.key, history)
+            if routing is not None and device_next and hold == 0:
+                routing.begin()
+                try:
+                    step.out = pick(forward(last))
+                finally:
+                    step.check = routing.end()
+                mx.async_eval(*step.out, step.check.held)
+                return step
+            hold = max(0, hold - 1)
+            before = routing.misses() if routing is not None else 0
+            step.out = pick(forward(last))
+            mx.async_eval(step.out)
+            if routing is not None:  # a host-path step without misses: the device may do
+                device_next = routing.misses() == before
+            return step
+
+        def redo(step: _Queued) -> _Queued:
+            """``step`` routed to an expert the bank did not hold: drop it and what was queued
+            after it, and run it again on the host path, which reads the misses."""
+            nonlocal history, hold, penalty
+            assert step.key is not None
+            cache.trim(cache.offset - step.offset)
+            sampler.key, history = step.key, step.history
+            hold, penalty = penalty, min(64, 2 * penalty)
+            stats.rerouted_steps += 1
+            return queue(step.last)
+
+        pending = queue(tokens[-1:])
         # With a grammar, the forward pass of the next token is queued as soon as the token is
         # (on the device); only its sampling waits for the mask, which needs it on the host.
-        logits = forward(pending[0]) if matcher is not None and params.max_tokens > 1 else None
+        logits = forward(pending.out[0]) if matcher is not None and params.max_tokens > 1 else None
         if logits is not None:
             mx.async_eval(logits)
         generated = 0
         decode_start = start
         while generated < params.max_tokens:
-            current = pending
+            step = pending
             if matcher is None and generated + 1 < params.max_tokens:
-                pending = pick(forward(current[0]))
-                mx.async_eval(pending)
-            token = int(current[0].item())  # type: ignore[arg-type]
+                pending = queue(step.out[0])
+            token = int(step.out[0].item())  # type: ignore[arg-type]
+            if step.check is not None and not step.check.held.item():
+                step = redo(step)
+                if matcher is None and generated + 1 < params.max_tokens:
+                    pending = queue(step.out[0])
+                token = int(step.out[0].item())  # type: ignore[arg-type]
+            elif step.check is not None:
+                step.check.settle()
+                penalty = 1
+                stats.device_routed_steps += 1
+            current, step.read = step.out, True
             if logits is not None and matcher is not None and token not in output.stops:
                 matcher.accept(token)
-                pending = pick(logits)
-                mx.async_eval(pending)
-                logits = forward(pending[0]) if generated + 2 < params.max_tokens else None
+                pending = _Queued(step.out[0], out=pick(logits))
+                mx.async_eval(pending.out)
+                logits = forward(pending.out[0]) if generated + 2 < params.max_tokens else None
                 if logits is not None:
                     mx.async_eval(logits)
             if generated == 0:
@@ -195,6 +265,9 @@ class TargetEngine(DecodeEngine):
             yield event
             if output.stopped:
                 break
+        if pending.check is not None and not pending.read and pending.check.held.item():
+            # A step queued past a stop still ran: its experts count as used, as on the host path.
+            pending.check.settle()
         if self.passes is not None:
             stats.compiled_passes = self.passes.compiled - compiled_before
         final = output.final(stats, generated, decode_start)

@@ -29,6 +29,10 @@ class GenerationStats:
     step or draft-verify cycle (tokens per pass = generation_tokens / target_passes)."""
     compiled_passes: int = 0
     """Target passes that ran as a compiled graph (``mach.decode.compiled``)."""
+    device_routed_steps: int = 0
+    """Decode steps whose streamed experts were all looked up on the device and kept."""
+    rerouted_steps: int = 0
+    """Device-routed steps that met an expert the bank did not hold and ran again."""
 
     @property
     def prompt_tps(self) -> float:

@@ -74,6 +74,15 @@ class Sampler:
             logprobs = mx.put_along_axis(logprobs, order, ordered, axis=-1)
         return logprobs
 
+    @property
+    def key(self) -> mx.array:
+        """The state of this sampler's stream (set it back to replay the draws after it)."""
+        return self._key
+
+    @key.setter
+    def key(self, key: mx.array) -> None:
+        self._key = key
+
     def next_key(self) -> mx.array:
         """A fresh PRNG key from this sampler's stream."""
         self._key, key = mx.random.split(self._key)

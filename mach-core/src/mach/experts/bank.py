@@ -92,10 +92,13 @@ class SlotPool:
         self.slot_of: OrderedDict[tuple[str, int], int] = OrderedDict()
         self.free = list(range(slots))
         self.evictions = 0
+        self.version = 0
+        """Counts claims: every change of which expert a slot holds follows one."""
 
     def claim(self, keep: set[tuple[str, int]]) -> int | None:
         """A free slot, else the least recently used one not in ``keep``; ``None`` when every
         slot holds an expert of ``keep``."""
+        self.version += 1
         if self.free:
             return self.free.pop()
         victim = next((key for key in self.slot_of if key not in keep), None)
@@ -184,6 +187,11 @@ class LayerExpertBank(LayerExperts):
         self.hits = self.misses = self.transient_calls = 0
         self.phases = {"prefill": PhaseCounts(), "decode": PhaseCounts()}
         self._expert_bytes = source.expert_bytes
+        self.deferred: list[DeferredCall] | None = None
+        """While set, decode calls map ids to slots on the device and are appended here
+        (``mach.experts.device_routing``); nothing crosses to the host."""
+        self._tables_at = -1
+        self._slot_table = self._held_table = mx.array(0)
 
     @property
     def arrays(self) -> dict[str, mx.array]:
@@ -275,6 +283,10 @@ class LayerExpertBank(LayerExperts):
         }
 
     def route(self, indices: mx.array) -> tuple[ExpertWeights, mx.array]:
+        if self.deferred is not None and (indices.shape[-2] if indices.ndim >= 2 else 1) <= (
+            DECODE_TOKENS
+        ):
+            return self._route_on_device(indices)
         ids = np.asarray(indices).astype(np.int64)
         wanted = [int(e) for e in np.unique(ids)]
         per_sequence = ids.shape[-2] if ids.ndim >= 2 else 1
@@ -301,6 +313,31 @@ class LayerExpertBank(LayerExperts):
                 slot_of[key(expert)] = slot
         self._sync_lut(wanted)
         return self._compute(self.arrays), self._lut_device[indices]
+
+    def _route_on_device(self, indices: mx.array) -> tuple[ExpertWeights, mx.array]:
+        """Slots for ``indices`` from tables of the whole bank, with a device flag that says
+        whether every routed expert is held; the caller checks the flag before using the
+        output and then ``settle``s the call (or redoes the step through ``route``)."""
+        if self._tables_at != self.pool.version:
+            slots = np.zeros(self.source.spec.num_experts, dtype=np.uint32)
+            held = np.zeros(self.source.spec.num_experts, dtype=np.bool_)
+            prefix = self.source.prefix
+            for (layer, expert), slot in self.pool.slot_of.items():
+                if layer == prefix:
+                    slots[expert], held[expert] = slot, True
+            self._slot_table, self._held_table = mx.array(slots), mx.array(held)
+            self._tables_at = self.pool.version
+        assert self.deferred is not None
+        self.deferred.append(DeferredCall(self, indices, mx.all(self._held_table[indices])))
+        return self._compute(self.arrays), self._slot_table[indices]
+
+    def settle(self, indices: mx.array) -> None:
+        """Count a device-routed call whose experts were all held, and mark them used."""
+        wanted = np.unique(np.asarray(indices))
+        self._count(False, len(wanted), 0)
+        slot_of = self.pool.slot_of
+        for e in wanted:
+            slot_of.move_to_end(self._key(int(e)))
 
     def _sync_lut(self, experts: list[int]) -> None:
         """Point the slot table at where ``experts`` now live (a shared pool may have moved
@@ -356,6 +393,15 @@ class LayerExpertBank(LayerExperts):
                 self.arrays[name][slot] = value
             slot_of[key(expert)] = slot
         self._sync_lut([e for e in wanted if key(e) in slot_of])
+
+
+@dataclass(frozen=True)
+class DeferredCall:
+    """A decode call routed on the device: its ids and whether the bank held all of them."""
+
+    bank: LayerExpertBank
+    indices: mx.array
+    held: mx.array
 
 
 def sum_phases(counts: list[PhaseCounts]) -> PhaseCounts:
