@@ -22,6 +22,7 @@ from mach import load_moe
 from mach.decode.engine import TargetEngine
 from mach.decode.params import SamplingParams
 from mach.default_model.random_qwen3_moe import _tokenizer_json
+from mach.experts.device_routing import DeviceRouting
 
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import Run, alternate, report, seeded, store_window, timed
@@ -42,13 +43,21 @@ def mlx_lm_engine(path: Path, prompt: list[int], tokens: int, **step: Any) -> Ca
 
 
 def mach_engine(
-    path: Path, prompt: list[int], tokens: int, prefill_step_size: int = 512, **options: Any
+    path: Path,
+    prompt: list[int],
+    tokens: int,
+    prefill_step_size: int = 512,
+    device_routing: bool | None = None,
+    **options: Any,
 ) -> Callable[[], Run]:
     """mach on ``path`` (``options`` go to ``load_moe``): each call is one timed greedy
-    generation, with the streaming store's prefill and decode figures."""
+    generation, with the streaming store's prefill and decode figures. ``device_routing``
+    forces streamed experts' device routing on or off (default: mach's own choice)."""
     loaded = load_moe(path, **options)
     engine = TargetEngine(loaded.model, None, loaded.cache.new,
                           prefill_step_size=prefill_step_size, passes=loaded.passes)  # fmt: skip
+    if device_routing is not None:
+        engine.routing = DeviceRouting.of(loaded.model, device_routing)
     params = SamplingParams(max_tokens=tokens)
 
     def once() -> Run:

@@ -23,6 +23,7 @@ streaming run (posix_fadvise) to start cold.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -149,6 +150,11 @@ def main() -> None:
     parser.add_argument("--shared", action="store_true",
                         help="also stream through one slot pool shared by all layers")  # fmt: skip
     parser.add_argument("--no-peer", action="store_true", help="skip mlx-lm")
+    parser.add_argument("--routing", choices=["default", "host", "device", "both"],
+                        default="default",
+                        help="streamed experts looked up on the host per layer, on the device "
+                        "per step (mach.experts.device_routing), both as rows, or mach's "
+                        "default for the device")  # fmt: skip
     args = parser.parse_args()
 
     tmp = tempfile.TemporaryDirectory()
@@ -173,11 +179,14 @@ def main() -> None:
     for share in [0.25, 0.10] if args.quick else [0.5, 0.25, 0.10]:
         budget = int(expert_bytes * share)
         pools = ["layer", "shared"] if args.shared else ["layer"]
-        for pool in pools:
-            name = f"mach streaming {share:.0%}" + (" shared" if pool == "shared" else "")
+        routings = {"default": [None], "host": [False], "device": [True],
+                    "both": [False, True]}[args.routing]  # fmt: skip
+        for pool, routing in itertools.product(pools, routings):
+            name = (f"mach streaming {share:.0%}" + (" shared" if pool == "shared" else "")
+                    + {None: "", False: " host", True: " device"}[routing])  # fmt: skip
             try:
                 once = mach_engine(sidecar, prompt, args.tokens, expert_budget=budget,
-                                   slot_pool=pool)  # fmt: skip
+                                   slot_pool=pool, device_routing=routing)  # fmt: skip
             except BudgetError as exc:  # e.g. float experts, widened to float32 on a CPU
                 print(f"{name}: skipped, {exc}", file=sys.stderr)
                 continue

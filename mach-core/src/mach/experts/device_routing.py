@@ -45,15 +45,18 @@ class DeviceRouting:
         self._calls: list[DeferredCall] = []
 
     @classmethod
-    def of(cls, model: nn.Module) -> DeviceRouting | None:
+    def of(cls, model: nn.Module, enabled: bool | None = None) -> DeviceRouting | None:
         """Device routing for ``model``'s banks; ``None`` without streaming banks, under
         expert parallelism (its blocks read the ids to pick stand-ins), or when
-        ``MACH_DEVICE_ROUTING`` is off. It is on by default on a GPU and off on a CPU, where
-        MLX runs the step on the host's own threads and a layer's wait costs little."""
+        ``enabled`` (default: ``MACH_DEVICE_ROUTING``) is off. It is on by default on a GPU
+        and off on a CPU, where MLX runs the step on the host's own threads and a layer's wait
+        costs little."""
         from mach.experts.dispatch import Dispatch
         from mach.experts.parallel import ShardedSwitch
 
-        if not env_flag(DEVICE_ROUTING_ENV, mx.default_device() != mx.cpu):
+        if enabled is None:
+            enabled = env_flag(DEVICE_ROUTING_ENV, mx.default_device() != mx.cpu)
+        if not enabled:
             return None
         modules = list(model.modules())
         if any(isinstance(m, ShardedSwitch) for m in modules):
