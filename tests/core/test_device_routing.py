@@ -11,7 +11,7 @@ from mach.decode.engine import TargetEngine
 from mach.decode.events import GenerationStats
 from mach.decode.params import SamplingParams
 from mach.default_model import default_model_path
-from mach.experts.device_routing import DEVICE_ROUTING_ENV, DeviceRouting
+from mach.experts.device_routing import DEVICE_ROUTING_ENV, RETRIES, DeviceRouting
 
 PROMPT = "def parse_config(path):\n    with open(path) as f:\n"
 # About 95% of the default model's experts (banks hold float32 on a CPU): most steps find
@@ -54,9 +54,11 @@ def _run(monkeypatch: pytest.MonkeyPatch, on: bool, params: SamplingParams,
     ids=["greedy", "seeded", "repetition-penalty"],
 )
 @pytest.mark.parametrize("slot_pool", ["layer", "shared"])
+@pytest.mark.parametrize("retries", [RETRIES, 0], ids=["fetch-and-retry", "host-fallback"])
 def test_device_routed_steps_give_the_host_paths_tokens(
-    params: SamplingParams, slot_pool: str, monkeypatch: pytest.MonkeyPatch
+    params: SamplingParams, slot_pool: str, retries: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr("mach.decode.engine.RETRIES", retries)
     host, host_counts = _run(monkeypatch, False, params, slot_pool=slot_pool)
     device, counts = _run(monkeypatch, True, params, slot_pool=slot_pool)
     (_, _, cold), (_, _, warm) = device
@@ -68,8 +70,15 @@ def test_device_routed_steps_give_the_host_paths_tokens(
     for (tokens, logprobs, _), (host_tokens, host_logprobs, _) in zip(device, host, strict=True):
         assert tokens == host_tokens
         assert logprobs == host_logprobs
-    # Kept steps count their hits as the host path would; dropped ones count nothing.
-    assert counts == host_counts
+    if retries == 0:
+        # Kept steps count their hits as the host path would; dropped ones count nothing.
+        assert counts == host_counts
+    else:
+        # A dropped step's later layers routed from a wrong hidden state: what they fetched
+        # is read and counted (a miss, its bytes), so the counts drift a little.
+        expert_bytes = host_counts["bytes_read"] // host_counts["misses"]
+        assert counts["bytes_read"] == counts["misses"] * expert_bytes
+        assert abs(counts["misses"] - host_counts["misses"]) <= host_counts["misses"] // 10
 
 
 def test_device_routing_needs_streaming_banks_and_can_be_turned_off(

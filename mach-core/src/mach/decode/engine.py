@@ -20,7 +20,7 @@ from mach.decode.params import SamplingParams
 from mach.decode.prefill import ChunkedPrefill
 from mach.decode.sampler import Sampler
 from mach.decode.stopping import StopMatcher
-from mach.experts.device_routing import DeferredStep, DeviceRouting
+from mach.experts.device_routing import RETRIES, DeferredStep, DeviceRouting
 from mach.tokenizer.detokenizer import StreamingDetokenizer
 from mach.tokenizer.tokenizer import Tokenizer
 
@@ -98,6 +98,8 @@ class _Queued:
     """The device-routed calls to confirm before its token counts (``None``: host path)."""
     read: bool = False
     """Its token was read."""
+    tries: int = 0
+    """Device runs of this step before this one (each dropped after a miss)."""
 
 
 class TargetEngine(DecodeEngine):
@@ -187,11 +189,11 @@ class TargetEngine(DecodeEngine):
         # step, the host path runs for a hold that doubles with each drop in a row.
         device_next, hold, penalty = False, 0, 1
 
-        def queue(last: mx.array) -> _Queued:
+        def queue(last: mx.array, tries: int = 0) -> _Queued:
             """Build and queue the step that consumes ``last``; with ``device_next`` its
             experts are looked up on the device and checked when its token is read."""
             nonlocal device_next, hold
-            step = _Queued(last, cache.offset, sampler.key, history)
+            step = _Queued(last, cache.offset, sampler.key, history, tries=tries)
             if routing is not None and device_next and hold == 0:
                 routing.begin()
                 try:
@@ -210,13 +212,17 @@ class TargetEngine(DecodeEngine):
 
         def redo(step: _Queued) -> _Queued:
             """``step`` routed to an expert the bank did not hold: drop it and what was queued
-            after it, and run it again on the host path, which reads the misses."""
+            after it, read what it missed and run it on the device again, or after
+            ``RETRIES`` tries on the host path, which reads the misses layer by layer."""
             nonlocal history, hold, penalty
-            assert step.key is not None
+            assert step.key is not None and step.check is not None
             cache.trim(cache.offset - step.offset)
             sampler.key, history = step.key, step.history
-            hold, penalty = penalty, min(64, 2 * penalty)
             stats.rerouted_steps += 1
+            if step.tries < RETRIES:
+                step.check.fetch()
+                return queue(step.last, step.tries + 1)
+            hold, penalty = penalty, min(64, 2 * penalty)
             return queue(step.last)
 
         pending = queue(tokens[-1:])
@@ -232,12 +238,12 @@ class TargetEngine(DecodeEngine):
             if matcher is None and generated + 1 < params.max_tokens:
                 pending = queue(step.out[0])
             token = int(step.out[0].item())  # type: ignore[arg-type]
-            if step.check is not None and not step.check.held.item():
+            while step.check is not None and not step.check.held.item():
                 step = redo(step)
                 if matcher is None and generated + 1 < params.max_tokens:
                     pending = queue(step.out[0])
                 token = int(step.out[0].item())  # type: ignore[arg-type]
-            elif step.check is not None:
+            if step.check is not None:
                 step.check.settle()
                 penalty = 1
                 stats.device_routed_steps += 1

@@ -190,6 +190,8 @@ class LayerExpertBank(LayerExperts):
         self.deferred: list[DeferredCall] | None = None
         """While set, decode calls map ids to slots on the device and are appended here
         (``mach.experts.device_routing``); nothing crosses to the host."""
+        self.fetched: set[int] = set()
+        """Experts ``fetch`` read for the device-routed step under way."""
         self._tables_at = -1
         self._slot_table = self._held_table = mx.array(0)
 
@@ -209,11 +211,11 @@ class LayerExpertBank(LayerExperts):
     def _key(self, expert: int) -> tuple[str, int]:
         return (self.source.prefix, expert)
 
-    def _count(self, prefill: bool, hits: int, misses: int) -> None:
+    def _count(self, prefill: bool, hits: int, misses: int, calls: int = 1) -> None:
         self.hits += hits
         self.misses += misses
         phase = self.phases["prefill" if prefill else "decode"]
-        phase.calls += 1
+        phase.calls += calls
         phase.hits += hits
         phase.misses += misses
         phase.bytes_read += misses * self._expert_bytes
@@ -332,12 +334,38 @@ class LayerExpertBank(LayerExperts):
         return self._compute(self.arrays), self._slot_table[indices]
 
     def settle(self, indices: mx.array) -> None:
-        """Count a device-routed call whose experts were all held, and mark them used."""
-        wanted = np.unique(np.asarray(indices))
-        self._count(False, len(wanted), 0)
+        """Count a device-routed call whose experts were all held, and mark them used; the
+        experts ``fetch`` read for this step were counted as misses there."""
+        wanted = [int(e) for e in np.unique(np.asarray(indices))]
+        self._count(False, len([e for e in wanted if e not in self.fetched]), 0)
+        self.fetched.clear()
         slot_of = self.pool.slot_of
         for e in wanted:
-            slot_of.move_to_end(self._key(int(e)))
+            slot_of.move_to_end(self._key(e))
+
+    def fetch(self, indices: mx.array) -> None:
+        """Read the experts of a dropped device-routed call that the bank lacks into slots
+        (never over the call's other experts), so the step can run on the device again."""
+        wanted = [int(e) for e in np.unique(np.asarray(indices))]
+        if len(wanted) > self.slots:
+            return  # they cannot all be held; the host path gives the call a temporary set
+        key, slot_of = self._key, self.pool.slot_of
+        for e in wanted:
+            if key(e) in slot_of:
+                slot_of.move_to_end(key(e))
+        missing = [e for e in wanted if key(e) not in slot_of]
+        if not missing:
+            return
+        keep = {key(e) for e in wanted}
+        free = [self.pool.claim(keep) for _ in missing]
+        for expert, slot, raw in zip(
+            missing, free, self.reader.read(self.source, missing), strict=True
+        ):
+            assert slot is not None
+            self._write(slot, raw)
+            slot_of[key(expert)] = slot
+        self._count(False, 0, len(missing), calls=0)
+        self.fetched.update(missing)
 
     def _sync_lut(self, experts: list[int]) -> None:
         """Point the slot table at where ``experts`` now live (a shared pool may have moved

@@ -7,8 +7,10 @@ wait buys nothing. ``DeviceRouting`` runs such a step with every layer mapping i
 through a table on the device, and one flag per layer saying whether all its routed experts
 were held. The engine reads the flags with the step's token, at the one wait a step has
 anyway: if they all hold, the step is right as it is and the banks mark the experts used; if
-one does not, the step read some other expert's weights, and the engine restores the caches
-and runs it again through the banks' host path, which reads the misses.
+one does not, the step read some other expert's weights, and the engine restores the caches,
+reads every missing expert the step's layers routed to (``DeferredStep.fetch``) and runs it on
+the device again; after a few such tries it runs it through the banks' host path, which reads
+the misses layer by layer.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from mach.env import env_flag
 from mach.experts.bank import DeferredCall, LayerExpertBank
 
 DEVICE_ROUTING_ENV = "MACH_DEVICE_ROUTING"
+RETRIES = 3
+"""Device runs of a step after its first, each after fetching what the last one missed."""
 
 
 @dataclass
@@ -35,6 +39,14 @@ class DeferredStep:
         """The step stands: count its hits and mark its experts used, in call order."""
         for call in self.calls:
             call.bank.settle(call.indices)
+
+    def fetch(self) -> None:
+        """The step met a missing expert: read every expert its calls routed to and the banks
+        lack. The first layer that missed routed from the right hidden state, so a step run
+        again after this gets at least one layer further; the later layers' ids are guesses
+        that are usually close."""
+        for call in self.calls:
+            call.bank.fetch(call.indices)
 
 
 class DeviceRouting:
