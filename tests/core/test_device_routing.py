@@ -10,6 +10,7 @@ from mach import load_moe
 from mach.decode.engine import TargetEngine
 from mach.decode.events import GenerationStats
 from mach.decode.params import SamplingParams
+from mach.decode.payoff import Payoff
 from mach.default_model import default_model_path
 from mach.experts.device_routing import DEVICE_ROUTING_ENV, RETRIES, DeviceRouting
 
@@ -29,6 +30,8 @@ def _run(monkeypatch: pytest.MonkeyPatch, on: bool, params: SamplingParams,
                       **options)  # type: ignore[arg-type]  # fmt: skip
     engine = TargetEngine(loaded.model, loaded.tokenizer, loaded.cache.new)
     assert (engine.routing is not None) is on
+    # Route on the device whenever the bank allows, never probing the host path's speed.
+    engine.routing_payoff = Payoff("device", "host", window=10**9)
     assert loaded.tokenizer is not None
     prompt = loaded.tokenizer.encode(PROMPT)
     runs = []
@@ -91,3 +94,14 @@ def test_device_routing_needs_streaming_banks_and_can_be_turned_off(
     assert DeviceRouting.of(streamed.model) is not None
     monkeypatch.setenv(DEVICE_ROUTING_ENV, "0")
     assert DeviceRouting.of(streamed.model) is None
+
+
+def test_the_engine_keeps_the_faster_routing() -> None:
+    payoff = Payoff("device", "host", window=2, probe=2, hold=4)
+    for seconds in (0.010, 0.010):  # device: 100 tok/s
+        assert payoff.trying
+        payoff.record(1, seconds)
+    for seconds in (0.005, 0.005):  # host: 200 tok/s
+        assert not payoff.trying
+        payoff.record(1, seconds)
+    assert not payoff.trying and payoff.left == 4  # the host path holds, then device again

@@ -17,6 +17,7 @@ from mach.decode.events import FinishReason, GenerationResult, GenerationStats, 
 from mach.decode.grammar import sequence_matcher
 from mach.decode.logprobs import best_first, token_logprobs
 from mach.decode.params import SamplingParams
+from mach.decode.payoff import Payoff
 from mach.decode.prefill import ChunkedPrefill
 from mach.decode.sampler import Sampler
 from mach.decode.stopping import StopMatcher
@@ -115,7 +116,8 @@ class TargetEngine(DecodeEngine):
     With streamed experts, a step after one that found every expert in the bank looks its
     experts up on the device (``mach.experts.device_routing``) and is checked when its token
     is read; a step that routed to a missing expert is dropped, with the one queued after it,
-    and run again on the host path.
+    and run again after fetching what it missed (or, after a few tries, on the host path).
+    ``routing_payoff`` keeps whichever of the two paths measures faster.
     """
 
     def __init__(
@@ -136,6 +138,10 @@ class TargetEngine(DecodeEngine):
         """Compiled decode steps (``None``: every step is built op by op)."""
         self.routing = DeviceRouting.of(model)
         """Device routing of streamed experts (``None``: nothing streams, or it is off)."""
+        self.routing_payoff = Payoff("device", "host")
+        """Whether device routing decodes faster than the host path here, measured across
+        requests: with routing that seldom finds a whole step held, dropped steps cost more
+        than the waits they save."""
 
     def _prefill(self, prompt: Sequence[int], cache: SequenceCache) -> int:
         """Run all but the last prompt token; returns how many came from the prefix cache."""
@@ -188,13 +194,14 @@ class TargetEngine(DecodeEngine):
         # The first step finds out on the host path what the bank holds; after a dropped
         # step, the host path runs for a hold that doubles with each drop in a row.
         device_next, hold, penalty = False, 0, 1
+        payoff, last_read = self.routing_payoff, 0.0
 
         def queue(last: mx.array, tries: int = 0) -> _Queued:
             """Build and queue the step that consumes ``last``; with ``device_next`` its
             experts are looked up on the device and checked when its token is read."""
             nonlocal device_next, hold
             step = _Queued(last, cache.offset, sampler.key, history, tries=tries)
-            if routing is not None and device_next and hold == 0:
+            if routing is not None and device_next and hold == 0 and payoff.trying:
                 routing.begin()
                 try:
                     step.out = pick(forward(last))
@@ -243,10 +250,18 @@ class TargetEngine(DecodeEngine):
                 if matcher is None and generated + 1 < params.max_tokens:
                     pending = queue(step.out[0])
                 token = int(step.out[0].item())  # type: ignore[arg-type]
+            if routing is not None:
+                now = time.perf_counter()
+                if generated:
+                    payoff.record(1, now - last_read)
+                last_read = now
             if step.check is not None:
                 step.check.settle()
                 penalty = 1
                 stats.device_routed_steps += 1
+                # A step that took tries: the next one after it starts on the host path, and
+                # goes to the device again after a host step that misses nothing.
+                device_next = device_next and step.tries == 0
             current, step.read = step.out, True
             if logits is not None and matcher is not None and token not in output.stops:
                 matcher.accept(token)

@@ -29,6 +29,7 @@ from mach.decode.compiled import CompiledPasses
 from mach.decode.engine import DecodeEngine, TargetEngine, TextOutput
 from mach.decode.events import GenerationStats, TokenEvent
 from mach.decode.params import SamplingParams
+from mach.decode.payoff import Payoff
 from mach.decode.prefill import prefill_chunks
 from mach.decode.sampler import Sampler
 from mach.env import env_flag
@@ -128,53 +129,21 @@ class Drafter(ABC):
         """Up to ``k`` tokens after the last committed one (fewer when the gate closes)."""
 
 
-class DraftPayoff:
+class DraftPayoff(Payoff):
     """Whether drafting pays here: decode tokens per second of drafted passes against plain
     one-token passes, both measured as the engine runs, so a draft that costs more than it
-    saves on this machine stops slowing decoding down.
-
-    It measures ``window`` drafted passes, then ``probe`` plain ones, runs the faster for a
-    hold while measuring it again, then re-measures the other, and so on. The hold starts at
-    ``hold`` passes and doubles, up to ``longest``, each time the same mode wins again, so a
-    clear winner is rarely interrupted by probes and a change of conditions is still noticed.
-    The output never depends on it: a plain pass is a verify pass with no drafts. The engine
-    consults it for greedy requests only (a sample's random draws follow the passes).
-    """
+    saves on this machine stops slowing decoding down. The output never depends on it: a
+    plain pass is a verify pass with no drafts. The engine consults it for greedy requests
+    only (a sample's random draws follow the passes)."""
 
     def __init__(
         self, window: int = 16, probe: int = 16, hold: int = 64, longest: int = 1024
     ) -> None:
-        self.window, self.probe, self.hold, self.longest = window, probe, hold, longest
-        self.mode = "draft"
-        self.left = window
-        self.rates: dict[str, float | None] = {"draft": None, "plain": None}
-        self._tokens, self._seconds = 0, 0.0
-        self._winner: str | None = None
-        self._hold = hold
+        super().__init__("draft", "plain", window, probe, hold, longest)
 
     @property
     def drafting(self) -> bool:
-        return self.mode == "draft"
-
-    def record(self, tokens: int, seconds: float) -> None:
-        """One pass of the current mode: tokens committed and the seconds it took."""
-        self._tokens += tokens
-        self._seconds += seconds
-        self.left -= 1
-        if self.left > 0:
-            return
-        self.rates[self.mode] = self._tokens / self._seconds if self._seconds > 0 else 0.0
-        self._tokens, self._seconds = 0, 0.0
-        other = "plain" if self.mode == "draft" else "draft"
-        if self.rates[other] is None:
-            self.mode, self.left = other, self.window if other == "draft" else self.probe
-            return
-        best = max(("draft", "plain"), key=lambda m: self.rates[m] or 0.0)
-        self._hold = min(2 * self._hold, self.longest) if best == self._winner else self.hold
-        self._winner = best
-        worse = "plain" if best == "draft" else "draft"
-        self.rates[worse] = None  # measured again after the hold
-        self.mode, self.left = best, self._hold
+        return self.trying
 
 
 def accept_draft(target_logits: mx.array, draft: Draft, sampler: Sampler) -> tuple[int, int]:
